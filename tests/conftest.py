@@ -1,0 +1,82 @@
+"""Shared fixtures: seeded small models with non-trivial weights, real photos, cached exports."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Dict, Tuple
+
+import numpy as np
+import pytest
+import torch
+from timm.layers import LayerScale
+
+from tome_export import create_model, patch
+from tome_export.export import export_onnx
+from tome_export.images import sample_photos
+from tome_export.preprocess import Preprocessing
+
+# name -> (timm name, extra kwargs). Small models only: the suite must stay fast on 2 cores.
+TEST_MODELS: Dict[str, Tuple[str, dict]] = {
+    "vit": ("vit_tiny_patch16_224", {}),
+    "distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "layerscale": ("deit3_small_patch16_224", {"depth": 6}),
+    "registers": ("vit_tiny_patch16_224", {"reg_tokens": 4}),
+    "avgpool": ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}),
+    "avgpool_cls": ("vit_tiny_patch16_224", {"global_pool": "avg", "fc_norm": True}),
+    "qknorm": ("vit_tiny_patch16_224", {"qk_norm": True, "depth": 6}),
+}
+
+
+def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
+    """A seeded random model whose LayerScale and prefix tokens are large enough to matter."""
+    name, kwargs = TEST_MODELS[kind]
+    model, _ = create_model(name, weights="random", seed=seed, **kwargs)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LayerScale):
+                module.gamma.copy_(0.5 + 0.1 * torch.randn(module.gamma.shape, generator=gen))
+        for token in ("cls_token", "reg_token", "dist_token"):
+            param = getattr(model, token, None)
+            if param is not None:
+                param.copy_(0.5 * torch.randn(param.shape, generator=gen))
+        model.head.weight.mul_(20)  # logits of order 1, so tolerances mean something
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def photo_cache():
+    cache: Dict[Tuple[int, int], np.ndarray] = {}
+
+    def get(model: torch.nn.Module, n: int) -> torch.Tensor:
+        pre = Preprocessing.from_model(model)
+        key = (n, pre.input_size[1])
+        if key not in cache:
+            cache[key] = pre.batch(sample_photos(n))
+        return torch.from_numpy(cache[key])
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory):
+    """Export each (model kind, r, impl, batch mode) once per session."""
+    root = tmp_path_factory.mktemp("onnx")
+    cache: Dict[tuple, Tuple[Path, torch.nn.Module]] = {}
+
+    def get(kind: str, r, impl: str, batch: int = 1, dynamic_batch: bool = False):
+        key = (kind, repr(r), impl, batch, dynamic_batch)
+        if key not in cache:
+            model = patch(make_model(kind), r, merge_impl=impl)
+            pre = Preprocessing.from_model(model)
+            path = root / f"{len(cache)}.onnx"
+            export_onnx(model, path, pre.input_size, batch=batch, dynamic_batch=dynamic_batch)
+            cache[key] = (path, model)
+        return cache[key]
+
+    return get
+
+
+def patched_copy(model: torch.nn.Module, r, impl: str = "gather") -> torch.nn.Module:
+    return patch(copy.deepcopy(model), r, merge_impl=impl)

@@ -1,0 +1,93 @@
+"""A slow, obviously-correct ToMe for timm ViTs, written for the tests only.
+
+One image at a time, explicit softmax attention, Python sorting with the documented tie-break, and merges
+done token by token. It shares no code with tome_export.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def _attention(attn, x: torch.Tensor, sizes: List[float], prop_attn: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    n, c = x.shape
+    qkv = attn.qkv(x).reshape(n, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # (heads, n, d)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = (q @ k.transpose(-1, -2)) * attn.head_dim ** -0.5
+    if prop_attn:
+        logits = logits + torch.log(torch.tensor(sizes))[None, None, :]
+    out = torch.softmax(logits, dim=-1) @ v  # (heads, n, d)
+    out = out.transpose(0, 1).reshape(n, attn.num_heads * attn.head_dim)
+    out = attn.norm(out)
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(x).sigmoid()
+    return attn.proj(out), k.mean(dim=0)
+
+
+def reference_merge(x: torch.Tensor, sizes: List[float], metric: torch.Tensor, r: int, protected: int):
+    """Merge r tokens of x (n, c). Returns new x, new sizes, and for each new token the old positions it holds."""
+    n = x.shape[0]
+    r = min(r, (n - protected) // 2)
+    groups = [[i] for i in range(n)]
+    if r <= 0:
+        return x, sizes, groups
+    metric = F.normalize(metric, dim=-1)
+    a_pos = [i for i in range(protected, n) if i % 2 == 0]
+    b_pos = [i for i in range(protected, n) if i % 2 == 1]
+    best = {}
+    for a in a_pos:
+        scores = [float(metric[a] @ metric[b]) for b in b_pos]
+        top = max(scores)
+        best[a] = (top, b_pos[scores.index(top)])  # first maximum: lowest B index
+    ranked = sorted(a_pos, key=lambda a: (-best[a][0], a))  # equal scores: lower A index first
+    merging, kept = ranked[:r], sorted(ranked[r:])
+    into = {b: [b] for b in b_pos}
+    for a in merging:
+        into[best[a][1]].append(a)
+    rows, new_sizes, new_groups = [], [], []
+    for i in list(range(protected)) + kept:
+        rows.append(x[i])
+        new_sizes.append(sizes[i])
+        new_groups.append([i])
+    for b in b_pos:
+        total = sum(sizes[i] for i in into[b])
+        rows.append(sum(x[i] * sizes[i] for i in into[b]) / total)
+        new_sizes.append(total)
+        new_groups.append(sorted(into[b]))
+    return torch.stack(rows), new_sizes, new_groups
+
+
+@torch.no_grad()
+def reference_forward(model, images: torch.Tensor, r_schedule: List[int], prop_attn: bool = True):
+    """Logits of an unpatched timm VisionTransformer with ToMe, plus each final token's source positions."""
+    logits, sources = [], []
+    protected = model.num_prefix_tokens
+    for img in images:
+        x = model.norm_pre(model._pos_embed(model.patch_embed(img[None])))[0]
+        sizes = [1.0] * x.shape[0]
+        groups = [[i] for i in range(x.shape[0])]
+        for block, r in zip(model.blocks, r_schedule):
+            out, metric = _attention(block.attn, block.norm1(x), sizes, prop_attn)
+            x = x + block.ls1(out)
+            x, sizes, merged = reference_merge(x, sizes, metric, r, protected)
+            groups = [sorted(p for g in grp for p in groups[g]) for grp in merged]
+            x = x + block.ls2(block.mlp(block.norm2(x)))
+        x = model.norm(x)
+        if hasattr(model, "head_dist") and getattr(model, "dist_token", None) is not None:
+            out = (model.head(x[0]) + model.head_dist(x[1])) / 2
+        elif model.global_pool == "token":
+            out = model.head(model.fc_norm(x[0]))
+        elif model.global_pool == "avg":
+            s = torch.tensor(sizes)[:, None]
+            start = 0 if model.pool_include_prefix else protected
+            pooled = (x[start:] * s[start:]).sum(0) / s[start:].sum()
+            out = model.head(model.fc_norm(pooled))
+        else:
+            raise NotImplementedError(model.global_pool)
+        logits.append(out)
+        sources.append(groups)
+    return torch.stack(logits), sources

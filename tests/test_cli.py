@@ -1,0 +1,136 @@
+"""The tome-export command end to end, and its answers to bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tome_export.cli import main
+from tome_export.manifest import read_manifest
+
+
+def _run(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def built_t16(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "t16"
+    code = main(["--model", "vit_t16", "--r", "8", "--weights", "random", "--output", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_export_vit_t16(built_t16):
+    m = read_manifest(built_t16)  # verifies every sha256
+    assert sorted(p.name for p in built_t16.iterdir()) == ["manifest.json", "model.onnx"]
+    assert m["model"] == {"alias": "vit_t16", "timm_name": "vit_tiny_patch16_224", "family": "timm-vit",
+                          "weights": "random", "seed": 0, "checkpoint": None}
+    assert m["r_schedule"] == [8] * 12
+    assert m["tokens_per_block"] == [189, 181, 173, 165, 157, 149, 141, 133, 125, 117, 109, 101]
+    assert m["merge_impl"] == "gather" and m["opset"] == 18 and m["target"] == "onnx"
+    assert m["input"]["shape"] == [1, 3, 224, 224]
+    assert m["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and m["preprocessing"]["interpolation"] == "bicubic"
+    assert m["validation"]["backend"] == "onnxruntime" and m["validation"]["max_abs_diff"] <= 1e-4
+    assert m["validation"]["passed"] is True and m["validation"]["images"] == 8
+    assert 1.3 < m["flops"]["ratio"] < 1.4
+    assert set(m["artifacts"]) == {"model.onnx"}
+
+
+def test_export_vit_s16_dynamic_onehot_inflect(tmp_path, capsys):
+    out = tmp_path / "s16"
+    code, stdout, _ = _run(["--model", "vit_s16", "--r", "16:-1", "--dynamic-batch", "--merge-impl", "onehot",
+                            "--weights", "random", "--seed", "3", "--output", str(out), "-q"], capsys)
+    assert code == 0, stdout
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["input"]["shape"] == ["batch", 3, 224, 224] and m["merge_impl"] == "onehot"
+    assert m["r"] == {"r": 16, "inflect": -1.0} and m["r_schedule"][0] == 32 and m["model"]["seed"] == 3
+    assert m["validation"]["images"] > 8  # batch sizes 1 and 3 were both run
+    assert "wrote" in stdout and "GMACs" in stdout
+
+
+def test_rebuilding_the_same_model_replaces_it(built_t16, capsys):
+    before = (built_t16 / "manifest.json").read_text()
+    code, _, err = _run(["--model", "vit_t16", "--r", "8", "--weights", "random", "--output", str(built_t16), "-q"],
+                        capsys)
+    assert code == 0, err
+    assert json.loads(before)["artifacts"] == json.loads((built_t16 / "manifest.json").read_text())["artifacts"]
+    assert not [p for p in built_t16.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+BAD = {
+    "unknown model": (["--model", "vit_b17"], "unknown model 'vit_b17'"),
+    "negative r": (["--model", "vit_t16", "--r", "-1"], "--r must be >= 0"),
+    "r not an int": (["--model", "vit_t16", "--r", "1.5"], "cannot read --r"),
+    "malformed schedule": (["--model", "vit_t16", "--r", "8,8"], "one r per block"),
+    "unknown target": (["--model", "vit_t16", "--target", "coreml"], "unknown --target 'coreml'"),
+    "unknown precision": (["--model", "vit_t16", "--precision", "int3"], "--precision 'int3' is not available"),
+    "missing checkpoint": (["--model", "vit_t16", "--checkpoint", "/nonexistent/x.pth"], "does not exist"),
+    "low opset": (["--model", "vit_t16", "--opset", "14"], "--opset 14 is too low"),
+    "bad batch": (["--model", "vit_t16", "--batch", "0"], "--batch must be >= 1"),
+    "no model": (["--r", "8"], "--model is required"),
+    "unknown flag": (["--model", "vit_t16", "--colour"], "unrecognized arguments"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_exit_2(case, capsys, tmp_path):
+    args, message = BAD[case]
+    code, out, err = _run(args + ["--weights", "random", "--output", str(tmp_path / "o")] if "--checkpoint" not in args
+                          else args + ["--output", str(tmp_path / "o")], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("tome-export: error: ") and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_output(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = _run(["--model", "vit_t16", "--weights", "random", "--output", str(blocker / "out")], capsys)
+    assert code == 2 and "not a writable directory" in err
+
+
+def test_output_holding_another_model(built_t16, capsys):
+    code, _, err = _run(["--model", "vit_s16", "--weights", "random", "--output", str(built_t16)], capsys)
+    assert code == 2 and "already holds artifacts of vit_t16" in err and "--force" in err
+    foreign = built_t16.parent / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    code, _, err = _run(["--model", "vit_t16", "--weights", "random", "--output", str(foreign)], capsys)
+    assert code == 2 and "did not write" in err and (foreign / "notes.txt").exists()
+
+
+def test_failed_validation_exits_1_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import tome_export.backends.onnx as onnx_target
+
+    monkeypatch.setattr(onnx_target, "FP32_MAX_ABS_DIFF", 0.0)  # any float difference now fails
+    out = tmp_path / "v"
+    code, _, err = _run(["--model", "vit_t16", "--r", "8", "--weights", "random", "--output", str(out), "-q"], capsys)
+    assert code == 1 and "validation failed" in err and "differs from PyTorch" in err
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_interrupted_build_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import tome_export.pipeline as build_mod
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_mod, "export_onnx", interrupt)
+    code, _, err = _run(["--model", "vit_t16", "--weights", "random", "--output", str(tmp_path / "i"), "-q"], capsys)
+    assert code == 130 and os.listdir(tmp_path) == []
+
+
+def test_console_script_help_and_error_without_traceback(tmp_path):
+    exe = Path(sys.executable).parent / "tome-export"
+    help_run = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    assert help_run.returncode == 0 and "examples:" in help_run.stdout and "--merge-impl" in help_run.stdout
+    bad = subprocess.run([str(exe), "--model", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+    listing = subprocess.run([str(exe), "--list-models"], capture_output=True, text=True)
+    assert listing.returncode == 0 and "vit_b16" in listing.stdout and "timm-vit" in listing.stdout

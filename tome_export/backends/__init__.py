@@ -1,0 +1,58 @@
+"""Build targets, one module per backend. Each registers a :class:`Target` in ``TARGETS``.
+
+A target turns the exported fp32 ToMe ONNX (already in the work directory) into its artifacts,
+validates them against the PyTorch model and returns what goes into the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Tuple
+
+import torch
+
+from ..models import ModelSpec
+from ..models.base import ModelInfo
+from ..preprocess import Preprocessing
+from ..schedule import Schedule
+
+
+@dataclass
+class BuildContext:
+    """Everything a target needs; ``workdir`` becomes the output directory when the build succeeds."""
+
+    workdir: Path
+    onnx_path: Path
+    model: torch.nn.Module  # patched, eval, fp32: the reference every artifact is validated against
+    spec: ModelSpec
+    info: ModelInfo
+    schedule: Schedule
+    preprocessing: Preprocessing
+    precision: str
+    batch: int
+    dynamic_batch: bool
+    merge_impl: str
+    options: Any  # the BuildOptions, for target-specific settings
+    log: Callable[[str], None] = print
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    precisions: Tuple[str, ...]
+    default_merge_impl: str
+    build: Callable[[BuildContext], Dict[str, Any]]
+    requires: Tuple[str, ...] = field(default=())  # importable modules the target needs
+
+
+TARGETS: Dict[str, Target] = {}
+
+
+def register(target: Target) -> Target:
+    TARGETS[target.name] = target
+    return target
+
+
+from . import onnx as _onnx  # noqa: E402,F401  (registers the target)

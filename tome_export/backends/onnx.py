@@ -1,0 +1,33 @@
+"""Target ``onnx``: the fp32 static-shape ToMe graph itself, validated in ONNX Runtime."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from ..errors import ValidationError
+from ..validate import onnxruntime_runner, validate_against_torch, validation_batches
+from . import BuildContext, Target, register
+
+FP32_MAX_ABS_DIFF = 1e-4
+
+
+def build(ctx: BuildContext) -> Dict[str, Any]:
+    batches = validation_batches(ctx.preprocessing, ctx.batch, ctx.dynamic_batch, ctx.options.validation_images)
+    metrics = validate_against_torch(ctx.model, onnxruntime_runner(ctx.onnx_path), batches)
+    validation = {"backend": "onnxruntime", "precision_ran": "fp32", **metrics,
+                  "threshold_max_abs_diff": FP32_MAX_ABS_DIFF, "passed": metrics["max_abs_diff"] <= FP32_MAX_ABS_DIFF}
+    if not validation["passed"]:
+        raise ValidationError(
+            f"ONNX Runtime output differs from PyTorch ToMe by {metrics['max_abs_diff']:.3g} "
+            f"(allowed {FP32_MAX_ABS_DIFF:g}); the export is wrong and was not written"
+        )
+    return {"validation": validation}
+
+
+TARGET = register(Target(
+    name="onnx",
+    description="static-shape ONNX (opset >= 18), fp32, validated in ONNX Runtime",
+    precisions=("fp32",),
+    default_merge_impl="gather",
+    build=build,
+))

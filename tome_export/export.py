@@ -1,0 +1,128 @@
+"""Export a (ToMe-patched) model to a static-shape ONNX graph.
+
+Uses the torch dynamo exporter at opset >= 18: below 16 ScatterElements has no add-reduction and
+exporters silently turn the merge into an overwrite. Only the batch dimension may be dynamic; every
+token count is a constant. Node metadata (stack traces, source paths) is stripped so that two exports of
+the same model are byte-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import onnx
+import torch
+
+from .errors import UserError
+
+MIN_OPSET = 18
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+SOURCE_NAME = "source"
+
+# Ops that make shapes data-dependent or add control flow; a static ToMe graph has none of them.
+DYNAMIC_OPS = ("NonZero", "Loop", "If", "Scan", "Unique")
+
+
+class _WithSource(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_with_source(x)
+
+
+def _strip_metadata(model: onnx.ModelProto) -> None:
+    """Drop per-node stack traces and doc strings: they differ between runs and leak local paths."""
+    graphs: List[onnx.GraphProto] = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        graph.doc_string = ""
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            graphs.extend(a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
+    for fn in model.functions:
+        for node in fn.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    del model.metadata_props[:]
+
+
+def static_shape_problems(model: onnx.ModelProto, dynamic_batch: bool) -> List[str]:
+    """Reasons the graph is not static-shaped (empty when it is)."""
+    problems = [f"node {n.name or n.op_type} is a {n.op_type}" for n in model.graph.node if n.op_type in DYNAMIC_OPS]
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for i, d in enumerate(dims):
+            if i == 0 and dynamic_batch:
+                continue
+            if not d.HasField("dim_value"):
+                problems.append(f"{value.name} has a non-constant dimension {i} ({d.dim_param or '?'})")
+    return problems
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    path: os.PathLike,
+    input_shape: Sequence[int],
+    *,
+    batch: int = 1,
+    dynamic_batch: bool = False,
+    opset: int = MIN_OPSET,
+    trace_source: bool = False,
+    metadata: Optional[Iterable[Tuple[str, str]]] = None,
+) -> Path:
+    """Write ``model`` (eval mode) as one self-contained ONNX file with input ``images`` ``(B, C, H, W)``.
+
+    Outputs ``logits`` (and ``source`` with ``trace_source``: which input tokens each final token holds).
+    """
+    if opset < MIN_OPSET:
+        raise UserError(
+            f"--opset {opset} is too low: ToMe's scatter-add needs opset >= 16 (lower opsets silently drop merges) "
+            f"and the exporter needs >= {MIN_OPSET}; use --opset {MIN_OPSET} or higher"
+        )
+    if batch < 1:
+        raise UserError(f"--batch must be >= 1, got {batch}")
+    path = Path(path)
+    module = _WithSource(model) if trace_source else model
+    module.eval()
+    example_batch = max(batch, 2) if dynamic_batch else batch
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn(example_batch, *input_shape, generator=gen)
+    outputs = [OUTPUT_NAME, SOURCE_NAME] if trace_source else [OUTPUT_NAME]
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    log = io.StringIO()
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(log):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=outputs,
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
+            optimize=True,
+        )
+    proto = program.model_proto
+    _strip_metadata(proto)
+    if dynamic_batch:
+        for value in list(proto.graph.input) + list(proto.graph.output):
+            value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    for key, value in metadata or ():
+        proto.metadata_props.add(key=key, value=value)
+    problems = static_shape_problems(proto, dynamic_batch)
+    if problems:
+        raise RuntimeError("exported graph is not static-shaped: " + "; ".join(problems[:5]))
+    if proto.ByteSize() >= 2**31:
+        raise UserError("the model is over 2 GB, the limit of a single-file ONNX; use a smaller model")
+    onnx.save_model(proto, str(path))
+    return path

@@ -1,0 +1,227 @@
+"""The build pipeline behind ``tome-export``: model -> ToMe patch -> ONNX -> target artifacts -> manifest.
+
+Everything is written into a hidden temporary directory beside the output and renamed into place at the
+end, so an interrupted or failed build never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+from ._version import __version__
+from .backends import TARGETS, BuildContext
+from .errors import UserError
+from .export import MIN_OPSET, export_onnx
+from .flops import flops_summary
+from .manifest import MANIFEST, read_manifest, write_manifest
+from .merge import MERGE_IMPLS
+from .models import create_model, model_info, patch, resolve_name
+from .preprocess import Preprocessing
+from .schedule import RSpec, r_label, resolve_schedule
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    model: str
+    r: RSpec = 16
+    target: str = "onnx"
+    precision: str = "fp32"
+    batch: int = 1
+    dynamic_batch: bool = False
+    opset: int = MIN_OPSET
+    output: Optional[Path] = None
+    weights: str = "pretrained"
+    checkpoint: Optional[Path] = None
+    seed: int = 0
+    merge_impl: str = "auto"
+    prop_attn: bool = True
+    img_size: Optional[int] = None
+    force: bool = False
+    trace_source: bool = False
+    validation_images: int = 8
+    extra: Dict[str, Any] = field(default_factory=dict)  # target-specific settings
+
+    def default_output(self) -> Path:
+        return Path("tome-out") / f"{self.model}-{r_label(self.r)}-{self.target}-{self.precision}"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    path: Path
+    manifest: Dict[str, Any]
+
+
+def check_options(opts: BuildOptions) -> None:
+    """Reject bad options before any slow work."""
+    if opts.target not in TARGETS:
+        raise UserError(f"unknown --target {opts.target!r}; available: {', '.join(sorted(TARGETS))}")
+    target = TARGETS[opts.target]
+    if opts.precision not in target.precisions:
+        raise UserError(
+            f"--precision {opts.precision!r} is not available for --target {opts.target}; "
+            f"choose one of {', '.join(target.precisions)}"
+        )
+    for module in target.requires:
+        try:
+            __import__(module)
+        except ImportError:
+            raise UserError(
+                f"--target {opts.target} needs the Python package {module!r}, which is not installed: "
+                f"pip install 'tome-export[{opts.target}]'"
+            ) from None
+    if opts.merge_impl not in ("auto",) + MERGE_IMPLS:
+        raise UserError(f"unknown --merge-impl {opts.merge_impl!r}; choose auto, {', '.join(MERGE_IMPLS)}")
+    if opts.batch < 1:
+        raise UserError(f"--batch must be >= 1, got {opts.batch}")
+    if opts.opset < MIN_OPSET:
+        raise UserError(
+            f"--opset {opts.opset} is too low: ToMe's scatter-add needs opset >= 16 (lower opsets silently drop "
+            f"merges) and the exporter needs >= {MIN_OPSET}; use --opset {MIN_OPSET} or higher"
+        )
+    if opts.img_size is not None and opts.img_size < 16:
+        raise UserError(f"--img-size must be a positive image side in pixels, got {opts.img_size}")
+    if opts.checkpoint is not None and not Path(opts.checkpoint).is_file():
+        raise UserError(f"checkpoint {str(opts.checkpoint)!r} does not exist: pass the path of a .pth or .safetensors file")
+
+
+def _check_output(out: Path, identity: Dict[str, Any], force: bool) -> None:
+    """Refuse to overwrite anything but an earlier build of the same model, target and precision."""
+    parent = out.parent if str(out.parent) else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {str(parent)!r} (not a writable directory): choose another --output")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--output {str(out)!r} exists and is not a directory: choose another --output")
+    if not os.access(out, os.W_OK):
+        raise UserError(f"cannot write to {str(out)!r}: choose another --output")
+    if not any(out.iterdir()):
+        return
+    if not (out / MANIFEST).is_file():
+        raise UserError(
+            f"--output {str(out)!r} already holds files that tome-export did not write: choose another --output"
+        )
+    try:
+        existing = read_manifest(out, verify=False)
+    except UserError:
+        existing = {}
+    same = all(existing.get("model", {}).get(k) == v for k, v in identity["model"].items()) and \
+        existing.get("target") == identity["target"] and existing.get("precision") == identity["precision"]
+    if not same and not force:
+        old = existing.get("model", {}).get("alias", "another model")
+        raise UserError(
+            f"--output {str(out)!r} already holds artifacts of {old} ({existing.get('target')}, "
+            f"{existing.get('precision')}): choose another --output or pass --force to replace them"
+        )
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished build into place; an existing output is swapped out, then removed."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _versions() -> Dict[str, str]:
+    import onnx
+    import onnxruntime
+    import timm
+
+    return {"tome_export": __version__, "torch": torch.__version__.split("+")[0], "timm": timm.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def prepare(opts: BuildOptions) -> Path:
+    """All checks that need no model: options, model name, output directory. Returns the output path."""
+    check_options(opts)
+    out = Path(opts.output) if opts.output is not None else opts.default_output()
+    alias, timm_name = resolve_name(opts.model)
+    identity = {"model": {"alias": alias, "timm_name": timm_name}, "target": opts.target, "precision": opts.precision}
+    _check_output(out, identity, opts.force)
+    return out
+
+
+def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> BuildResult:
+    """Run the whole build; returns the output directory and its manifest."""
+    started = time.perf_counter()
+    out = prepare(opts)
+    target = TARGETS[opts.target]
+
+    log("loading model")
+    kwargs = {"img_size": opts.img_size} if opts.img_size else {}
+    model, spec = create_model(opts.model, weights=opts.weights, checkpoint=opts.checkpoint, seed=opts.seed, **kwargs)
+    info = model_info(model)
+    schedule = resolve_schedule(opts.r, info.num_blocks, info.num_tokens, info.num_protected)
+    if schedule.capped:
+        log(f"warning: {schedule.cap_message()}")
+    merge_impl = target.default_merge_impl if opts.merge_impl == "auto" else opts.merge_impl
+    patch(model, list(schedule.requested), merge_impl=merge_impl, prop_attn=opts.prop_attn)
+    pre = Preprocessing.from_model(model)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should not be
+    try:
+        log(f"exporting ONNX (opset {opts.opset}, merge {merge_impl})")
+        onnx_path = export_onnx(
+            model, tmp / "model.onnx", pre.input_size, batch=opts.batch, dynamic_batch=opts.dynamic_batch,
+            opset=opts.opset, trace_source=opts.trace_source,
+            metadata=[("tome_export.version", __version__), ("tome_export.r_schedule", str(list(schedule.r)))],
+        )
+        ctx = BuildContext(
+            workdir=tmp, onnx_path=onnx_path, model=model, spec=spec, info=info, schedule=schedule,
+            preprocessing=pre, precision=opts.precision, batch=opts.batch, dynamic_batch=opts.dynamic_batch,
+            merge_impl=merge_impl, options=opts, log=log,
+        )
+        log(f"building {opts.target} {opts.precision} and validating against PyTorch")
+        target_result = target.build(ctx)
+        batch_dim: Any = "batch" if opts.dynamic_batch else opts.batch
+        manifest = {
+            "tool_version": __version__,
+            "versions": _versions(),
+            "model": {"alias": spec.alias, "timm_name": spec.timm_name, "family": info.family,
+                      "weights": spec.weights, "seed": spec.seed, "checkpoint": spec.checkpoint},
+            "target": opts.target,
+            "precision": opts.precision,
+            "r": opts.r if not isinstance(opts.r, tuple) else {"r": opts.r[0], "inflect": opts.r[1]},
+            "r_requested": list(schedule.requested),
+            "r_schedule": list(schedule.r),
+            "r_capped": schedule.capped,
+            "tokens_per_block": list(schedule.tokens),
+            "num_tokens": schedule.num_tokens,
+            "num_protected": schedule.num_protected,
+            "merge_impl": merge_impl,
+            "prop_attn": opts.prop_attn,
+            "opset": opts.opset,
+            "input": {"name": "images", "shape": [batch_dim, *pre.input_size], "dtype": "float32",
+                      "dynamic_batch": opts.dynamic_batch},
+            "outputs": ["logits", "source"] if opts.trace_source else ["logits"],
+            "num_classes": info.num_classes,
+            "preprocessing": pre.to_dict(),
+            "flops": flops_summary(info, schedule.r),
+            **target_result,
+            "build_seconds": round(time.perf_counter() - started, 1),
+        }
+        write_manifest(tmp, manifest)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BuildResult(out, read_manifest(out, verify=False))

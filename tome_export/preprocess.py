@@ -1,0 +1,116 @@
+"""Image preprocessing from a model's pretrained config, in NumPy and PIL only (no torch at deploy time).
+
+Mirrors timm's eval transform: resize (shorter edge to ``size / crop_pct``), centre crop, scale to [0, 1],
+normalise with mean/std, CHW float32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import UserError
+
+_INTERP = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    input_size: Tuple[int, int, int]  # C, H, W
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    crop_pct: float
+    crop_mode: str
+    interpolation: str
+
+    @classmethod
+    def from_model(cls, model: Any) -> "Preprocessing":
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config(model=model)
+        return cls(
+            input_size=tuple(int(v) for v in cfg["input_size"]),
+            mean=tuple(float(v) for v in cfg["mean"]),
+            std=tuple(float(v) for v in cfg["std"]),
+            crop_pct=float(cfg.get("crop_pct") or 0.875),
+            crop_mode=str(cfg.get("crop_mode") or "center"),
+            interpolation=str(cfg.get("interpolation") or "bilinear"),
+        )
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Preprocessing":
+        return cls(
+            input_size=tuple(d["input_size"]),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            crop_pct=float(d["crop_pct"]),
+            crop_mode=d["crop_mode"],
+            interpolation=d["interpolation"],
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    def with_size(self, height: int, width: int) -> "Preprocessing":
+        return Preprocessing((self.input_size[0], height, width), self.mean, self.std, self.crop_pct,
+                             self.crop_mode, self.interpolation)
+
+    def __call__(self, image: Union[Image.Image, str, os.PathLike]) -> np.ndarray:
+        """One image (PIL or path) as a ``(C, H, W)`` float32 array."""
+        img = open_image(image) if not isinstance(image, Image.Image) else image
+        img = img.convert("RGB")
+        _, h, w = self.input_size
+        interp = _INTERP.get(self.interpolation)
+        if interp is None:
+            raise UserError(f"unsupported interpolation {self.interpolation!r} in the preprocessing config")
+        scale_h, scale_w = math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)
+        if self.crop_mode == "squash":
+            img = img.resize((scale_w, scale_h), interp)
+        elif self.crop_mode == "center":
+            iw, ih = img.size
+            if scale_h == scale_w:  # shorter edge to the scale size, as torchvision's Resize(int)
+                short, long = (iw, ih) if iw <= ih else (ih, iw)
+                new_short, new_long = scale_h, int(scale_h * long / short)
+                size = (new_short, new_long) if iw <= ih else (new_long, new_short)
+            else:
+                ratio = max(scale_h / ih, scale_w / iw)
+                size = (round(iw * ratio), round(ih * ratio))
+            img = img.resize(size, interp)
+        else:
+            raise UserError(f"unsupported crop_mode {self.crop_mode!r}; supported: center, squash")
+        iw, ih = img.size
+        top, left = int(round((ih - h) / 2.0)), int(round((iw - w) / 2.0))
+        img = img.crop((left, top, left + w, top + h))
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+    def batch(self, images: Sequence[Union[Image.Image, str, os.PathLike]]) -> np.ndarray:
+        return np.stack([self(img) for img in images])
+
+
+def open_image(path: Union[str, os.PathLike]) -> Image.Image:
+    """Open an image file, or raise a one-line :class:`UserError`."""
+    try:
+        img = Image.open(path)
+        img.load()
+        return img
+    except FileNotFoundError:
+        raise UserError(f"image {str(path)!r} does not exist") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"{str(path)!r} is not an image PIL can read ({type(exc).__name__}): pass a JPEG/PNG file") from None
