@@ -13,7 +13,7 @@ from tome_export.errors import UserError
 from tome_export.export import export_onnx
 from tome_export.merge import bipartite_soft_matching
 from tome_export.models import model_info
-from tome_export.schedule import resolve_schedule
+from tome_export.schedule import expand_schedule, resolve_schedule
 
 from conftest import make_model
 from reference_tome import reference_forward
@@ -90,6 +90,33 @@ def test_graph_ops_per_lowering(onnx_cache):
             assert {a.name: a.s for a in node.attribute}["reduction"] == b"add"
 
 
+@pytest.mark.parametrize("impl", ["gather", "onehot"])
+def test_tome_nodes_are_named_by_role(impl, onnx_cache):
+    from tome_export.export import tome_nodes
+
+    r = 8 if impl == "gather" else (8, -1.0)
+    path, _ = onnx_cache("vit", r, impl, 1, True)
+    merging = [i for i, v in enumerate(expand_schedule(r, 12)) if v > 0]  # (8, -1) ends with r=0
+    n = len(merging)
+    graph = onnx.load(str(path)).graph
+    roles = tome_nodes(onnx.load(str(path)))
+    op = {node.name: node.op_type for node in graph.node}
+    assert {name.split("/")[1] for name in roles["match"]} == {f"blocks.{i}" for i in merging}
+    match_ops = collections.Counter(op[name] for name in roles["match"])
+    merge_ops = collections.Counter(op[name] for name in roles["merge"])
+    assert match_ops["ReduceMean"] == match_ops["ReduceL2"] == match_ops["ReduceMax"] == n
+    assert merge_ops["Div"] == n  # the size-weighted average
+    assert merge_ops["Log"] == n - (merging[-1] == 11)  # log-size bias, unused after the last block
+    if impl == "gather":
+        assert match_ops["TopK"] == 2 * n and match_ops["ArgMax"] == n
+        assert merge_ops["ScatterElements"] == 2 * n and merge_ops["GatherElements"] == 4 * n
+    else:
+        assert merge_ops["MatMul"] == 4 * n and match_ops["CumSum"] == 2 * n
+    # everything else (attention, MLP, norms) is not ToMe
+    others = collections.Counter(n.op_type for n in graph.node if not n.name.startswith(("tome_match/", "tome_merge/")))
+    assert others["TopK"] == others["ScatterElements"] == others["CumSum"] == others["Log"] == 0
+
+
 def test_static_token_shapes(onnx_cache):
     from tome_export.export import static_shape_problems
 
@@ -136,7 +163,7 @@ def test_exact_ties_resolve_identically_in_exported_graphs(tmp_path, impl):
     metric = torch.ones(2, t, 4)
     metric[1, 6:] = torch.tensor([1.0, 1.0, 0.0, 0.0])  # a second image with two tie groups
     x = torch.arange(2 * t, dtype=torch.float32).reshape(2, t, 1)
-    module = _MergeOnly(4, 1, impl)
+    module = _MergeOnly(4, 1, impl).eval()
     want = module(metric, x)
     assert want[0, :, 0].tolist() == [0, 10, 12, 1 + 2 + 4 + 6 + 8, 3, 5, 7, 9, 11, 13]
     path = tmp_path / "ties.onnx"

@@ -4,16 +4,22 @@ Uses the torch dynamo exporter at opset >= 18: below 16 ScatterElements has no a
 exporters silently turn the merge into an overwrite. Only the batch dimension may be dynamic; every
 token count is a constant. Node metadata (stack traces, source paths) is stripped so that two exports of
 the same model are byte-identical.
+
+ToMe nodes are named by role so downstream tools can find them without pattern matching:
+``tome_match/<block>/...`` is the token-matching path (metric normalisation, scores, ranking, index
+building) and ``tome_merge/<block>/...`` applies the merge (size weighting, gathers and scatter-adds or one-hot
+products, the log-size attention bias). Quantizers and fp16 converters keep both in fp32.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import onnx
 import torch
@@ -38,13 +44,35 @@ class _WithSource(torch.nn.Module):
         return self.model.forward_with_source(x)
 
 
+MATCH_PREFIX = "tome_match/"  # token-matching path: scores, ranking, index building (keep in fp32)
+MERGE_PREFIX = "tome_merge/"  # applying merges: size weighting, gathers/scatters or one-hot products, log-size
+
+
+def _tome_name(node: onnx.NodeProto) -> str:
+    """``tome_match/<block>/<name>`` or ``tome_merge/<block>/<name>`` for ToMe nodes, else the node's name."""
+    scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+    for scope in reversed(ast.literal_eval(scopes) if scopes else []):
+        for suffix, prefix in ((".tome_merge.match", MATCH_PREFIX), (".tome_merge", MERGE_PREFIX)):
+            if scope.endswith(suffix):
+                return f"{prefix}{scope[: -len(suffix)]}/{node.name}"
+    return node.name
+
+
+def tome_nodes(model: onnx.ModelProto) -> Dict[str, List[str]]:
+    """Names of the ToMe nodes of an exported graph: ``match`` (matching path) and ``merge`` (merge application)."""
+    names = [n.name for n in model.graph.node]
+    return {"match": [n for n in names if n.startswith(MATCH_PREFIX)],
+            "merge": [n for n in names if n.startswith(MERGE_PREFIX)]}
+
+
 def _strip_metadata(model: onnx.ModelProto) -> None:
-    """Drop per-node stack traces and doc strings: they differ between runs and leak local paths."""
+    """Name ToMe nodes by role, then drop per-node metadata (stack traces differ between runs, leak paths)."""
     graphs: List[onnx.GraphProto] = [model.graph]
     while graphs:
         graph = graphs.pop()
         graph.doc_string = ""
         for node in graph.node:
+            node.name = _tome_name(node)
             del node.metadata_props[:]
             node.doc_string = ""
             graphs.extend(a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
-from ..merge import MERGE_IMPLS
+import torch
+
+from ..merge import MERGE_IMPLS, Merge, bipartite_soft_matching, cap_r, merge_wavg
 
 
 @dataclass(frozen=True)
@@ -41,3 +43,49 @@ class ModelInfo:
     @property
     def num_tokens(self) -> int:
         return self.num_patches + self.num_protected
+
+
+class TokenMatch(torch.nn.Module):
+    """Bipartite matching of one block, returning the merge function.
+
+    A module (without parameters) so that exported graphs can name its nodes: everything computed here
+    is the token-matching path, which quantizers and precision converters must leave in fp32.
+    """
+
+    def __init__(self, r: int, num_protected: int, merge_impl: str) -> None:
+        super().__init__()
+        self.r, self.num_protected, self.merge_impl = r, num_protected, merge_impl
+
+    def forward(self, keys: torch.Tensor) -> Merge:
+        """``keys`` ``(B, heads, T, head_dim)``: the metric is their mean over heads, as in the reference."""
+        return bipartite_soft_matching(keys.mean(dim=1), self.r, self.num_protected, self.merge_impl)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, num_protected={self.num_protected}, merge_impl={self.merge_impl!r}"
+
+
+class TokenMerge(torch.nn.Module):
+    """One block's ToMe step: match, size-weighted merge, source tracking, next attention's log-size bias.
+
+    Families attach one to each block as ``tome_merge`` (no parameters: state_dict keys are unchanged).
+    """
+
+    def __init__(self, r: int, num_protected: int, merge_impl: str, prop_attn: bool) -> None:
+        super().__init__()
+        self.match = TokenMatch(r, num_protected, merge_impl)
+        self.prop_attn = prop_attn
+
+    def merges(self, num_tokens: int) -> bool:
+        """Whether this block merges anything at this token count (r after the reference's cap)."""
+        return cap_r(self.match.r, num_tokens, self.match.num_protected) > 0
+
+    def forward(
+        self, x: torch.Tensor, keys: torch.Tensor, size: Optional[torch.Tensor], source: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        merge = self.match(keys)
+        x, size = merge_wavg(merge, x, size)
+        if source is not None:
+            source = merge(source)
+        # Proportional attention: a token standing for s patches gets log(s) added to its attention logits.
+        bias = size.log()[:, None, None, :, 0] if self.prop_attn else None
+        return x, size, source, bias

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ..merge import bipartite_soft_matching, cap_r, merge_wavg
-from .base import ModelInfo, ToMeConfig
+from .base import ModelInfo, ToMeConfig, TokenMerge
 
 FAMILY = "timm-vit"
 DESCRIPTION = (
@@ -66,43 +65,34 @@ def model_info(model: VisionTransformer, img_size: Optional[Tuple[int, int]] = N
     )
 
 
-def _attention(attn: Attention, x: torch.Tensor, size: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """timm Attention with proportional attention; also returns the keys averaged over heads."""
+def _attention(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """timm Attention with an additive logit bias (proportional attention); also returns the keys."""
     b, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
     qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    # Proportional attention: a token standing for s patches gets log(s) added to its logits.
-    mask = None if size is None else size.log()[:, None, None, :, 0].to(q.dtype)
+    mask = None if bias is None else bias.to(q.dtype)
     x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     x = x.transpose(1, 2).reshape(b, n, attn.attn_dim)
     x = attn.norm(x)
     if gate is not None:
         x = x * gate
     x = attn.proj_drop(attn.proj(x))
-    return x, k.mean(dim=1)
+    return x, k
 
 
-def _block(
-    block: Block,
-    x: torch.Tensor,
-    size: Optional[torch.Tensor],
-    source: Optional[torch.Tensor],
-    r: int,
-    cfg: ToMeConfig,
-    num_protected: int,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+State = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
+def _block(block: Block, x: torch.Tensor, size, source, bias) -> State:
     """One block: attention, then the merge, then the MLP (where the reference merges)."""
-    attn_out, metric = _attention(block.attn, block.norm1(x), size if cfg.prop_attn else None)
+    attn_out, keys = _attention(block.attn, block.norm1(x), bias)
     x = x + block.drop_path1(block.ls1(attn_out))
-    if cap_r(r, x.shape[1], num_protected) > 0:
-        merge = bipartite_soft_matching(metric, r, num_protected, cfg.merge_impl)
-        x, size = merge_wavg(merge, x, size)
-        if source is not None:
-            source = merge(source)
+    if block.tome_merge.merges(x.shape[1]):
+        x, size, source, bias = block.tome_merge(x, keys, size, source)
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return x, size, source
+    return x, size, source, bias
 
 
 class ToMeVisionTransformerMixin:
@@ -118,12 +108,11 @@ class ToMeVisionTransformerMixin:
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        size: Optional[torch.Tensor] = None
-        source = None
+        size = source = bias = None
         if trace_source:
             source = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)[None].expand(x.shape[0], -1, -1)
-        for block, r in zip(self.blocks, self.tome.r):
-            x, size, source = _block(block, x, size, source, r, self.tome, self.num_prefix_tokens)
+        for block in self.blocks:
+            x, size, source, bias = _block(block, x, size, source, bias)
         return self.norm(x), size, source
 
     def tome_head(self, x: torch.Tensor, size: Optional[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
@@ -162,4 +151,6 @@ def patch(model: VisionTransformer, cfg: ToMeConfig) -> VisionTransformer:
             _CLASSES[base] = type(f"ToMe{base.__name__}", (ToMeVisionTransformerMixin, base), {})
         model.__class__ = _CLASSES[base]
     model.tome = cfg
+    for block, r in zip(model.blocks, cfg.r):
+        block.tome_merge = TokenMerge(r, model.num_prefix_tokens, cfg.merge_impl, cfg.prop_attn)
     return model
