@@ -34,6 +34,7 @@ def test_export_vit_t16(built_t16):
     assert m["r_schedule"] == [8] * 12
     assert m["tokens_per_block"] == [189, 181, 173, 165, 157, 149, 141, 133, 125, 117, 109, 101]
     assert m["merge_impl"] == "gather" and m["opset"] == 18 and m["target"] == "onnx"
+    assert m["recipe"]["file"] == "onnx-fp32.yaml" and m["recipe"]["validation"]["max_abs_diff"] == 1e-4
     assert m["input"]["shape"] == [1, 3, 224, 224]
     assert m["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and m["preprocessing"]["interpolation"] == "bicubic"
     assert m["validation"]["backend"] == "onnxruntime" and m["validation"]["max_abs_diff"] <= 1e-4
@@ -74,6 +75,8 @@ BAD = {
     "low opset": (["--model", "vit_t16", "--opset", "14"], "--opset 14 is too low"),
     "bad batch": (["--model", "vit_t16", "--batch", "0"], "--batch must be >= 1"),
     "no model": (["--r", "8"], "--model is required"),
+    "missing recipe": (["--model", "vit_t16", "--recipe", "/nonexistent.yaml"], "does not exist"),
+    "recipe contradicted": (["--model", "vit_t16", "--recipe", "RECIPE", "--precision", "int8"], "contradicts the recipe"),
     "unknown flag": (["--model", "vit_t16", "--colour"], "unrecognized arguments"),
 }
 
@@ -81,6 +84,9 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_one_line_exit_2(case, capsys, tmp_path):
     args, message = BAD[case]
+    if "RECIPE" in args:
+        from tome_export.recipes import recipe_for
+        args = [str(recipe_for("onnx", "fp32").path) if a == "RECIPE" else a for a in args]
     code, out, err = _run(args + ["--weights", "random", "--output", str(tmp_path / "o")] if "--checkpoint" not in args
                           else args + ["--output", str(tmp_path / "o")], capsys)
     assert code == 2
@@ -105,14 +111,16 @@ def test_output_holding_another_model(built_t16, capsys):
     assert code == 2 and "did not write" in err and (foreign / "notes.txt").exists()
 
 
-def test_failed_validation_exits_1_and_writes_nothing(tmp_path, capsys, monkeypatch):
-    import tome_export.backends.onnx as onnx_target
+def test_failed_validation_exits_1_and_writes_nothing(tmp_path, capsys):
+    from tome_export.recipes import recipe_for
 
-    monkeypatch.setattr(onnx_target, "FP32_MAX_ABS_DIFF", 0.0)  # any float difference now fails
-    out = tmp_path / "v"
-    code, _, err = _run(["--model", "vit_t16", "--r", "8", "--weights", "random", "--output", str(out), "-q"], capsys)
+    recipe = tmp_path / "strict.yaml"  # an edited copy of the built-in recipe: any float difference fails
+    recipe.write_text(recipe_for("onnx", "fp32").path.read_text().replace("1.0e-4", "0.0"))
+    out = tmp_path / "build" / "v"
+    code, _, err = _run(["--model", "vit_t16", "--r", "8", "--weights", "random", "--recipe", str(recipe),
+                         "--output", str(out), "-q"], capsys)
     assert code == 1 and "validation failed" in err and "differs from PyTorch" in err
-    assert not out.exists() and os.listdir(tmp_path) == []
+    assert not out.exists() and os.listdir(tmp_path / "build") == []
 
 
 def test_interrupted_build_leaves_nothing(tmp_path, capsys, monkeypatch):

@@ -43,12 +43,13 @@ def _export_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="alias (vit_b16, deit_s, ...) or any timm ViT name")
     p.add_argument("--r", default="16", help="tokens merged per block: 16 | 16:-1 | 8,8,... (default 16)")
-    p.add_argument("--target", default="onnx", help=f"one of {', '.join(sorted(TARGETS))} (default onnx)")
-    p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 | int8 ... as the target supports")
+    p.add_argument("--target", help=f"one of {', '.join(sorted(TARGETS))} (default onnx)")
+    p.add_argument("--precision", help="fp32 | fp16 | bf16 | int8 ... as the target supports (default fp32)")
+    p.add_argument("--recipe", type=Path, help="a recipe YAML file (default recipes/<target>-<precision>.yaml)")
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
     batch.add_argument("--dynamic-batch", action="store_true", help="dynamic batch dimension")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 18 (default 18)")
+    p.add_argument("--opset", type=int, help="ONNX opset, >= 18 (default: the recipe's, 18)")
     p.add_argument("--output", "-o", type=Path, help="output directory (default tome-out/<model>-r<r>-<target>-<precision>)")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--weights", choices=["pretrained", "random"], default="pretrained",
@@ -113,7 +114,7 @@ def _export(argv: Sequence[str]) -> int:
         model=args.model, r=parse_r_text(args.r), target=args.target, precision=args.precision,
         batch=args.batch, dynamic_batch=args.dynamic_batch, opset=args.opset, output=args.output,
         weights=args.weights, checkpoint=args.checkpoint, seed=args.seed, merge_impl=args.merge_impl,
-        prop_attn=not args.no_prop_attn, img_size=args.img_size, force=args.force,
+        prop_attn=not args.no_prop_attn, img_size=args.img_size, force=args.force, recipe=args.recipe,
     )
     prepare(opts)  # cheap checks first, before any progress display
     progress = _Progress(4, args.quiet)

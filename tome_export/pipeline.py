@@ -10,9 +10,9 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -25,6 +25,7 @@ from .manifest import MANIFEST, read_manifest, write_manifest
 from .merge import MERGE_IMPLS
 from .models import create_model, model_info, patch, resolve_name
 from .preprocess import Preprocessing
+from .recipes import Recipe, load_recipe, recipe_for
 from .schedule import RSpec, r_label, resolve_schedule
 
 
@@ -32,11 +33,11 @@ from .schedule import RSpec, r_label, resolve_schedule
 class BuildOptions:
     model: str
     r: RSpec = 16
-    target: str = "onnx"
-    precision: str = "fp32"
+    target: Optional[str] = None  # default: the recipe's, else onnx
+    precision: Optional[str] = None  # default: the recipe's, else fp32
     batch: int = 1
     dynamic_batch: bool = False
-    opset: int = MIN_OPSET
+    opset: Optional[int] = None  # default: the recipe's, else 18
     output: Optional[Path] = None
     weights: str = "pretrained"
     checkpoint: Optional[Path] = None
@@ -47,7 +48,32 @@ class BuildOptions:
     force: bool = False
     trace_source: bool = False
     validation_images: int = 8
-    extra: Dict[str, Any] = field(default_factory=dict)  # target-specific settings
+    recipe: Optional[Path] = None  # a recipe file; default: recipes/<target>-<precision>.yaml
+    extra: Dict[str, Any] = field(default_factory=dict)  # target-specific settings from the CLI
+
+    def resolve(self) -> Tuple["BuildOptions", Recipe]:
+        """Fill target, precision and opset from the recipe (explicit options must agree with a --recipe)."""
+        if self.recipe is not None:
+            recipe = load_recipe(Path(self.recipe))
+            for key in ("target", "precision"):
+                mine = getattr(self, key)
+                if mine is not None and mine != getattr(recipe, key):
+                    raise UserError(
+                        f"--{key} {mine} contradicts the recipe {str(self.recipe)!r} ({key}: {getattr(recipe, key)}); "
+                        f"drop --{key} or edit the recipe"
+                    )
+        else:
+            target, precision = self.target or "onnx", self.precision or "fp32"
+            if target not in TARGETS:
+                raise UserError(f"unknown --target {target!r}; available: {', '.join(sorted(TARGETS))}")
+            if precision not in TARGETS[target].precisions:
+                raise UserError(
+                    f"--precision {precision!r} is not available for --target {target}; "
+                    f"choose one of {', '.join(TARGETS[target].precisions)}"
+                )
+            recipe = recipe_for(target, precision)
+        opset = self.opset if self.opset is not None else (recipe.opset or MIN_OPSET)
+        return replace(self, target=recipe.target, precision=recipe.precision, opset=opset), recipe
 
     def default_output(self) -> Path:
         return Path("tome-out") / f"{self.model}-{r_label(self.r)}-{self.target}-{self.precision}"
@@ -60,15 +86,8 @@ class BuildResult:
 
 
 def check_options(opts: BuildOptions) -> None:
-    """Reject bad options before any slow work."""
-    if opts.target not in TARGETS:
-        raise UserError(f"unknown --target {opts.target!r}; available: {', '.join(sorted(TARGETS))}")
+    """Reject bad options (of resolved options, see BuildOptions.resolve) before any slow work."""
     target = TARGETS[opts.target]
-    if opts.precision not in target.precisions:
-        raise UserError(
-            f"--precision {opts.precision!r} is not available for --target {opts.target}; "
-            f"choose one of {', '.join(target.precisions)}"
-        )
     for module in target.requires:
         try:
             __import__(module)
@@ -146,20 +165,21 @@ def _versions() -> Dict[str, str]:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def prepare(opts: BuildOptions) -> Path:
-    """All checks that need no model: options, model name, output directory. Returns the output path."""
+def prepare(opts: BuildOptions) -> Tuple[BuildOptions, Recipe, Path]:
+    """All checks that need no model: options, recipe, model name, output directory."""
+    opts, recipe = opts.resolve()
     check_options(opts)
     out = Path(opts.output) if opts.output is not None else opts.default_output()
     alias, timm_name = resolve_name(opts.model)
     identity = {"model": {"alias": alias, "timm_name": timm_name}, "target": opts.target, "precision": opts.precision}
     _check_output(out, identity, opts.force)
-    return out
+    return opts, recipe, out
 
 
 def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> BuildResult:
     """Run the whole build; returns the output directory and its manifest."""
     started = time.perf_counter()
-    out = prepare(opts)
+    opts, recipe, out = prepare(opts)
     target = TARGETS[opts.target]
 
     log("loading model")
@@ -169,7 +189,9 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> 
     schedule = resolve_schedule(opts.r, info.num_blocks, info.num_tokens, info.num_protected)
     if schedule.capped:
         log(f"warning: {schedule.cap_message()}")
-    merge_impl = target.default_merge_impl if opts.merge_impl == "auto" else opts.merge_impl
+    merge_impl = opts.merge_impl
+    if merge_impl == "auto":
+        merge_impl = recipe.merge_impl if recipe.merge_impl not in (None, "auto") else target.default_merge_impl
     patch(model, list(schedule.requested), merge_impl=merge_impl, prop_attn=opts.prop_attn)
     pre = Preprocessing.from_model(model)
 
@@ -188,7 +210,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> 
         ctx = BuildContext(
             workdir=tmp, onnx_path=onnx_path, model=model, spec=spec, info=info, schedule=schedule,
             preprocessing=pre, precision=opts.precision, batch=opts.batch, dynamic_batch=opts.dynamic_batch,
-            merge_impl=merge_impl, options=opts, log=log,
+            merge_impl=merge_impl, recipe=recipe, options=opts, log=log,
         )
         log(f"building {opts.target} {opts.precision} and validating against PyTorch")
         target_result = target.build(ctx)
@@ -210,6 +232,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> 
             "merge_impl": merge_impl,
             "prop_attn": opts.prop_attn,
             "opset": opts.opset,
+            "recipe": recipe.to_dict(),
             "input": {"name": "images", "shape": [batch_dim, *pre.input_size], "dtype": "float32",
                       "dynamic_batch": opts.dynamic_batch},
             "outputs": ["logits", "source"] if opts.trace_source else ["logits"],

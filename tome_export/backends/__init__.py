@@ -15,6 +15,7 @@ import torch
 from ..models import ModelSpec
 from ..models.base import ModelInfo
 from ..preprocess import Preprocessing
+from ..recipes import Recipe
 from ..schedule import Schedule
 
 
@@ -33,7 +34,8 @@ class BuildContext:
     batch: int
     dynamic_batch: bool
     merge_impl: str
-    options: Any  # the BuildOptions, for target-specific settings
+    recipe: Recipe  # the recipe's sections: build settings, quantization, calibration, validation thresholds
+    options: Any  # the BuildOptions
     log: Callable[[str], None] = print
 
 
@@ -45,6 +47,8 @@ class Target:
     default_merge_impl: str
     build: Callable[[BuildContext], Dict[str, Any]]
     requires: Tuple[str, ...] = field(default=())  # importable modules the target needs
+    # Allowed keys of each recipe section -> type, tuple of types, or tuple of allowed strings.
+    recipe_schema: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 TARGETS: Dict[str, Target] = {}
