@@ -1,26 +1,33 @@
-"""tome-export: deterministic, static-shape Token Merging (ToMe) ViTs that export and deploy."""
+"""tome-export: deterministic, static-shape Token Merging (ToMe) ViTs that export and deploy.
+
+Attributes load lazily so that ``tome_export.runtime`` works in deployment environments without torch.
+"""
+
+from importlib import import_module
+from typing import Any
 
 from ._version import __version__
-from .pipeline import BuildOptions, BuildResult, build
 from .errors import UserError, ValidationError
-from .export import export_onnx
-from .merge import bipartite_soft_matching, merge_wavg
-from .models import create_model, model_info, patch
-from .schedule import resolve_schedule
+
+_LAZY = {
+    "BuildOptions": "pipeline",
+    "BuildResult": "pipeline",
+    "build": "pipeline",
+    "export_onnx": "export",
+    "bipartite_soft_matching": "merge",
+    "merge_wavg": "merge",
+    "create_model": "models",
+    "model_info": "models",
+    "patch": "models",
+    "resolve_schedule": "schedule",
+}
+
+__all__ = ["UserError", "ValidationError", "__version__", *_LAZY]
 
 
-__all__ = [
-    "BuildOptions",
-    "BuildResult",
-    "build",
-    "export_onnx",
-    "UserError",
-    "ValidationError",
-    "bipartite_soft_matching",
-    "create_model",
-    "merge_wavg",
-    "model_info",
-    "patch",
-    "resolve_schedule",
-    "__version__",
-]
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tome_export' has no attribute {name!r}")
