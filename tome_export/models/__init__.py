@@ -35,6 +35,7 @@ ALIASES: Dict[str, str] = {
     "deit_b_distilled": "deit_base_distilled_patch16_224",
     "deit3_s": "deit3_small_patch16_224",
     "deit3_b": "deit3_base_patch16_224",
+    "digits_vit": "tome_digits_vit",  # the benchmark's embedded accuracy case (tome_export.bench.digits)
 }
 
 # Architectures whose token positions are baked into the attention: merging would silently change them.
@@ -62,6 +63,8 @@ class ModelSpec:
 def resolve_name(name: str) -> Tuple[str, str]:
     """``(alias, timm name)`` for an alias or any timm model name."""
     import timm
+
+    from ..bench import digits  # noqa: F401  (registers tome_digits_vit with timm)
 
     if name in ALIASES:
         return name, ALIASES[name]
