@@ -40,7 +40,8 @@ ALIASES: Dict[str, str] = {
     "dinov2_s14_reg": "vit_small_patch14_reg4_dinov2",
 }
 
-# Architectures whose token positions are baked into the attention: merging would silently change them.
+# Architectures ToMe cannot merge as defined (matched by class-name prefix), mostly because token positions
+# are baked into their attention: merging would silently change them.
 _UNMERGEABLE = {
     "Eva": "rotary position embeddings (RoPE) in every block tie each token to its grid position",
     "Beit": "relative position bias tables in every block are indexed by the token grid",

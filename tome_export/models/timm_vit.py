@@ -32,7 +32,8 @@ _CHECKS = "r=0 identity, reference parity, ONNX parity"
 VERIFIED: Tuple[Tuple[str, str, str], ...] = (
     ("AugReg ViT", "vit_t16 vit_s16 vit_b16 vit_l16, vit_{small,base,large}_patch16_{224,384}.augreg*",
      _CHECKS + ", training"),
-    ("DeiT", "deit_t deit_s deit_b (deit_*_patch16_{224,384})", _CHECKS),
+    ("DeiT", "deit_t deit_s deit_b (deit_*_patch16_{224,384})",
+     "r=0 identity, reference parity (its ONNX graph is the ViT's)"),
     ("distilled DeiT", "deit_*_distilled (class + distillation token protected)", _CHECKS + ", sources"),
     ("DeiT-III (LayerScale)", "deit3_s deit3_b (deit3_*_patch16_{224,384})", _CHECKS),
     ("MAE (avg pool + fc_norm)", "vit_*_patch16_224.mae with global_pool='avg'; --checkpoint of a fine-tuned "

@@ -43,8 +43,8 @@ ALIASES: Dict[str, str] = {
 # (family, names, what the tests check) for --list-models and the README
 VERIFIED: Tuple[Tuple[str, str, str], ...] = (
     ("SWAG / torchvision ViT", "tv_vit_b16 tv_vit_l16 tv_vit_h14, vit_b_16[.WEIGHTS] ...",
-     "r=0 identity, reference parity at 224 and 384 px, sources, ONNX parity (both lowerings), "
-     "preprocessing == the weights' transforms, training"),
+     "r=0 identity, reference parity at 224 and 384 px, sources, ONNX parity, node roles, "
+     "preprocessing == the weights' transforms, checkpoints, CLI build, training"),
 )
 
 _WEIGHTS_HOST = "download.pytorch.org"
