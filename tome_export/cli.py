@@ -41,7 +41,7 @@ def _export_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", help="alias (vit_b16, deit_s, ...) or any timm ViT name")
+    p.add_argument("--model", help="alias (vit_b16, deit_s, tv_vit_b16, ...), a timm ViT name or a torchvision ViT name")
     p.add_argument("--r", default="16", help="tokens merged per block: 16 | 16:-1 | 8,8,... (default 16)")
     p.add_argument("--target", help=f"one of {', '.join(sorted(TARGETS))} (default onnx)")
     p.add_argument("--precision", help="fp32 | fp16 | bf16 | int8 ... as the target supports (default fp32)")
@@ -53,8 +53,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", type=Path, help="output directory (default tome-out/<model>-r<r>-<target>-<precision>)")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--weights", choices=["pretrained", "random"], default="pretrained",
-                         help="pretrained (timm hub or its cache) or seeded random (default pretrained)")
-    weights.add_argument("--checkpoint", type=Path, help="a timm state_dict (.pth or .safetensors)")
+                         help="pretrained (timm hub / torchvision download, or their caches) or seeded random "
+                         "(default pretrained)")
+    weights.add_argument("--checkpoint", type=Path, help="a timm or torchvision state_dict (.pth or .safetensors)")
     p.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
     p.add_argument("--merge-impl", default="auto", choices=["auto", "gather", "onehot"],
                    help="merge lowering: gather (TopK/Gather/ScatterElements) or onehot (matmul); auto picks per target")
@@ -67,15 +68,18 @@ def _export_parser() -> argparse.ArgumentParser:
 
 
 def _list_models() -> int:
-    from .models import ALIASES, FAMILIES
+    from .models import FAMILIES, list_models, verified_families
 
     print("aliases:")
-    for alias, name in ALIASES.items():
-        print(f"  {alias:18s} {name}")
+    for alias, source, name in list_models():
+        print(f"  {alias:18s} {source:12s} {name}")
     print("families:")
     for family in FAMILIES:
         print(f"  {family.FAMILY}: {family.DESCRIPTION}")
-    print("any timm model name of a supported family also works")
+    print("verified (tests: see README 'Supported models'):")
+    for source, family, names, checked in verified_families():
+        print(f"  [{source}] {family}: {names}\n      checked: {checked}")
+    print("any timm model name of a supported family, and torchvision builder[.WEIGHTS] names, also work")
     return 0
 
 
@@ -125,7 +129,7 @@ def _export(argv: Sequence[str]) -> int:
     m = result.manifest
     v = m["validation"]
     print(f"wrote {result.path}")
-    print(f"  model      {m['model']['alias']} ({m['model']['timm_name']}, weights {m['model']['weights']})")
+    print(f"  model      {m['model']['alias']} ({m['model']['source']} {m['model']['name']}, weights {m['model']['weights']})")
     print(f"  r          {m['r_schedule']}{'  (capped)' if m['r_capped'] else ''}")
     print(f"  tokens     {m['num_tokens']} -> {m['tokens_per_block']}")
     print(f"  GMACs      {m['flops']['gmacs']} vs {m['flops']['gmacs_r0']} at r=0 ({m['flops']['ratio']}x fewer)")

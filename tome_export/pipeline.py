@@ -23,7 +23,7 @@ from .export import MIN_OPSET, export_onnx
 from .flops import flops_summary
 from .manifest import MANIFEST, read_manifest, write_manifest
 from .merge import MERGE_IMPLS
-from .models import create_model, model_info, patch, resolve_name
+from .models import create_model, model_info, patch, resolve
 from .preprocess import Preprocessing
 from .recipes import Recipe, load_recipe, recipe_for
 from .schedule import RSpec, r_label, resolve_schedule
@@ -135,7 +135,7 @@ def _check_output(out: Path, identity: Dict[str, Any], force: bool) -> None:
         existing = read_manifest(out, verify=False)
     except UserError:
         existing = {}
-    same = all(existing.get("model", {}).get(k) == v for k, v in identity["model"].items()) and \
+    same = _model_identity(existing.get("model", {})) == _model_identity(identity["model"]) and \
         existing.get("target") == identity["target"] and existing.get("precision") == identity["precision"]
     if not same and not force:
         old = existing.get("model", {}).get("alias", "another model")
@@ -143,6 +143,11 @@ def _check_output(out: Path, identity: Dict[str, Any], force: bool) -> None:
             f"--output {str(out)!r} already holds artifacts of {old} ({existing.get('target')}, "
             f"{existing.get('precision')}): choose another --output or pass --force to replace them"
         )
+
+
+def _model_identity(model: Dict[str, Any]) -> Tuple[Any, ...]:
+    """(alias, source, upstream name); manifests written before torchvision support had only timm_name."""
+    return model.get("alias"), model.get("source", "timm"), model.get("name", model.get("timm_name"))
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -160,8 +165,10 @@ def _versions() -> Dict[str, str]:
     import onnx
     import onnxruntime
     import timm
+    import torchvision
 
     return {"tome_export": __version__, "torch": torch.__version__.split("+")[0], "timm": timm.__version__,
+            "torchvision": torchvision.__version__.split("+")[0],
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
@@ -170,8 +177,9 @@ def prepare(opts: BuildOptions) -> Tuple[BuildOptions, Recipe, Path]:
     opts, recipe = opts.resolve()
     check_options(opts)
     out = Path(opts.output) if opts.output is not None else opts.default_output()
-    alias, timm_name = resolve_name(opts.model)
-    identity = {"model": {"alias": alias, "timm_name": timm_name}, "target": opts.target, "precision": opts.precision}
+    ref = resolve(opts.model)
+    identity = {"model": {"alias": ref.alias, "source": ref.source, "name": ref.name},
+                "target": opts.target, "precision": opts.precision}
     _check_output(out, identity, opts.force)
     return opts, recipe, out
 
@@ -218,8 +226,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> 
         manifest = {
             "tool_version": __version__,
             "versions": _versions(),
-            "model": {"alias": spec.alias, "timm_name": spec.timm_name, "family": info.family,
-                      "weights": spec.weights, "seed": spec.seed, "checkpoint": spec.checkpoint},
+            "model": spec.manifest_entry(info.family),
             "target": opts.target,
             "precision": opts.precision,
             "r": opts.r if not isinstance(opts.r, tuple) else {"r": opts.r[0], "inflect": opts.r[1]},
