@@ -17,7 +17,7 @@ import torch
 
 from ..._version import __version__
 from ...errors import UserError, ValidationError
-from ...export import export_onnx
+from ...export import SOURCE_NAME, export_onnx
 from ...preprocess import Preprocessing
 from ...recipes import Recipe
 from ...validate import compare_logits, validation_batches
@@ -146,6 +146,30 @@ def tensorrt_graph(
     return model, info
 
 
+def without_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """``model`` without the named outputs and every node and initializer only they needed."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    kept_outputs = [o for o in g.output if o.name not in names]
+    del g.output[:]
+    g.output.extend(kept_outputs)
+    needed = {o.name for o in g.output}
+    nodes = []
+    for node in reversed(g.node):
+        if any(o in needed for o in node.output):
+            nodes.append(node)
+            needed.update(node.input)
+    del g.node[:]
+    g.node.extend(reversed(nodes))
+    inits = [t for t in g.initializer if t.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    infos = [v for v in g.value_info if v.name in needed]
+    del g.value_info[:]
+    g.value_info.extend(infos)
+    return model
+
+
 def _reference(model: torch.nn.Module, batches: List[np.ndarray], with_source: bool) -> Tuple[np.ndarray, List[np.ndarray]]:
     logits, sources = [], []
     with torch.no_grad():
@@ -160,28 +184,19 @@ def _reference(model: torch.nn.Module, batches: List[np.ndarray], with_source: b
     return np.concatenate(logits), sources
 
 
-def validate(ctx: BuildContext, graph: onnx.ModelProto, calib_data: Optional[str]) -> Dict[str, Any]:
-    """The graph in ONNX Runtime (CPU) vs the PyTorch fp32 ToMe model, and the final token grouping."""
+def validate(ctx: BuildContext, graph: onnx.ModelProto, with_source: bool) -> Dict[str, Any]:
+    """``graph`` in ONNX Runtime (CPU) vs the PyTorch fp32 ToMe model: logits and (``with_source``: the graph
+    has a ``source`` output) the final token grouping."""
     v = ctx.recipe.validation
     limits = {**DEFAULT_THRESHOLDS[ctx.precision], **{k: float(v[k]) for k in v if k.startswith(("min_", "max_"))}}
     batches = validation_batches(ctx.preprocessing, ctx.batch, ctx.dynamic_batch, int(v.get("images", ctx.options.validation_images)))
-    want_source = bool(v.get("merge_agreement", True)) and any(ctx.schedule.r) and hasattr(ctx.model, "forward_with_source")
-    ref_logits, ref_sources = _reference(ctx.model, batches, want_source)
+    ref_logits, ref_sources = _reference(ctx.model, batches, with_source)
     run = cpu_runner(graph, ctx.precision)
-    metrics = compare_logits(ref_logits, np.concatenate([run(x)[0] for x in batches]))
+    outputs = [run(x) for x in batches]
+    metrics = compare_logits(ref_logits, np.concatenate([o[0] for o in outputs]))
     result: Dict[str, Any] = {"backend": "onnxruntime", "precision_ran": HOW_RUN[ctx.precision], **metrics}
-    if want_source:
-        # A twin export with the `source` output, put through the same precision step: the shipped graph
-        # computes the same merges but does not output them.
-        with tempfile.TemporaryDirectory(prefix="tome-trt-source-") as tmp:
-            twin_path = export_onnx(ctx.model, Path(tmp) / "source.onnx", ctx.preprocessing.input_size,
-                                    batch=ctx.batch, dynamic_batch=ctx.dynamic_batch, opset=ctx.options.opset,
-                                    trace_source=True)
-            twin, _ = tensorrt_graph(twin_path, ctx.precision, ctx.recipe, ctx.preprocessing,
-                                     ctx.batch if not ctx.dynamic_batch else 8, calib_data)
-        run_twin = cpu_runner(twin, ctx.precision)
-        result.update(source_agreement(ref_sources, [run_twin(x)[1] for x in batches]))
-        result["merge_agreement_graph"] = "twin export with the source output, same precision step"
+    if with_source:
+        result.update(source_agreement(ref_sources, [o[1] for o in outputs]))
     checks = {
         "max_abs_diff": lambda lim: metrics["max_abs_diff"] <= lim,
         "min_cosine": lambda lim: metrics["min_cosine"] >= lim,
@@ -207,10 +222,27 @@ def build(ctx: BuildContext, library: Library) -> Dict[str, Any]:
     calib_data = opts.extra.get("calib_data")
     _check_graph(onnx.load(str(ctx.onnx_path)), library, plugin, "exported fp32 graph")
     calib_batch = ctx.batch if not ctx.dynamic_batch else 8
-    graph, precision_info = tensorrt_graph(ctx.onnx_path, ctx.precision, recipe, ctx.preprocessing, calib_batch, calib_data)
+    traced = bool(opts.trace_source)
+    with_source = traced or (bool(recipe.validation.get("merge_agreement", True)) and any(ctx.schedule.r)
+                             and hasattr(ctx.model, "forward_with_source"))
+    with tempfile.TemporaryDirectory(prefix="tome-trt-") as tmp:
+        source_path = ctx.onnx_path
+        if with_source and not traced:
+            # To compare merge decisions, convert an export that also outputs the source map; what ships is
+            # that validated graph without the source output (and the nodes only it needed).
+            ctx.log("exporting the source-tracing twin for merge-decision validation")
+            source_path = export_onnx(ctx.model, Path(tmp) / "source.onnx", ctx.preprocessing.input_size,
+                                      batch=ctx.batch, dynamic_batch=ctx.dynamic_batch, opset=opts.opset,
+                                      trace_source=True)
+        ctx.log(f"{ctx.precision}: precision in the graph")
+        graph, precision_info = tensorrt_graph(source_path, ctx.precision, recipe, ctx.preprocessing, calib_batch, calib_data)
     _check_graph(graph, library, plugin, f"{ctx.precision} graph")
+    ctx.log("validating in ONNX Runtime against PyTorch")
+    validation = validate(ctx, graph, with_source)
+    if with_source and not traced:
+        graph = without_outputs(graph, [SOURCE_NAME])
+        validation["merge_agreement_graph"] = "the shipped graph plus its source output (same conversion)"
     onnx.save_model(graph, str(ctx.onnx_path))  # model.onnx is now the graph the engine is built from
-    validation = validate(ctx, graph, calib_data)
 
     level = int(settings.get("optimization_level", 3))
     caps = [str(c) for c in settings.get("compute_capabilities", [])]

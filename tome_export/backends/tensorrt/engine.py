@@ -151,7 +151,11 @@ def build_engine(
         errors = []
         for i in range(parser.num_errors):
             err = parser.get_error(i)
-            errors.append(f"node {err.node_name() or err.node()} ({err.node_operator() or '?'}): {err.desc()}")
+            if err.node_name() or err.node() >= 0:
+                where = f"node {err.node_name() or '#' + str(err.node())} ({err.node_operator() or '?'})"
+            else:  # some importers report no node, only themselves (e.g. importScatterElements)
+                where = err.func() or "?"
+            errors.append(f"{where}: {err.desc()}")
         raise UserError(f"{library.display}'s ONNX parser rejected the graph: {'; '.join(errors[:3]) or 'no reason given'}")
     config = builder.create_builder_config()
     if not 0 <= optimization_level <= 5:

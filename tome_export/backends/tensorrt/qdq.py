@@ -10,11 +10,15 @@ fp8: ONNX Runtime calibrates float8 only with its 'distribution' method, which o
 0.76 here. We calibrate as int8 (max of |x|, as NVIDIA's Model Optimizer does for fp8) and re-express every
 pair in FP8 E4M3: scale = amax / 448.
 
-The names and signatures follow the project's shared quantization module (issue 3) so the two can merge.
+``calibration_batches``, ``protected_node_names`` and ``quantize_qdq`` have the names and signatures of the
+project's shared quantization module (``tome_export.quantize``, issue 3) and can be replaced by imports from it;
+``quantize_for_tensorrt`` and ``int8_qdq_to_fp8`` are the TensorRT-specific part.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -92,6 +96,17 @@ def protected_node_names(model: onnx.ModelProto, keep_fp32: str = "tome") -> Lis
     return {"tome": nodes["match"] + nodes["merge"], "match": nodes["match"], "none": []}[keep_fp32]
 
 
+@contextlib.contextmanager
+def _root_logger_quiet():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 class _Reader:
     """ONNX Runtime's CalibrationDataReader protocol over a list of batches."""
 
@@ -133,13 +148,14 @@ def quantize_qdq(
     if not calibration:
         raise UserError("static quantization needs calibration images; none were given")
     input_name = onnx.load(str(onnx_in), load_external_data=False).graph.input[0].name
-    quantize_static(
-        str(onnx_in), str(onnx_out), _Reader(input_name, calibration), quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
-        op_types_to_quantize=list(op_types) if op_types else None, nodes_to_exclude=list(exclude),
-        calibrate_method=methods[calibrate_method],
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, **(extra_options or {})},
-    )
+    with _root_logger_quiet():  # ORT logs advice ("consider pre-processing") through the root logger
+        quantize_static(
+            str(onnx_in), str(onnx_out), _Reader(input_name, calibration), quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
+            op_types_to_quantize=list(op_types) if op_types else None, nodes_to_exclude=list(exclude),
+            calibrate_method=methods[calibrate_method],
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, **(extra_options or {})},
+        )
     return Path(onnx_out)
 
 
