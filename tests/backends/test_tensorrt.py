@@ -248,7 +248,9 @@ def test_cli_tensorrt_rtx_fp16(rtx_fp16):
     assert v["images"] == 8 + 9  # batch sizes 1 and 3 over 8 photos
     graph = onnx.load(str(rtx_fp16 / "model.onnx"))
     assert [o.name for o in graph.graph.output] == ["logits"]  # the source output was only for validation
-    assert sum(t.data_type == TensorProto.FLOAT16 for t in graph.graph.initializer) > 100
+    stored = t["precision_in_graph"]["weights"]
+    assert stored["float16"] > 0.99 * (stored["float16"] + stored["float"])  # weights in fp16
+    assert sum(i.data_type == TensorProto.FLOAT16 for i in graph.graph.initializer) > 12 * 4
     assert len(tome_nodes(graph)["match"]) > 100
 
 
