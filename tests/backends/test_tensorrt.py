@@ -163,7 +163,8 @@ def test_graph_validates_in_onnxruntime(graphs, precision, r):
     else:  # the conversion really changed the arithmetic
         assert np.abs(ref - got).max() > 1e-5
     agreement = source_agreement([r_[1].numpy() for r_ in refs], [o[1] for o in outs])
-    assert agreement["token_group_agreement"] >= limits["min_token_group_agreement"]
+    # With ToMe's matching path in fp32, only rounding of the keys themselves can flip a match (2 blocks here).
+    assert agreement["token_group_agreement"] >= {"fp32": 1.0, "fp16": 0.9, "bf16": 0.8, "int8": 0.7, "fp8": 0.6}[precision]
     if r == 0 or precision == "fp32":
         assert agreement == {"source_images_identical": 1.0, "token_group_agreement": 1.0}
 

@@ -52,13 +52,16 @@ RECIPE_SCHEMA: Dict[str, Dict[str, Any]] = {
                    "merge_agreement": bool, "min_token_group_agreement": float},
 }
 
-# Used where a recipe (e.g. a user's --recipe) leaves a threshold out.
+# Used where a recipe (e.g. a user's --recipe) leaves a threshold out. The final token grouping is measured
+# and reported but not gated by default: reduced precision flips near-tied matches and a flip cascades through
+# later blocks (random-weight ViT-B/16 r=16: 63% of token groups kept in fp16, 19% in int8, at logit cosine
+# >= 0.996), so a recipe gates it only where it sets min_token_group_agreement.
 DEFAULT_THRESHOLDS = {
-    "fp32": {"max_abs_diff": 1e-4, "min_cosine": 0.99999, "min_top1_agreement": 1.0, "min_token_group_agreement": 1.0},
-    "fp16": {"min_cosine": 0.999, "min_top1_agreement": 0.875, "min_token_group_agreement": 0.9},
-    "bf16": {"min_cosine": 0.99, "min_top1_agreement": 0.75, "min_token_group_agreement": 0.8},
-    "int8": {"min_cosine": 0.98, "min_top1_agreement": 0.75, "min_token_group_agreement": 0.7},
-    "fp8": {"min_cosine": 0.97, "min_top1_agreement": 0.625, "min_token_group_agreement": 0.6},
+    "fp32": {"max_abs_diff": 1e-4, "min_cosine": 0.99999, "min_top1_agreement": 1.0},
+    "fp16": {"min_cosine": 0.999, "min_top1_agreement": 0.875},
+    "bf16": {"min_cosine": 0.99, "min_top1_agreement": 0.75},
+    "int8": {"min_cosine": 0.98, "min_top1_agreement": 0.75},
+    "fp8": {"min_cosine": 0.97, "min_top1_agreement": 0.625},
 }
 
 
@@ -269,6 +272,11 @@ def build(ctx: BuildContext, library: Library) -> Dict[str, Any]:
     else:
         note = f"engine NOT built here ({reason}): it must be built on the target GPU machine: " \
                f"copy this directory there and run ./{SCRIPT}"
+    notes = [note]
+    if validation.get("token_group_agreement", 1.0) < 1.0:
+        notes.append(f"merge decisions: {validation['token_group_agreement']:.1%} of final token groups and "
+                     f"{validation['source_images_identical']:.0%} of images as in PyTorch ToMe ({ctx.precision} "
+                     f"rounding flips near-tied matches; logits are validated by cosine and top-1)")
     return {
         "validation": validation,
         "tensorrt": {
@@ -284,5 +292,5 @@ def build(ctx: BuildContext, library: Library) -> Dict[str, Any]:
             "engine": engine,
             "engine_note": note,
         },
-        "notes": [note],
+        "notes": notes,
     }
