@@ -48,7 +48,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", type=Path, help="a recipe YAML file (default recipes/<target>-<precision>.yaml)")
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
-    batch.add_argument("--dynamic-batch", action="store_true", help="dynamic batch dimension")
+    batch.add_argument("--dynamic-batch", nargs="?", const=True, default=False, metavar="MIN:OPT:MAX",
+                       help="dynamic batch dimension; TensorRT targets also take their optimization profile, "
+                       "e.g. --dynamic-batch 1:8:64 (default: the recipe's)")
     p.add_argument("--opset", type=int, help="ONNX opset, >= 18 (default: the recipe's, 18)")
     p.add_argument("--output", "-o", type=Path, help="output directory (default tome-out/<model>-r<r>-<target>-<precision>)")
     weights = p.add_mutually_exclusive_group()
@@ -63,6 +65,14 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prop-attn", action="store_true", help="disable proportional attention")
     p.add_argument("--force", action="store_true", help="replace an output directory holding another model's build")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    trt = p.add_argument_group("TensorRT targets")
+    trt.add_argument("--require-engine", action="store_true",
+                     help="fail unless the engine is built here (TensorRT needs its Python package and a GPU; "
+                     "TensorRT-RTX builds on the CPU); without it a missing engine is left to build_engine.sh")
+    trt.add_argument("--scatter-plugin", action="store_true",
+                     help="let --merge-impl gather use TensorRT's ScatterElements plugin (not TensorRT-RTX)")
+    trt.add_argument("--calib-data", type=Path, metavar="DIR",
+                     help="folder of photos for int8/fp8 calibration (default: the bundled sample photos)")
     p.add_argument("--list-models", action="store_true", help="print the model aliases and supported families")
     return p
 
@@ -114,11 +124,15 @@ def _export(argv: Sequence[str]) -> int:
         return _list_models()
     if not args.model:
         raise UserError("--model is required (e.g. --model vit_b16; see --list-models)")
+    extra = {"dynamic_batch": args.dynamic_batch if isinstance(args.dynamic_batch, str) else None,
+             "require_engine": args.require_engine or None, "scatter_plugin": args.scatter_plugin or None,
+             "calib_data": str(args.calib_data) if args.calib_data else None}
     opts = BuildOptions(
         model=args.model, r=parse_r_text(args.r), target=args.target, precision=args.precision,
-        batch=args.batch, dynamic_batch=args.dynamic_batch, opset=args.opset, output=args.output,
+        batch=args.batch, dynamic_batch=bool(args.dynamic_batch), opset=args.opset, output=args.output,
         weights=args.weights, checkpoint=args.checkpoint, seed=args.seed, merge_impl=args.merge_impl,
         prop_attn=not args.no_prop_attn, img_size=args.img_size, force=args.force, recipe=args.recipe,
+        extra={k: v for k, v in extra.items() if v is not None},
     )
     prepare(opts)  # cheap checks first, before any progress display
     progress = _Progress(4, args.quiet)
@@ -135,6 +149,8 @@ def _export(argv: Sequence[str]) -> int:
     print(f"  GMACs      {m['flops']['gmacs']} vs {m['flops']['gmacs_r0']} at r=0 ({m['flops']['ratio']}x fewer)")
     print(f"  validation {v['backend']}: max |diff| {v['max_abs_diff']:.2e}, top-1 agreement "
           f"{v['top1_agreement']:.3f} on {v['images']} photos")
+    for note in m.get("notes", []):
+        print(f"  note       {note}")
     return 0
 
 

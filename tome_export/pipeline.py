@@ -109,6 +109,10 @@ def check_options(opts: BuildOptions) -> None:
         raise UserError(f"--img-size must be a positive image side in pixels, got {opts.img_size}")
     if opts.checkpoint is not None and not Path(opts.checkpoint).is_file():
         raise UserError(f"checkpoint {str(opts.checkpoint)!r} does not exist: pass the path of a .pth or .safetensors file")
+    for key, value in opts.extra.items():  # keys are named as the CLI flags that set them
+        if key not in target.options:
+            shown = f" {value}" if isinstance(value, str) else ""
+            raise UserError(f"--{key.replace('_', '-')}{shown} does not apply to --target {opts.target}")
 
 
 def _check_output(out: Path, identity: Dict[str, Any], force: bool) -> None:
@@ -176,6 +180,8 @@ def prepare(opts: BuildOptions) -> Tuple[BuildOptions, Recipe, Path]:
     """All checks that need no model: options, recipe, model name, output directory."""
     opts, recipe = opts.resolve()
     check_options(opts)
+    if TARGETS[opts.target].check is not None:
+        TARGETS[opts.target].check(opts, recipe)
     out = Path(opts.output) if opts.output is not None else opts.default_output()
     ref = resolve(opts.model)
     identity = {"model": {"alias": ref.alias, "source": ref.source, "name": ref.name},
