@@ -40,8 +40,14 @@ class Preprocessing:
         from timm.data import resolve_data_config
 
         cfg = resolve_data_config(model=model)
+        input_size = tuple(int(v) for v in cfg["input_size"])
+        # timm keeps the pretrained config's size when a model is created with another img_size: the
+        # model's own patch embedding says what it takes.
+        model_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if model_size is not None and len(model_size) == 2:
+            input_size = (input_size[0], int(model_size[0]), int(model_size[1]))
         return cls(
-            input_size=tuple(int(v) for v in cfg["input_size"]),
+            input_size=input_size,
             mean=tuple(float(v) for v in cfg["mean"]),
             std=tuple(float(v) for v in cfg["std"]),
             crop_pct=float(cfg.get("crop_pct") or 0.875),
