@@ -51,7 +51,8 @@ def test_sigkill_leaves_nothing_that_looks_like_a_build(moment, tmp_path, traced
     proc.wait()
     leftovers = _work_dirs(tmp_path, out.name)
     assert len(leftovers) == 1 and not (leftovers[0] / "manifest.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([leftovers[0].name] + ([out.name] if moment == "validating" else []))
+    expected = [leftovers[0].name] + ([out.name] if moment == "validating" else [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)
     if moment == "exporting":
         assert not out.exists()
         with pytest.raises(UserError):

@@ -151,6 +151,7 @@ outlined in the token's colour. --artifact runs a build made with --trace-source
 
 def _visualize(argv: Sequence[str]) -> int:
     from . import visualize as vis
+    from .preprocess import open_image
 
     p = _Parser(prog="tome-export visualize", description="Picture which patches ToMe merged into each token.",
                 epilog=VISUALIZE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,7 +175,7 @@ def _visualize(argv: Sequence[str]) -> int:
     if not 1 <= args.scale <= 8:
         raise UserError(f"--scale must be between 1 and 8, got {args.scale}")
     vis.check_output_file(args.output)
-    image = vis.open_image(vis.find_image(args.image))
+    image = open_image(vis.find_image(args.image))
     if args.artifact is not None:
         if args.blocks:
             raise UserError("--blocks needs --model: a built graph outputs only the final merge state")

@@ -252,7 +252,8 @@ def format_report(report: Dict[str, Any]) -> str:
         m = report["manifest"]
         model, v, fl = m.get("model", {}), m.get("validation", {}), m.get("flops", {})
         lines.append(f"artifact   {report['path']}")
-        lines.append(f"model      {model.get('alias')} ({model.get('timm_name')}, {model.get('family')}), weights "
+        upstream = model.get("name", model.get("timm_name"))  # "name" (+ "source") where families other than timm exist
+        lines.append(f"model      {model.get('alias')} ({upstream}, {model.get('family')}), weights "
                      f"{model.get('weights')}" + (f" seed {model['seed']}" if model.get("weights") == "random" else "")
                      + (f" {model['checkpoint']}" if model.get("checkpoint") else ""))
         lines.append(f"target     {m.get('target')} {m.get('precision')}, merge {m.get('merge_impl')}, opset "

@@ -77,10 +77,10 @@ def read_manifest(directory: Path, verify: bool = True) -> Dict[str, Any]:
         raise UserError(f"{path} is not a {FORMAT} manifest: rebuild the artifact with this version of tome-export")
     if verify:
         if not unchanged_since_build(data):
-            raise UserError(f"{path} was edited after the build (its {SELF_DIGEST} does not match): rebuild the artifact")
+            raise UserError(f"{path} was edited after the build ({SELF_DIGEST} does not match): rebuild the artifact")
         for rel, entry in data["artifacts"].items():
             if not isinstance(entry, dict):
-                raise UserError(f"{path} lists {rel!r} without a checksum: the manifest is corrupted; rebuild the artifact")
+                raise UserError(f"{path} lists {rel!r} without a checksum: the manifest is corrupted; rebuild it")
             file = directory / rel
             if not file.is_file():
                 raise UserError(f"artifact {rel!r} listed in {path} is missing: the directory is incomplete; rebuild it")

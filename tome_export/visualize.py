@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import UserError, ValidationError
 from .images import SAMPLE_PHOTOS, sample_photo_paths
-from .preprocess import Preprocessing, open_image
+from .preprocess import Preprocessing
 
 FILLS = ("mean", "palette")
 
