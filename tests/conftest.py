@@ -28,10 +28,13 @@ TEST_MODELS: Dict[str, Tuple[str, dict]] = {
 }
 
 
-def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
-    """A seeded random model whose LayerScale and prefix tokens are large enough to matter."""
+def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A seeded random model whose LayerScale and prefix tokens are large enough to matter.
+
+    ``overrides``: timm kwargs on top of the kind's (depth, embed_dim, patch_size, img_size, ...).
+    """
     name, kwargs = TEST_MODELS[kind]
-    return make_named(name, seed, **kwargs)
+    return make_named(name, seed, **{**kwargs, **overrides})
 
 
 def make_named(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
@@ -94,3 +97,22 @@ def onnx_cache(tmp_path_factory):
 
 def patched_copy(model: torch.nn.Module, r, impl: str = "gather") -> torch.nn.Module:
     return patch(copy.deepcopy(model), r, merge_impl=impl)
+
+
+@pytest.fixture(scope="session")
+def traced_artifact(tmp_path_factory):
+    """One CLI build with --trace-source: vit_t16, random weights (seed 0), r=16 (capped in the last block).
+
+    Returns (directory, stderr of the build).
+    """
+    import contextlib
+    import io
+
+    from tome_export.cli import main
+
+    out = tmp_path_factory.mktemp("traced") / "vit_t16"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["--model", "vit_t16", "--r", "16", "--weights", "random", "--trace-source", "-o", str(out), "-q"])
+    assert code == 0, err.getvalue()
+    return out, err.getvalue()

@@ -45,8 +45,9 @@ class Preprocessing:
     @classmethod
     def from_config(cls, cfg: Dict[str, Any]) -> "Preprocessing":
         """From a timm-style data config (input_size, mean, std, crop_pct, crop_mode, interpolation)."""
+        input_size = tuple(int(v) for v in cfg["input_size"])
         return cls(
-            input_size=tuple(int(v) for v in cfg["input_size"]),
+            input_size=input_size,
             mean=tuple(float(v) for v in cfg["mean"]),
             std=tuple(float(v) for v in cfg["std"]),
             crop_pct=float(cfg.get("crop_pct") or 0.875),

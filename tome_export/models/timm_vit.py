@@ -78,10 +78,16 @@ def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
 
 
 def data_config(model: VisionTransformer) -> Dict[str, Any]:
-    """timm's eval preprocessing of the model's pretrained config."""
+    """timm's eval preprocessing of the model's pretrained config, at the size the model really takes."""
     from timm.data import resolve_data_config
 
-    return resolve_data_config(model=model)
+    cfg = dict(resolve_data_config(model=model))
+    # timm keeps the pretrained config's size when a model is created with another img_size: the
+    # model's own patch embedding says what it takes.
+    size = getattr(model.patch_embed, "img_size", None)
+    if size is not None and len(size) == 2:
+        cfg["input_size"] = (cfg["input_size"][0], int(size[0]), int(size[1]))
+    return cfg
 
 
 def model_info(model: VisionTransformer, img_size: Optional[Tuple[int, int]] = None) -> ModelInfo:
