@@ -283,7 +283,7 @@ def format_report(report: Dict[str, Any]) -> str:
             lines.append(f"file       {rel} not in the manifest")
         state = "ok" if c["ok"] else "FAILED" + ("" if c["manifest_unchanged"] else " (manifest.json was edited)")
         lines.append(f"checksums  {state}")
-        lines.append(f"built by   " + ", ".join(f"{k} {val}" for k, val in m.get("versions", {}).items())
+        lines.append("built by   " + ", ".join(f"{k} {val}" for k, val in m.get("versions", {}).items())
                      + (f" in {m['build_seconds']} s" if "build_seconds" in m else ""))
     for name, g in report["graphs"].items():
         lines += _graph_lines(name, g)

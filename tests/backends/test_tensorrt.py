@@ -4,9 +4,7 @@ Engine builds use TensorRT-RTX, which compiles on the CPU; tests that run an eng
 without one. Graph-level tests use a 2-block ViT-Tiny to stay fast.
 """
 
-import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
