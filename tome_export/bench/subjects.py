@@ -184,6 +184,9 @@ def ensure_artifact(prepared: PreparedModel, variant: Variant, cache: Path, dyna
     out = artifact_dir(cache, variant, dynamic_batch, batch)
     if (out / "manifest.json").is_file():
         return out, True
+    cache.mkdir(parents=True, exist_ok=True)
+    if not (cache / ".gitignore").exists():  # built models are large: keep them out of a results commit
+        (cache / ".gitignore").write_text("*\n")
     args = prepared.create_args
     weights = "random" if args["checkpoint"] else args["weights"]
     log(f"building {variant.backend} {variant.precision} {r_label(variant.r)}")
