@@ -56,6 +56,7 @@ class BuildOptions:
     validation_images: int = 8
     recipe: Optional[Path] = None  # a recipe file; default: recipes/<target>-<precision>.yaml
     extra: Dict[str, Any] = field(default_factory=dict)  # target-specific settings from the CLI
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # timm architecture arguments (e.g. depth)
 
     def resolve(self) -> Tuple["BuildOptions", Recipe]:
         """Fill target, precision and opset from the recipe (explicit options must agree with a --recipe)."""
@@ -253,7 +254,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> 
     target = TARGETS[opts.target]
 
     log("loading model")
-    kwargs = {"img_size": opts.img_size} if opts.img_size else {}
+    kwargs = {**opts.model_kwargs, **({"img_size": opts.img_size} if opts.img_size else {})}
     model, spec = create_model(opts.model, weights=opts.weights, checkpoint=opts.checkpoint, seed=opts.seed, **kwargs)
     info = model_info(model)
     schedule = resolve_schedule(opts.r, info.num_blocks, info.num_tokens, info.num_protected)
@@ -289,7 +290,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> 
         manifest = {
             "tool_version": __version__,
             "versions": _versions(),
-            "model": spec.manifest_entry(info.family),
+            "model": {**spec.manifest_entry(info.family),
+                      **({"model_kwargs": dict(opts.model_kwargs)} if opts.model_kwargs else {})},
             "target": opts.target,
             "precision": opts.precision,
             "r": opts.r if not isinstance(opts.r, tuple) else {"r": opts.r[0], "inflect": opts.r[1]},

@@ -13,11 +13,10 @@ def test_digits_split_is_real_and_seeded():
     assert -1.0 <= a.train_x.min() and a.train_x.max() <= 1.0
 
 
-def test_small_digits_vit_trains_above_chance_and_tome_keeps_it(tmp_path):
-    kwargs = dict(depth=2, embed_dim=96, num_heads=3)
-    path, metrics = train_digits_vit(epochs=6, lr=1e-3, cache=tmp_path, **kwargs)
+def test_small_digits_vit_trains_above_chance_and_tome_keeps_it(small_digits):
+    path, metrics, kwargs = small_digits.path, small_digits.metrics, small_digits.model_kwargs
     assert metrics["test_accuracy"] > 0.5  # chance is 0.1
-    again, metrics2 = train_digits_vit(epochs=6, lr=1e-3, cache=tmp_path, **kwargs)  # cached: same file, same number
+    again, metrics2 = train_digits_vit(cache=path.parent, **small_digits.training, **kwargs)  # cached: same file and number
     assert again == path and metrics2 == metrics
     model, spec = create_model("digits_vit", checkpoint=path, **kwargs)
     assert spec.timm_name == "tome_digits_vit"

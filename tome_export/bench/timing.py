@@ -11,7 +11,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -34,14 +34,41 @@ class Timing:
                 "throughput_ips": round(1000.0 * batch / med, 2), "runs": len(self.samples_ms)}
 
 
+Clock = Callable[[Callable[[], object]], float]  # runs the callable once, returns milliseconds
+
+
+def wall_clock_ms(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000.0
+
+
+def cuda_clock_ms(fn: Callable[[], object]) -> float:
+    """GPU time of ``fn``'s kernels between two CUDA events (no host-side launch jitter in the number)."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return float(start.elapsed_time(end))
+
+
 def measure_interleaved(
     runs: Mapping[str, Callable[[], object]],
     rounds: int = 5,
     per_round: int = 5,
     warmup: int = 2,
     pause_s: float = 0.2,
+    clocks: Optional[Mapping[str, Clock]] = None,
 ) -> Dict[str, Timing]:
-    """Time each callable ``rounds x per_round`` times, rotating the order every round."""
+    """Time each callable ``rounds x per_round`` times, rotating the order every round.
+
+    ``clocks`` picks how a configuration is timed (default :func:`wall_clock_ms`; :func:`cuda_clock_ms` for GPU
+    work launched asynchronously).
+    """
+    clocks = clocks or {}
     names = list(runs)
     for name in names:
         for _ in range(warmup):
@@ -52,10 +79,9 @@ def measure_interleaved(
         for name in order:
             time.sleep(pause_s)
             runs[name]()  # the first call after a pause wakes threads and caches up; not timed
+            clock = clocks.get(name, wall_clock_ms)
             for _ in range(per_round):
-                start = time.perf_counter()
-                runs[name]()
-                timings[name].samples_ms.append((time.perf_counter() - start) * 1000.0)
+                timings[name].samples_ms.append(clock(runs[name]))
     return timings
 
 
@@ -75,10 +101,16 @@ def machine() -> Dict[str, object]:
 
 
 def versions(modules: Sequence[str]) -> Dict[str, str]:
+    """Installed versions of the distributions that provide ``modules`` (read from metadata, nothing imported)."""
+    from importlib import metadata
+
+    providers = metadata.packages_distributions()
     out = {}
     for name in modules:
-        try:
-            out[name] = str(__import__(name).__version__)
-        except Exception:  # not installed, or no version: leave it out
-            continue
+        for dist in providers.get(name, []):
+            try:
+                out[name] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
     return out

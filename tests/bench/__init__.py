@@ -1,0 +1,1 @@
+"""Tests of the benchmark harness (a package, so its conftest does not shadow tests/conftest.py)."""

@@ -1,0 +1,198 @@
+"""The things a benchmark runs: an eager PyTorch model or a built artifact, behind one small interface.
+
+``predict(x)`` gives logits for quality measurements (any number of images); ``timed(x)`` gives the callable
+the clock runs (inputs already prepared, so the timing covers inference only, as a serving loop would).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+from .timing import cuda_clock_ms
+from ..errors import UserError
+from ..models import create_model, model_info, patch
+from ..models.base import ModelInfo
+from ..pipeline import BuildOptions, build
+from ..preprocess import Preprocessing
+from ..schedule import RSpec, r_label
+from .config import ModelConfig
+from .matrix import BACKENDS, Variant
+
+PREDICT_BATCH = 64  # quality passes only; timing uses the cell's batch
+
+
+@dataclass
+class PreparedModel:
+    """A config model, ready: the fp32 eval model (unpatched), how to rebuild it, and its shape facts."""
+
+    config: ModelConfig
+    model: torch.nn.Module
+    info: ModelInfo
+    preprocessing: Preprocessing
+    create_args: Dict[str, Any]  # create_model arguments (also what a memory subprocess rebuilds it from)
+    training: Optional[Dict[str, Any]] = None  # the digits case: checkpoint and fp32 test accuracy
+
+
+def prepare_model(mc: ModelConfig, log: Callable[[str], None] = lambda msg: None) -> PreparedModel:
+    """Create (and for the digits case train, seeded and cached) the model of a config entry."""
+    kwargs = dict(mc.kwargs)
+    training = None
+    checkpoint = mc.checkpoint
+    if mc.train is not None:
+        from .digits import train_digits_vit
+
+        train = dict(mc.train)
+        log(f"training {mc.model} (cached after the first run)")
+        path, metrics = train_digits_vit(epochs=train.get("epochs", 40), seed=train.get("seed", 0),
+                                         lr=train.get("lr", 3e-4), batch=train.get("batch", 64), log=log, **kwargs)
+        checkpoint, training = str(path), {"checkpoint": str(path), **metrics}
+    args = {"name": mc.model, "weights": "random" if mc.weights in ("checkpoint", "trained") else mc.weights,
+            "checkpoint": checkpoint, "seed": mc.seed, "kwargs": kwargs}
+    model = create_from(args)
+    return PreparedModel(mc, model, model_info(model), Preprocessing.from_model(model), args, training)
+
+
+def create_from(args: Dict[str, Any]) -> torch.nn.Module:
+    model, _ = create_model(args["name"], weights=args["weights"], checkpoint=args["checkpoint"], seed=args["seed"],
+                            **args["kwargs"])
+    return model
+
+
+class Subject:
+    """One variant, loaded and ready to run."""
+
+    timer = "wall clock (perf_counter)"
+    clock: Optional[Callable] = None  # None: wall clock
+    static_batch: Optional[int] = None
+    details: Dict[str, Any]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Logits of any number of images, in chunks (padded for a static-batch artifact)."""
+        size = self.static_batch or PREDICT_BATCH
+        out = []
+        for i in range(0, len(x), size):
+            chunk = x[i:i + size]
+            n = len(chunk)
+            if self.static_batch and n < size:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - n, axis=0)])
+            out.append(np.asarray(self._run(np.ascontiguousarray(chunk)), dtype=np.float32)[:n])
+        return np.concatenate(out)
+
+    def timed(self, x: np.ndarray) -> Callable[[], object]:
+        raise NotImplementedError
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TorchSubject(Subject):
+    """Eager PyTorch: a patched copy of the fp32 model, converted to the variant's precision."""
+
+    def __init__(self, base: torch.nn.Module, r: RSpec, precision: str, device: str = "cpu") -> None:
+        started = time.perf_counter()
+        model = patch(copy.deepcopy(base), r)
+        self.dtype = _DTYPES.get(precision, torch.float32)
+        if precision in _DTYPES:
+            model = model.to(self.dtype)
+        elif precision == "int8":
+            import warnings
+
+            with warnings.catch_warnings():  # torch.ao's eager quantization announces its move to torchao
+                warnings.simplefilter("ignore")
+                model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        elif precision != "fp32":
+            raise UserError(f"eager PyTorch has no {precision} mode")
+        self.model = model.to(device).eval()
+        self.device = device
+        if device == "cuda":
+            self.clock, self.timer = cuda_clock_ms, "CUDA events"
+        buffer = io.BytesIO()
+        torch.save(self.model.state_dict(), buffer)
+        self.details = {"artifact_bytes": buffer.tell(), "artifact": "state_dict as torch.save writes it",
+                        "build_seconds": round(time.perf_counter() - started, 2), "cached": False,
+                        "merge_impl": "gather", "dynamic_batch": True,
+                        "precision_ran": {"bf16": "bf16 weights and activations", "fp16": "fp16 weights and activations",
+                                          "int8": "int8 dynamic quantization of Linear layers (torch.ao)"}.get(
+                                              precision, "fp32")}
+
+    def tensor(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).to(self.device, self.dtype)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model(self.tensor(x)).float().cpu().numpy()
+
+    def timed(self, x: np.ndarray) -> Callable[[], object]:
+        xt = self.tensor(x)
+        model = self.model
+
+        def run() -> object:
+            with torch.inference_mode():
+                return model(xt)
+
+        return run
+
+
+class ArtifactSubject(Subject):
+    """A built artifact directory, run by its target's runner (``tome_export.runtime.load``)."""
+
+    def __init__(self, directory: Path, threads: int, cached: bool) -> None:
+        from ..runtime import load
+
+        self.runner = load(directory, threads=threads)
+        self.static_batch = self.runner.batch_size
+        self.timer = f"wall clock (perf_counter) around the {type(self.runner).__name__} call"
+        m = self.runner.manifest
+        validation = m.get("validation") or {}
+        self.details = {
+            "artifact_dir": str(directory), "artifact_bytes": sum(a["bytes"] for a in m["artifacts"].values()),
+            "build_seconds": m.get("build_seconds"), "cached": cached, "merge_impl": m.get("merge_impl"),
+            "dynamic_batch": bool(m["input"].get("dynamic_batch")), "runner": type(self.runner).__name__,
+            "precision_ran": validation.get("precision_ran", m.get("precision")),
+            "build_validation": {k: validation[k] for k in ("backend", "max_abs_diff", "min_cosine", "top1_agreement")
+                                 if k in validation},
+        }
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.runner(x)
+
+    def timed(self, x: np.ndarray) -> Callable[[], object]:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        runner = self.runner
+        return lambda: runner(x)
+
+
+def artifact_dir(cache: Path, variant: Variant, dynamic_batch: bool, batch: int) -> Path:
+    shape = "dyn" if dynamic_batch else f"b{batch}"
+    return cache / f"{variant.model.key}-{variant.r_label}-{BACKENDS[variant.backend].target}-{variant.precision}-{shape}"
+
+
+def ensure_artifact(prepared: PreparedModel, variant: Variant, cache: Path, dynamic_batch: bool, batch: int,
+                    merge_impl: str, log: Callable[[str], None]) -> tuple:
+    """Build the variant's artifact once (through the same pipeline as ``tome-export``); returns (dir, cached)."""
+    out = artifact_dir(cache, variant, dynamic_batch, batch)
+    if (out / "manifest.json").is_file():
+        return out, True
+    cache.mkdir(parents=True, exist_ok=True)
+    if not (cache / ".gitignore").exists():  # built models are large: keep them out of a results commit
+        (cache / ".gitignore").write_text("*\n")
+    args = prepared.create_args
+    weights = "random" if args["checkpoint"] else args["weights"]
+    log(f"building {variant.backend} {variant.precision} {r_label(variant.r)}")
+    build(BuildOptions(
+        model=args["name"], r=variant.r, target=BACKENDS[variant.backend].target, precision=variant.precision,
+        batch=batch, dynamic_batch=dynamic_batch, output=out, weights=weights, checkpoint=args["checkpoint"],
+        seed=args["seed"], merge_impl=merge_impl, model_kwargs=dict(args["kwargs"]), force=True,
+    ), log=lambda msg: log(f"{variant.backend} {variant.precision} {r_label(variant.r)}: {msg}"))
+    return out, False
