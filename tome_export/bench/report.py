@@ -204,7 +204,7 @@ def report(results: Dict[str, Any], plots: Sequence[str] = ()) -> str:
     best = best_within_budget(results)
     if best:
         b = cfg["budget"]
-        lines += [f"## Best stack within the accuracy budget",
+        lines += ["## Best stack within the accuracy budget",
                   "",
                   f"Highest throughput whose accuracy drop vs fp32 r=0 PyTorch is at most {100 * b['accuracy_drop']:.1f} "
                   f"points (where accuracy was measured), else whose top-1 agreement with it is at least "
