@@ -25,6 +25,7 @@ TEST_MODELS: Dict[str, Tuple[str, dict]] = {
     "avgpool": ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}),
     "avgpool_cls": ("vit_tiny_patch16_224", {"global_pool": "avg", "fc_norm": True}),
     "qknorm": ("vit_tiny_patch16_224", {"qk_norm": True, "depth": 6}),
+    "vit_d6": ("vit_tiny_patch16_224", {"depth": 6}),
 }
 
 
