@@ -81,3 +81,6 @@ def onnx_cache(tmp_path_factory):
 
 def patched_copy(model: torch.nn.Module, r, impl: str = "gather") -> torch.nn.Module:
     return patch(copy.deepcopy(model), r, merge_impl=impl)
+
+
+from cpu_builds import cpu_build  # noqa: E402,F401  (session fixture: CPU recipe builds on one shared export)

@@ -50,6 +50,8 @@ def _export_parser() -> argparse.ArgumentParser:
     batch.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
     batch.add_argument("--dynamic-batch", action="store_true", help="dynamic batch dimension")
     p.add_argument("--opset", type=int, help="ONNX opset, >= 18 (default: the recipe's, 18)")
+    p.add_argument("--calib-data", type=Path, metavar="DIR",
+                   help="folder of representative images for int8 calibration (default: bundled photos, augmented)")
     p.add_argument("--output", "-o", type=Path, help="output directory (default tome-out/<model>-r<r>-<target>-<precision>)")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--weights", choices=["pretrained", "random"], default="pretrained",
@@ -102,6 +104,7 @@ class _Progress:
 
 
 def _export(argv: Sequence[str]) -> int:
+    from .backends.common import summary_line as merge_summary
     from .pipeline import BuildOptions, build, prepare
     from .schedule import parse_r_text
 
@@ -115,6 +118,7 @@ def _export(argv: Sequence[str]) -> int:
         batch=args.batch, dynamic_batch=args.dynamic_batch, opset=args.opset, output=args.output,
         weights=args.weights, checkpoint=args.checkpoint, seed=args.seed, merge_impl=args.merge_impl,
         prop_attn=not args.no_prop_attn, img_size=args.img_size, force=args.force, recipe=args.recipe,
+        extra={"calib_data": args.calib_data} if args.calib_data else {},
     )
     prepare(opts)  # cheap checks first, before any progress display
     progress = _Progress(4, args.quiet)
@@ -129,8 +133,15 @@ def _export(argv: Sequence[str]) -> int:
     print(f"  r          {m['r_schedule']}{'  (capped)' if m['r_capped'] else ''}")
     print(f"  tokens     {m['num_tokens']} -> {m['tokens_per_block']}")
     print(f"  GMACs      {m['flops']['gmacs']} vs {m['flops']['gmacs_r0']} at r=0 ({m['flops']['ratio']}x fewer)")
-    print(f"  validation {v['backend']}: max |diff| {v['max_abs_diff']:.2e}, top-1 agreement "
+    print(f"  validation {v['backend']}: max |diff| {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.5f}, top-1 agreement "
           f"{v['top1_agreement']:.3f} on {v['images']} photos")
+    if "precision_ran" in v:
+        print(f"  ran        {v['precision_ran']}")
+    merges = merge_summary(m.get("merge_decisions", {}))
+    if merges:
+        print(f"  merges     {merges}")
+    for note in m.get("notes", []):
+        print(f"  note       {note}")
     return 0
 
 

@@ -85,7 +85,7 @@ class BuildResult:
     manifest: Dict[str, Any]
 
 
-def check_options(opts: BuildOptions) -> None:
+def check_options(opts: BuildOptions, recipe: Optional[Recipe] = None) -> None:
     """Reject bad options (of resolved options, see BuildOptions.resolve) before any slow work."""
     target = TARGETS[opts.target]
     for module in target.requires:
@@ -109,6 +109,8 @@ def check_options(opts: BuildOptions) -> None:
         raise UserError(f"--img-size must be a positive image side in pixels, got {opts.img_size}")
     if opts.checkpoint is not None and not Path(opts.checkpoint).is_file():
         raise UserError(f"checkpoint {str(opts.checkpoint)!r} does not exist: pass the path of a .pth or .safetensors file")
+    if target.check is not None and recipe is not None:
+        target.check(opts, recipe)
 
 
 def _check_output(out: Path, identity: Dict[str, Any], force: bool) -> None:
@@ -168,7 +170,7 @@ def _versions() -> Dict[str, str]:
 def prepare(opts: BuildOptions) -> Tuple[BuildOptions, Recipe, Path]:
     """All checks that need no model: options, recipe, model name, output directory."""
     opts, recipe = opts.resolve()
-    check_options(opts)
+    check_options(opts, recipe)
     out = Path(opts.output) if opts.output is not None else opts.default_output()
     alias, timm_name = resolve_name(opts.model)
     identity = {"model": {"alias": alias, "timm_name": timm_name}, "target": opts.target, "precision": opts.precision}

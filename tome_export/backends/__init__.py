@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -49,6 +49,8 @@ class Target:
     requires: Tuple[str, ...] = field(default=())  # importable modules the target needs
     # Allowed keys of each recipe section -> type, tuple of types, or tuple of allowed strings.
     recipe_schema: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    # Cheap target-specific checks of (resolved options, recipe) run before any slow work; raise UserError.
+    check: Optional[Callable[[Any, Recipe], None]] = None
 
 
 TARGETS: Dict[str, Target] = {}
@@ -60,3 +62,5 @@ def register(target: Target) -> Target:
 
 
 from . import onnx as _onnx  # noqa: E402,F401  (registers the target)
+from . import onnxruntime as _onnxruntime  # noqa: E402,F401
+from . import openvino as _openvino  # noqa: E402,F401
