@@ -196,8 +196,10 @@ def _quant_type(name: str):
     return types[name]
 
 
-def preprocess_for_quantization(onnx_in: os.PathLike, onnx_out: os.PathLike, optimize: bool = True) -> Path:
-    """ORT's recommended pre-processing (``quant_pre_process``): basic graph optimisation, shape inference.
+def preprocess_for_quantization(onnx_in: os.PathLike, onnx_out: os.PathLike, optimize: bool = False) -> Path:
+    """ORT's recommended pre-processing (``quant_pre_process``): shape inference (and optionally ORT's basic
+    graph optimisation, off by default: the exporter already optimised the graph, and constant folding would
+    remove ToMe index-arithmetic nodes, blurring the check that quantization left every protected node alone).
 
     The exporter lists initializers in ``value_info``; ORT's quantizers rewrite some (a Gemm's transposed
     weight), and the stale entries then fail shape inference, so they are dropped first. ORT's symbolic shape
