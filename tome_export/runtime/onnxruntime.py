@@ -20,7 +20,7 @@ from .base import Runner
 LEVELS = ("disabled", "basic", "extended", "all")
 
 
-def session_options(optimization: str = "all", threads: Optional[int] = None, spinning: bool = True):
+def session_options(optimization: str = "all", threads: Optional[int] = None):
     """ORT session options: graph optimisation level by name, intra-op threads (None: ORT's default)."""
     import onnxruntime as ort
 
@@ -36,18 +36,15 @@ def session_options(optimization: str = "all", threads: Optional[int] = None, sp
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
-    if not spinning:  # idle worker threads yield the core at once (several sessions sharing few cores)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
-def create_session(model: Union[Path, bytes], optimization: str = "all", threads: Optional[int] = None,
-                   spinning: bool = True):
+def create_session(model: Union[Path, bytes], optimization: str = "all", threads: Optional[int] = None):
     """A CPU session of a model file (or serialized model bytes)."""
     import onnxruntime as ort
 
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model),
-                                session_options(optimization, threads, spinning),
+                                session_options(optimization, threads),
                                 providers=["CPUExecutionProvider"])
 
 
@@ -57,13 +54,13 @@ class OnnxRuntimeRunner(Runner):
 
     backend = "onnxruntime"
 
-    def __init__(self, *args, spinning: bool = True, **kwargs) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         runtime = self.manifest.get("runtime", {})
         self.streams = (self.threads or os.cpu_count() or 1) if self.throughput else 1
         intra = 1 if self.throughput else self.threads
         self.session = create_session(self.directory / runtime.get("file", "model.onnx"),
-                                      runtime.get("session_optimization", "all"), intra, spinning)
+                                      runtime.get("session_optimization", "all"), intra)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 
