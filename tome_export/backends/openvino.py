@@ -52,6 +52,12 @@ def _inference_precision(recipe) -> str:
 
 
 def check(opts, recipe) -> None:
+    if recipe.precision == "int8":
+        try:
+            import nncf  # noqa: F401
+        except ImportError:
+            raise UserError("--precision int8 for openvino quantizes with NNCF, which is not installed: "
+                            "pip install 'tome-export[openvino]'") from None
     hint = _inference_precision(recipe)
     needed = CAPABILITY[hint]
     if needed is not None:
@@ -168,8 +174,18 @@ def _decision_runner(xml_path: Path, config: Mapping[str, Any], tensors) -> Call
     return run
 
 
+def _versions(with_nncf: bool) -> Dict[str, str]:
+    import openvino as ov
+
+    versions = {"openvino": ov.__version__.split("-")[0]}
+    if with_nncf:
+        import nncf
+
+        versions["nncf"] = nncf.__version__
+    return versions
+
+
 def build(ctx: BuildContext) -> Dict[str, Any]:
-    import nncf
     import onnx
     import openvino as ov
 
@@ -230,7 +246,7 @@ def build(ctx: BuildContext) -> Dict[str, Any]:
         "validation": {"backend": f"openvino {ov.__version__.split('-')[0]}", "precision_ran": ran["summary"],
                        **validation},
         "merge_decisions": decisions,
-        "backend_versions": {"openvino": ov.__version__.split("-")[0], "nncf": nncf.__version__},
+        "backend_versions": _versions(quantize),
         "cpu_capabilities": cpu_capabilities(),
         "notes": [],
     }
@@ -242,7 +258,7 @@ TARGET = register(Target(
     precisions=("fp32", "bf16", "fp16", "int8"),
     default_merge_impl="gather",
     build=build,
-    requires=("openvino", "nncf"),
+    requires=("openvino",),  # and nncf for int8 (see check)
     recipe_schema={
         "build": {"inference_precision": tuple(CAPABILITY), "keep_fp32": KEEP_FP32_CHOICES, "compress_to_fp16": bool},
         "quantization": {"method": ("nncf",), "preset": ("performance", "mixed"), "fast_bias_correction": bool},
