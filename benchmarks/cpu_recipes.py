@@ -19,7 +19,6 @@ Writes <out>.json (raw, machine, versions) and <out>.md. Builds are cached in --
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple

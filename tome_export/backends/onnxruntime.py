@@ -40,6 +40,14 @@ NOTES = {
             "bf16-rounded weights and is no faster; use openvino bf16 or int8 for speed",
 }
 
+SAVE_REASONS = {
+    "extended": "ORT's portable fusions (contrib ops any CPU runs); the CPU-specific 'all' level (NCHWc layouts "
+                "for this CPU's vector width, which ORT marks hardware-specific) is applied when the runner loads it",
+    "basic": "standard-ONNX rewrites only; the runner applies its session level at load time",
+    "disabled": "saved as converted (an optimised save would constant-fold the bf16 weights' upcasts back to fp32)",
+    "all": "optimised for the building CPU: ORT warns such a file is hardware-specific; load it only there",
+}
+
 # Kernels that do the bulk of a ViT's arithmetic; the int8 ones are ONNX Runtime's quantized kernels.
 INT8_KERNELS = {"DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "QGemm",
                 "QLinearConv", "ConvInteger", "QAttention"}
@@ -274,8 +282,7 @@ def build(ctx: BuildContext) -> Dict[str, Any]:
     return {
         "runtime": runtime,
         "saved_optimization": saved,
-        "saved_optimization_reason": "portable ORT fusions; the CPU-specific 'all' level (NCHWc layouts) is "
-                                     "applied when the runner loads the model",
+        "saved_optimization_reason": SAVE_REASONS.get(saved, ""),
         "precision_step": {"method": method, "keep_fp32": keep_fp32, **details},
         "precision_ran": ran,
         "validation": {"backend": "onnxruntime", "precision_ran": ran["summary"], **validation},
