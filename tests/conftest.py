@@ -29,30 +29,47 @@ TEST_MODELS: Dict[str, Tuple[str, dict]] = {
 }
 
 
-def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
-    """A seeded random model whose LayerScale and prefix tokens are large enough to matter."""
+def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A seeded random model whose LayerScale and prefix tokens are large enough to matter.
+
+    ``overrides``: timm kwargs on top of the kind's (depth, embed_dim, patch_size, img_size, ...).
+    """
     name, kwargs = TEST_MODELS[kind]
+    return make_named(name, seed, **{**kwargs, **overrides})
+
+
+def make_named(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """``make_model`` for any registry name (timm or torchvision) and constructor kwargs."""
     model, _ = create_model(name, weights="random", seed=seed, **kwargs)
+    return nontrivial(model, seed)
+
+
+def nontrivial(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Make LayerScale, prefix tokens and the classifier large enough that errors in them show in the logits."""
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, LayerScale):
                 module.gamma.copy_(0.5 + 0.1 * torch.randn(module.gamma.shape, generator=gen))
-        for token in ("cls_token", "reg_token", "dist_token"):
+        for token in ("cls_token", "reg_token", "dist_token", "class_token"):
             param = getattr(model, token, None)
             if param is not None:
                 param.copy_(0.5 * torch.randn(param.shape, generator=gen))
-        model.head.weight.mul_(20)  # logits of order 1, so tolerances mean something
+        head = model.heads.head if hasattr(model, "heads") else model.head
+        if isinstance(head, torch.nn.Linear):
+            if head.weight.abs().max() == 0:  # torchvision initialises its classifier to zero
+                head.weight.copy_(0.02 * torch.randn(head.weight.shape, generator=gen))
+            head.weight.mul_(20)  # logits of order 1, so tolerances mean something
     return model.eval()
 
 
 @pytest.fixture(scope="session")
 def photo_cache():
-    cache: Dict[Tuple[int, int], np.ndarray] = {}
+    cache: Dict[Tuple[int, Preprocessing], np.ndarray] = {}
 
     def get(model: torch.nn.Module, n: int) -> torch.Tensor:
         pre = Preprocessing.from_model(model)
-        key = (n, pre.input_size[1])
+        key = (n, pre)  # size and normalisation
         if key not in cache:
             cache[key] = pre.batch(sample_photos(n))
         return torch.from_numpy(cache[key])
@@ -81,6 +98,25 @@ def onnx_cache(tmp_path_factory):
 
 def patched_copy(model: torch.nn.Module, r, impl: str = "gather") -> torch.nn.Module:
     return patch(copy.deepcopy(model), r, merge_impl=impl)
+
+
+@pytest.fixture(scope="session")
+def traced_artifact(tmp_path_factory):
+    """One CLI build with --trace-source: vit_t16, random weights (seed 0), r=16 (capped in the last block).
+
+    Returns (directory, stderr of the build).
+    """
+    import contextlib
+    import io
+
+    from tome_export.cli import main
+
+    out = tmp_path_factory.mktemp("traced") / "vit_t16"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["--model", "vit_t16", "--r", "16", "--weights", "random", "--trace-source", "-o", str(out), "-q"])
+    assert code == 0, err.getvalue()
+    return out, err.getvalue()
 
 
 from cpu_builds import cpu_build  # noqa: E402,F401  (session fixture: CPU recipe builds on one shared export)

@@ -1,4 +1,4 @@
-"""A slow, obviously-correct ToMe for timm ViTs, written for the tests only.
+"""A slow, obviously-correct ToMe for timm and torchvision ViTs, written for the tests only.
 
 One image at a time, explicit softmax attention, Python sorting with the documented tie-break, and merges
 done token by token. It shares no code with tome_export.
@@ -39,8 +39,8 @@ def reference_merge(x: torch.Tensor, sizes: List[float], metric: torch.Tensor, r
     a_pos = [i for i in range(protected, n) if i % 2 == 0]
     b_pos = [i for i in range(protected, n) if i % 2 == 1]
     best = {}
-    for a in a_pos:
-        scores = [float(metric[a] @ metric[b]) for b in b_pos]
+    table = (metric[a_pos] @ metric[b_pos].T).tolist()  # table[i][j] = cosine of A token i and B token j
+    for a, scores in zip(a_pos, table):
         top = max(scores)
         best[a] = (top, b_pos[scores.index(top)])  # first maximum: lowest B index
     ranked = sorted(a_pos, key=lambda a: (-best[a][0], a))  # equal scores: lower A index first
@@ -86,8 +86,62 @@ def reference_forward(model, images: torch.Tensor, r_schedule: List[int], prop_a
             start = 0 if model.pool_include_prefix else protected
             pooled = (x[start:] * s[start:]).sum(0) / s[start:].sum()
             out = model.head(model.fc_norm(pooled))
+        elif model.global_pool == "map":
+            start = 0 if model.pool_include_prefix else protected
+            out = model.head(model.fc_norm(_attention_pool(model.attn_pool, x[start:], sizes[start:])))
         else:
             raise NotImplementedError(model.global_pool)
         logits.append(out)
+        sources.append(groups)
+    return torch.stack(logits), sources
+
+
+def _attention_pool(pool, x: torch.Tensor, sizes: List[float]) -> torch.Tensor:
+    """timm's AttentionPoolLatent on one image; a token of size s weighs as s copies of itself."""
+    n, c = x.shape
+    heads, d, latents = pool.num_heads, pool.head_dim, pool.latent_len
+    q = pool.q(pool.latent[0]).reshape(latents, heads, d).transpose(0, 1)  # (heads, latents, d)
+    kv = pool.kv(x).reshape(n, 2, heads, d)
+    k, v = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)  # (heads, n, d)
+    q, k = pool.q_norm(q), pool.k_norm(k)
+    logits = (q @ k.transpose(-1, -2)) * d ** -0.5 + torch.log(torch.tensor(sizes))[None, None, :]
+    out = (torch.softmax(logits, dim=-1) @ v).transpose(0, 1).reshape(latents, c)
+    out = pool.proj(out)
+    if pool.mlp is not None:
+        out = out + pool.mlp(pool.norm(out))
+    return out[0] if pool.pool == "token" else out.mean(dim=0)
+
+
+def _mha_attention(mha, x: torch.Tensor, sizes: List[float], prop_attn: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """torch.nn.MultiheadAttention self-attention from its packed in_proj weights; returns (output, key metric)."""
+    n, c = x.shape
+    heads = mha.num_heads
+    d = c // heads
+    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+    q, k, v = ((x @ w.T + b).reshape(n, heads, d).transpose(0, 1) for w, b in ((w_q, b_q), (w_k, b_k), (w_v, b_v)))
+    logits = (q @ k.transpose(-1, -2)) * d ** -0.5
+    if prop_attn:
+        logits = logits + torch.log(torch.tensor(sizes))[None, None, :]
+    out = (torch.softmax(logits, dim=-1) @ v).transpose(0, 1).reshape(n, c)
+    return mha.out_proj(out), k.mean(dim=0)
+
+
+@torch.no_grad()
+def reference_forward_torchvision(model, images: torch.Tensor, r_schedule: List[int], prop_attn: bool = True):
+    """Logits of an unpatched torchvision VisionTransformer with ToMe, plus each final token's source positions."""
+    logits, sources = [], []
+    for img in images:
+        patches = model.conv_proj(img[None])[0].flatten(1).T  # (patches, hidden), row-major over the grid
+        x = torch.cat([model.class_token[0], patches]) + model.encoder.pos_embedding[0]
+        sizes = [1.0] * x.shape[0]
+        groups = [[i] for i in range(x.shape[0])]
+        for block, r in zip(model.encoder.layers, r_schedule):
+            out, metric = _mha_attention(block.self_attention, block.ln_1(x), sizes, prop_attn)
+            x = x + out
+            x, sizes, merged = reference_merge(x, sizes, metric, r, 1)  # the class token is protected
+            groups = [sorted(p for g in grp for p in groups[g]) for grp in merged]
+            x = x + block.mlp(block.ln_2(x))
+        logits.append(model.heads(model.encoder.ln(x)[0]))
         sources.append(groups)
     return torch.stack(logits), sources

@@ -29,7 +29,8 @@ def built_t16(tmp_path_factory):
 def test_export_vit_t16(built_t16):
     m = read_manifest(built_t16)  # verifies every sha256
     assert sorted(p.name for p in built_t16.iterdir()) == ["manifest.json", "model.onnx"]
-    assert m["model"] == {"alias": "vit_t16", "timm_name": "vit_tiny_patch16_224", "family": "timm-vit",
+    assert m["model"] == {"alias": "vit_t16", "source": "timm", "name": "vit_tiny_patch16_224",
+                          "timm_name": "vit_tiny_patch16_224", "family": "timm-vit",
                           "weights": "random", "seed": 0, "checkpoint": None}
     assert m["r_schedule"] == [8] * 12
     assert m["tokens_per_block"] == [189, 181, 173, 165, 157, 149, 141, 133, 125, 117, 109, 101]
@@ -142,3 +143,5 @@ def test_console_script_help_and_error_without_traceback(tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
     listing = subprocess.run([str(exe), "--list-models"], capture_output=True, text=True)
     assert listing.returncode == 0 and "vit_b16" in listing.stdout and "timm-vit" in listing.stdout
+    assert "tv_vit_b16" in listing.stdout and "vit_b_16.IMAGENET1K_SWAG_E2E_V1" in listing.stdout
+    assert "DINOv2" in listing.stdout and "torchvision-vit" in listing.stdout

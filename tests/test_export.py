@@ -82,7 +82,7 @@ def test_graph_ops_per_lowering(onnx_cache):
     onehot, _ = onnx_cache("vit", (8, -1.0), "onehot", 1, True)
     ops_g = collections.Counter(n.op_type for n in onnx.load(str(gather)).graph.node)
     ops_o = collections.Counter(n.op_type for n in onnx.load(str(onehot)).graph.node)
-    assert ops_g["TopK"] > 0 and ops_g["ScatterElements"] == 24 and ops_g["GatherElements"] > 0
+    assert ops_g["TopK"] > 0 and ops_g["ScatterElements"] == 24 and ops_g["Gather"] >= 48
     for op in ("TopK", "ArgMax", "ScatterElements", "ScatterND", "GatherElements", "NonZero", "If", "Loop"):
         assert ops_o[op] == 0, op
     for node in onnx.load(str(gather)).graph.node:
@@ -109,7 +109,7 @@ def test_tome_nodes_are_named_by_role(impl, onnx_cache):
     assert merge_ops["Log"] == n - (merging[-1] == 11)  # log-size bias, unused after the last block
     if impl == "gather":
         assert match_ops["TopK"] == 2 * n and match_ops["ArgMax"] == n
-        assert merge_ops["ScatterElements"] == 2 * n and merge_ops["GatherElements"] == 4 * n
+        assert merge_ops["ScatterElements"] == 2 * n and merge_ops["Gather"] >= 4 * n
     else:
         assert merge_ops["MatMul"] == 4 * n and match_ops["CumSum"] == 2 * n
     # everything else (attention, MLP, norms) is not ToMe

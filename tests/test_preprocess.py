@@ -39,3 +39,15 @@ def test_vit_b16_flops_ratio():
     assert r16["gmacs_r0"] == pytest.approx(17.56, abs=0.01)  # 17.45 in the blocks + patch embed + head
     assert r16["ratio"] == pytest.approx(2.0, abs=0.01)
     assert flops_summary(info, resolve_schedule(8, 12, 197, 1).r)["ratio"] == pytest.approx(1.34, abs=0.01)
+
+
+def test_preprocessing_follows_a_model_built_at_another_size():
+    # timm keeps the pretrained config's 224 when a model is created with img_size=384; builds with
+    # --img-size 384 used it and failed inside the exporter ("Input height (224) doesn't match model (384)").
+    from tome_export.models import create_model
+
+    model, _ = create_model("vit_t16", weights="random", img_size=384, depth=1)
+    pre = Preprocessing.from_model(model)
+    assert pre.input_size == (3, 384, 384) and pre(sample_photos(1)[0]).shape == (3, 384, 384)
+    assert model_info(model).num_tokens == 24 * 24 + 1
+    assert model(__import__("torch").from_numpy(pre.batch(sample_photos(1)))).shape == (1, 1000)

@@ -15,6 +15,7 @@ def test_inflect_schedule_matches_the_reference_formula():
     assert expand_schedule((8, -1.0), 12) == [int(16 + (0 - 16) / 11 * i) for i in range(12)]
     assert expand_schedule((8, 0.0), 4) == [8, 8, 8, 8]
     assert expand_schedule((10, 0.5), 3) == [5, 10, 15]
+    assert expand_schedule((10, -1.0), 1) == [10]  # one block: no slope (the reference divides by zero)
 
 
 def test_list_schedule_needs_one_r_per_block():
@@ -34,7 +35,7 @@ def test_parse_cli_forms():
     assert parse_r_text("16:-1") == (16, -1.0)
     assert parse_r_text("8,8,4") == [8, 8, 4]
     assert parse_r_text("[8, 8, 4]") == [8, 8, 4]
-    for bad in ["-3", "abc", "1.5", "8;8", ""]:
+    for bad in ["-3", "abc", "1.5", "8;8", "", "16:2", "16:-1.5"]:
         with pytest.raises(UserError):
             parse_r_text(bad)
 

@@ -6,6 +6,7 @@ Bad input -> one line on stderr and exit 2; a failed validation -> one line and 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -41,43 +42,58 @@ def _export_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", help="alias (vit_b16, deit_s, ...) or any timm ViT name")
+    p.add_argument("--model", help="alias (vit_b16, deit_s, tv_vit_b16, ...), a timm ViT name or a torchvision ViT name")
     p.add_argument("--r", default="16", help="tokens merged per block: 16 | 16:-1 | 8,8,... (default 16)")
     p.add_argument("--target", help=f"one of {', '.join(sorted(TARGETS))} (default onnx)")
     p.add_argument("--precision", help="fp32 | fp16 | bf16 | int8 ... as the target supports (default fp32)")
     p.add_argument("--recipe", type=Path, help="a recipe YAML file (default recipes/<target>-<precision>.yaml)")
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
-    batch.add_argument("--dynamic-batch", action="store_true", help="dynamic batch dimension")
+    batch.add_argument("--dynamic-batch", nargs="?", const=True, default=False, metavar="MIN:OPT:MAX",
+                       help="dynamic batch dimension; TensorRT targets also take their optimization profile, "
+                       "e.g. --dynamic-batch 1:8:64 (default: the recipe's)")
     p.add_argument("--opset", type=int, help="ONNX opset, >= 18 (default: the recipe's, 18)")
-    p.add_argument("--calib-data", type=Path, metavar="DIR",
-                   help="folder of representative images for int8 calibration (default: bundled photos, augmented)")
     p.add_argument("--output", "-o", type=Path, help="output directory (default tome-out/<model>-r<r>-<target>-<precision>)")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--weights", choices=["pretrained", "random"], default="pretrained",
-                         help="pretrained (timm hub or its cache) or seeded random (default pretrained)")
-    weights.add_argument("--checkpoint", type=Path, help="a timm state_dict (.pth or .safetensors)")
+                         help="pretrained (timm hub / torchvision download, or their caches) or seeded random "
+                         "(default pretrained)")
+    weights.add_argument("--checkpoint", type=Path, help="a timm or torchvision state_dict (.pth or .safetensors)")
     p.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
     p.add_argument("--merge-impl", default="auto", choices=["auto", "gather", "onehot"],
                    help="merge lowering: gather (TopK/Gather/ScatterElements) or onehot (matmul); auto picks per target")
     p.add_argument("--img-size", type=int, help="input image side in pixels (default: the model's)")
     p.add_argument("--no-prop-attn", action="store_true", help="disable proportional attention")
+    p.add_argument("--trace-source", action="store_true",
+                   help="add a 'source' output (which patches each final token holds; see `tome-export visualize`)")
     p.add_argument("--force", action="store_true", help="replace an output directory holding another model's build")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    trt = p.add_argument_group("TensorRT targets")
+    trt.add_argument("--require-engine", action="store_true",
+                     help="fail unless the engine is built here (TensorRT needs its Python package and a GPU; "
+                     "TensorRT-RTX builds on the CPU); without it a missing engine is left to build_engine.sh")
+    trt.add_argument("--scatter-plugin", action="store_true",
+                     help="let --merge-impl gather use TensorRT's ScatterElements plugin (not TensorRT-RTX)")
+    p.add_argument("--calib-data", type=Path, metavar="DIR",
+                   help="folder of representative images for int8/fp8 calibration (onnxruntime, openvino, "
+                   "tensorrt; default: the bundled photos)")
     p.add_argument("--list-models", action="store_true", help="print the model aliases and supported families")
     return p
 
 
 def _list_models() -> int:
-    from .models import ALIASES, FAMILIES
+    from .models import FAMILIES, list_models, verified_families
 
     print("aliases:")
-    for alias, name in ALIASES.items():
-        print(f"  {alias:18s} {name}")
+    for alias, source, name in list_models():
+        print(f"  {alias:18s} {source:12s} {name}")
     print("families:")
     for family in FAMILIES:
         print(f"  {family.FAMILY}: {family.DESCRIPTION}")
-    print("any timm model name of a supported family also works")
+    print("verified (tests: see README 'Supported models'):")
+    for source, family, names, checked in verified_families():
+        print(f"  [{source}] {family}: {names}\n      checked: {checked}")
+    print("any timm model name of a supported family, and torchvision builder[.WEIGHTS] names, also work")
     return 0
 
 
@@ -113,12 +129,16 @@ def _export(argv: Sequence[str]) -> int:
         return _list_models()
     if not args.model:
         raise UserError("--model is required (e.g. --model vit_b16; see --list-models)")
+    extra = {"dynamic_batch": args.dynamic_batch if isinstance(args.dynamic_batch, str) else None,
+             "require_engine": args.require_engine or None, "scatter_plugin": args.scatter_plugin or None,
+             "calib_data": str(args.calib_data) if args.calib_data else None}
     opts = BuildOptions(
         model=args.model, r=parse_r_text(args.r), target=args.target, precision=args.precision,
-        batch=args.batch, dynamic_batch=args.dynamic_batch, opset=args.opset, output=args.output,
+        batch=args.batch, dynamic_batch=bool(args.dynamic_batch), opset=args.opset, output=args.output,
         weights=args.weights, checkpoint=args.checkpoint, seed=args.seed, merge_impl=args.merge_impl,
         prop_attn=not args.no_prop_attn, img_size=args.img_size, force=args.force, recipe=args.recipe,
-        extra={"calib_data": args.calib_data} if args.calib_data else {},
+        extra={k: v for k, v in extra.items() if v is not None},
+        trace_source=args.trace_source,
     )
     prepare(opts)  # cheap checks first, before any progress display
     progress = _Progress(4, args.quiet)
@@ -129,7 +149,7 @@ def _export(argv: Sequence[str]) -> int:
     m = result.manifest
     v = m["validation"]
     print(f"wrote {result.path}")
-    print(f"  model      {m['model']['alias']} ({m['model']['timm_name']}, weights {m['model']['weights']})")
+    print(f"  model      {m['model']['alias']} ({m['model']['source']} {m['model']['name']}, weights {m['model']['weights']})")
     print(f"  r          {m['r_schedule']}{'  (capped)' if m['r_capped'] else ''}")
     print(f"  tokens     {m['num_tokens']} -> {m['tokens_per_block']}")
     print(f"  GMACs      {m['flops']['gmacs']} vs {m['flops']['gmacs_r0']} at r=0 ({m['flops']['ratio']}x fewer)")
@@ -145,7 +165,93 @@ def _export(argv: Sequence[str]) -> int:
     return 0
 
 
-SUBCOMMANDS: Dict[str, Callable[[Sequence[str]], int]] = {}
+VISUALIZE_EXAMPLES = """examples:
+  tome-export visualize astronaut --model vit_b16 --r 16 -o astronaut.png
+  tome-export visualize photo.jpg --model deit_s --r 16 --blocks 1,4,8,12 -o merges.png
+  tome-export visualize chelsea --artifact tome-out/vit_b16-r16-onnx-fp32 -o deployed.png
+
+IMAGE is an image file or a photo bundled with scikit-image (astronaut, chelsea, coffee, rocket,
+motorcycle_left, ...). Each colour is one final token: its patches filled with their mean colour and
+outlined in the token's colour. --artifact runs a build made with --trace-source in ONNX Runtime.
+"""
+
+
+def _visualize(argv: Sequence[str]) -> int:
+    from . import visualize as vis
+    from .preprocess import open_image
+
+    p = _Parser(prog="tome-export visualize", description="Picture which patches ToMe merged into each token.",
+                epilog=VISUALIZE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("image", help="image file or bundled photo name")
+    p.add_argument("--output", "-o", type=Path, required=True, help="picture to write (.png, .jpg)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="alias or timm name: source tracking in PyTorch")
+    source.add_argument("--artifact", type=Path, help="a build made with --trace-source: its graph in ONNX Runtime")
+    p.add_argument("--r", default="16", help="tokens merged per block: 16 | 16:-1 | 8,8,... (default 16)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--weights", choices=["pretrained", "random"], default="pretrained")
+    weights.add_argument("--checkpoint", type=Path, help="a timm state_dict (.pth or .safetensors)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
+    p.add_argument("--img-size", type=int, help="input image side in pixels (default: the model's)")
+    p.add_argument("--merge-impl", default="gather", choices=["gather", "onehot"])
+    p.add_argument("--no-prop-attn", action="store_true", help="disable proportional attention")
+    p.add_argument("--blocks", help="a grid of merge states after these blocks, e.g. 1,6,12 (--model only)")
+    p.add_argument("--fill", default="mean", choices=vis.FILLS, help="group fill: mean colour or palette (default mean)")
+    p.add_argument("--scale", type=int, default=2, help="pixels per input pixel (default 2)")
+    args = p.parse_args(argv)
+    if not 1 <= args.scale <= 8:
+        raise UserError(f"--scale must be between 1 and 8, got {args.scale}")
+    vis.check_output_file(args.output)
+    image = open_image(vis.find_image(args.image))
+    if args.artifact is not None:
+        if args.blocks:
+            raise UserError("--blocks needs --model: a built graph outputs only the final merge state")
+        picture, patch, state = vis.artifact_merge_state(args.artifact, image)
+        states = [state]
+    else:
+        from .models import create_model, model_info, patch as tome_patch
+        from .schedule import parse_r_text, resolve_schedule
+
+        r = parse_r_text(args.r)
+        if args.img_size is not None and args.img_size < 16:
+            raise UserError(f"--img-size must be a positive image side in pixels, got {args.img_size}")
+        kwargs = {"img_size": args.img_size} if args.img_size else {}
+        model, _ = create_model(args.model, weights=args.weights, checkpoint=args.checkpoint, seed=args.seed, **kwargs)
+        info = model_info(model)
+        schedule = resolve_schedule(r, info.num_blocks, info.num_tokens, info.num_protected)
+        blocks = vis.parse_blocks(args.blocks, info.num_blocks) if args.blocks else None
+        if schedule.capped:
+            print(f"tome-export: warning: {schedule.cap_message()}", file=sys.stderr)
+        tome_patch(model, r, merge_impl=args.merge_impl, prop_attn=not args.no_prop_attn)
+        picture, patch, states = vis.model_merge_states(model, image, blocks)
+    vis.save_picture(vis.picture(picture, patch, states, fill=args.fill, scale=args.scale), args.output)
+    print(f"wrote {args.output}: " + "; ".join(f"{s.title}, {s.num_groups} groups" for s in states))
+    return 0
+
+
+def _inspect(argv: Sequence[str]) -> int:
+    from .inspection import format_report, inspect_path
+    from .manifest import dumps
+
+    p = _Parser(prog="tome-export inspect",
+                description="Show what a build directory (or a bare model.onnx) holds: schedule, tokens, FLOPs, "
+                "op histogram, TensorRT compatibility, validation, sizes and checksums. Exit 1 when a checksum "
+                "does not match.")
+    p.add_argument("path", type=Path, help="a directory written by tome-export, or a .onnx file")
+    p.add_argument("--json", action="store_true", help="the full report as JSON")
+    args = p.parse_args(argv)
+    report = inspect_path(args.path)
+    print(dumps(report) if args.json else format_report(report))
+    checks = report.get("checksums")
+    if checks is not None and not checks["ok"]:
+        bad = [rel for rel, f in checks["files"].items() if f["status"] != "ok"]
+        what = ", ".join(f"{rel} {checks['files'][rel]['status']}" for rel in bad) or "manifest.json edited"
+        print(f"tome-export: {args.path} does not verify ({what}): rebuild it", file=sys.stderr)
+        return 1
+    return 0
+
+
+SUBCOMMANDS: Dict[str, Callable[[Sequence[str]], int]] = {"visualize": _visualize, "inspect": _inspect}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -166,5 +272,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: nothing half-written stays
+
+
 def run() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     sys.exit(main())

@@ -6,6 +6,7 @@ end, so an interrupted or failed build never leaves a directory that looks compl
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -16,6 +17,11 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: work directories are not locked, stale ones are not cleaned
+    fcntl = None
+
 from ._version import __version__
 from .backends import TARGETS, BuildContext
 from .errors import UserError
@@ -23,10 +29,10 @@ from .export import MIN_OPSET, export_onnx
 from .flops import flops_summary
 from .manifest import MANIFEST, read_manifest, write_manifest
 from .merge import MERGE_IMPLS
-from .models import create_model, model_info, patch, resolve_name
+from .models import create_model, model_info, patch, resolve
 from .preprocess import Preprocessing
 from .recipes import Recipe, load_recipe, recipe_for
-from .schedule import RSpec, r_label, resolve_schedule
+from .schedule import RSpec, expand_schedule, r_label, resolve_schedule
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ class BuildResult:
     manifest: Dict[str, Any]
 
 
-def check_options(opts: BuildOptions, recipe: Optional[Recipe] = None) -> None:
+def check_options(opts: BuildOptions) -> None:
     """Reject bad options (of resolved options, see BuildOptions.resolve) before any slow work."""
     target = TARGETS[opts.target]
     for module in target.requires:
@@ -109,8 +115,10 @@ def check_options(opts: BuildOptions, recipe: Optional[Recipe] = None) -> None:
         raise UserError(f"--img-size must be a positive image side in pixels, got {opts.img_size}")
     if opts.checkpoint is not None and not Path(opts.checkpoint).is_file():
         raise UserError(f"checkpoint {str(opts.checkpoint)!r} does not exist: pass the path of a .pth or .safetensors file")
-    if target.check is not None and recipe is not None:
-        target.check(opts, recipe)
+    for key, value in opts.extra.items():  # keys are named as the CLI flags that set them
+        if key not in target.options:
+            shown = f" {value}" if isinstance(value, str) else ""
+            raise UserError(f"--{key.replace('_', '-')}{shown} does not apply to --target {opts.target}")
 
 
 def _check_output(out: Path, identity: Dict[str, Any], force: bool) -> None:
@@ -137,7 +145,7 @@ def _check_output(out: Path, identity: Dict[str, Any], force: bool) -> None:
         existing = read_manifest(out, verify=False)
     except UserError:
         existing = {}
-    same = all(existing.get("model", {}).get(k) == v for k, v in identity["model"].items()) and \
+    same = _model_identity(existing.get("model", {})) == _model_identity(identity["model"]) and \
         existing.get("target") == identity["target"] and existing.get("precision") == identity["precision"]
     if not same and not force:
         old = existing.get("model", {}).get("alias", "another model")
@@ -147,13 +155,66 @@ def _check_output(out: Path, identity: Dict[str, Any], force: bool) -> None:
         )
 
 
+def _model_identity(model: Dict[str, Any]) -> Tuple[Any, ...]:
+    """(alias, source, upstream name); manifests written before torchvision support had only timm_name."""
+    return model.get("alias"), model.get("source", "timm"), model.get("name", model.get("timm_name"))
+
+
+def _locked_workdir(parent: Path, prefix: str) -> Tuple[Path, Optional[int]]:
+    """A new hidden directory and an open descriptor holding an exclusive lock on it.
+
+    The lock lives as long as the process: a build killed mid-way (even by SIGKILL) leaves an unlocked
+    directory, which is how the next build tells a stale work directory from one in use.
+    """
+    while True:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        if fcntl is None:
+            return path, None
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # a concurrent cleaner took it for stale before we locked it
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return path, fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _remove_stale_workdirs(parent: Path, name: str) -> None:
+    """Remove the hidden work directories of earlier builds of ``name`` that were killed mid-way."""
+    if fcntl is None or not parent.is_dir():
+        return
+    pattern = glob.escape(str(parent / f".{name}."))
+    for path in glob.glob(pattern + "tmp-*") + glob.glob(pattern + "old-*"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # locked: a build in progress
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished build into place; an existing output is swapped out, then removed."""
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        old, fd = _locked_workdir(out.parent, f".{out.name}.old-")
+        try:
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if fd is not None:
+                os.close(fd)
     else:
         os.replace(tmp, out)
 
@@ -162,18 +223,25 @@ def _versions() -> Dict[str, str]:
     import onnx
     import onnxruntime
     import timm
+    import torchvision
 
     return {"tome_export": __version__, "torch": torch.__version__.split("+")[0], "timm": timm.__version__,
+            "torchvision": torchvision.__version__.split("+")[0],
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def prepare(opts: BuildOptions) -> Tuple[BuildOptions, Recipe, Path]:
     """All checks that need no model: options, recipe, model name, output directory."""
     opts, recipe = opts.resolve()
-    check_options(opts, recipe)
+    check_options(opts)
+    if TARGETS[opts.target].check is not None:
+        TARGETS[opts.target].check(opts, recipe)
+    # The form of r (type, sign, inflect range) needs no model; only a list's length waits for the model.
+    expand_schedule(opts.r, len(opts.r) if isinstance(opts.r, list) else 2)
     out = Path(opts.output) if opts.output is not None else opts.default_output()
-    alias, timm_name = resolve_name(opts.model)
-    identity = {"model": {"alias": alias, "timm_name": timm_name}, "target": opts.target, "precision": opts.precision}
+    ref = resolve(opts.model)
+    identity = {"model": {"alias": ref.alias, "source": ref.source, "name": ref.name},
+                "target": opts.target, "precision": opts.precision}
     _check_output(out, identity, opts.force)
     return opts, recipe, out
 
@@ -198,11 +266,12 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> 
     pre = Preprocessing.from_model(model)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should not be
+    _remove_stale_workdirs(out.parent, out.name)
+    tmp, lock = _locked_workdir(out.parent, f".{out.name}.tmp-")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should not be
         log(f"exporting ONNX (opset {opts.opset}, merge {merge_impl})")
         onnx_path = export_onnx(
             model, tmp / "model.onnx", pre.input_size, batch=opts.batch, dynamic_batch=opts.dynamic_batch,
@@ -220,8 +289,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> 
         manifest = {
             "tool_version": __version__,
             "versions": _versions(),
-            "model": {"alias": spec.alias, "timm_name": spec.timm_name, "family": info.family,
-                      "weights": spec.weights, "seed": spec.seed, "checkpoint": spec.checkpoint},
+            "model": spec.manifest_entry(info.family),
             "target": opts.target,
             "precision": opts.precision,
             "r": opts.r if not isinstance(opts.r, tuple) else {"r": opts.r[0], "inflect": opts.r[1]},
@@ -231,6 +299,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> 
             "tokens_per_block": list(schedule.tokens),
             "num_tokens": schedule.num_tokens,
             "num_protected": schedule.num_protected,
+            "patch_size": list(info.patch_size),
             "merge_impl": merge_impl,
             "prop_attn": opts.prop_attn,
             "opset": opts.opset,
@@ -249,4 +318,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
     return BuildResult(out, read_manifest(out, verify=False))

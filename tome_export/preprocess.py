@@ -1,7 +1,7 @@
 """Image preprocessing from a model's pretrained config, in NumPy and PIL only (no torch at deploy time).
 
-Mirrors timm's eval transform: resize (shorter edge to ``size / crop_pct``), centre crop, scale to [0, 1],
-normalise with mean/std, CHW float32.
+Mirrors timm's eval transform and torchvision's ``ImageClassification`` (the same steps): resize (shorter
+edge to ``size / crop_pct``), centre crop, scale to [0, 1], normalise with mean/std, CHW float32.
 """
 
 from __future__ import annotations
@@ -37,11 +37,17 @@ class Preprocessing:
 
     @classmethod
     def from_model(cls, model: Any) -> "Preprocessing":
-        from timm.data import resolve_data_config
+        """The eval preprocessing of a supported model (timm's pretrained config, torchvision's weights transforms)."""
+        from .models import data_config
 
-        cfg = resolve_data_config(model=model)
+        return cls.from_config(data_config(model))
+
+    @classmethod
+    def from_config(cls, cfg: Dict[str, Any]) -> "Preprocessing":
+        """From a timm-style data config (input_size, mean, std, crop_pct, crop_mode, interpolation)."""
+        input_size = tuple(int(v) for v in cfg["input_size"])
         return cls(
-            input_size=tuple(int(v) for v in cfg["input_size"]),
+            input_size=input_size,
             mean=tuple(float(v) for v in cfg["mean"]),
             std=tuple(float(v) for v in cfg["std"]),
             crop_pct=float(cfg.get("crop_pct") or 0.875),

@@ -37,9 +37,11 @@ def expand_schedule(r: RSpec, num_blocks: int) -> List[int]:
             raise UserError(f"r must be >= 0, got {base}")
         if not -1.0 <= inflect <= 1.0:
             raise UserError(f"inflect must be in [-1, 1], got {inflect}")
+        if num_blocks == 1:  # no slope over one block (the reference divides by zero): r itself
+            return [base]
         lo = int(base * (1.0 - inflect))
         hi = 2 * base - lo
-        step = (hi - lo) / (num_blocks - 1) if num_blocks > 1 else 0.0
+        step = (hi - lo) / (num_blocks - 1)
         return [int(lo + step * i) for i in range(num_blocks)]
     if isinstance(r, list):
         values = list(r)
@@ -103,7 +105,10 @@ def parse_r_text(text: str) -> RSpec:
         return value
     m = re.fullmatch(r"(-?\d+)\s*:\s*(-?\d+(?:\.\d*)?|-?\.\d+)", s)
     if m:
-        return (int(m.group(1)), float(m.group(2)))
+        base, inflect = int(m.group(1)), float(m.group(2))
+        if base < 0 or not -1.0 <= inflect <= 1.0:
+            raise UserError(f"--r {text!r}: r:inflect needs r >= 0 and inflect in [-1, 1] (e.g. 16:-1)")
+        return (base, inflect)
     if "," in s and _LIST.match(s):
         return [int(v) for v in s.strip("[]").split(",") if v.strip()]
     raise UserError(

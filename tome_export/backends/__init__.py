@@ -49,7 +49,9 @@ class Target:
     requires: Tuple[str, ...] = field(default=())  # importable modules the target needs
     # Allowed keys of each recipe section -> type, tuple of types, or tuple of allowed strings.
     recipe_schema: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    # Cheap target-specific checks of (resolved options, recipe) run before any slow work; raise UserError.
+    # BuildOptions.extra keys (target-specific CLI options) the target understands; others are an error.
+    options: Tuple[str, ...] = field(default=())
+    # Cheap checks of (resolved BuildOptions, Recipe) before any model is loaded; raise UserError.
     check: Optional[Callable[[Any, Recipe], None]] = None
 
 
@@ -64,3 +66,5 @@ def register(target: Target) -> Target:
 from . import onnx as _onnx  # noqa: E402,F401  (registers the target)
 from . import onnxruntime as _onnxruntime  # noqa: E402,F401
 from . import openvino as _openvino  # noqa: E402,F401
+from . import tensorrt as _tensorrt  # noqa: E402,F401
+from . import tensorrt_rtx as _tensorrt_rtx  # noqa: E402,F401

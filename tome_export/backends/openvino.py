@@ -265,5 +265,6 @@ TARGET = register(Target(
         "calibration": CALIBRATION_SCHEMA,
         "validation": VALIDATION_SCHEMA,
     },
+    options=("calib_data",),
     check=check,
 ))

@@ -1,26 +1,27 @@
 """Model registry: aliases, weights, and the per-family ToMe patch.
 
-One module per model family (``timm_vit`` ...); each provides ``FAMILY``, ``DESCRIPTION``,
-``unsupported_reason(model)``, ``model_info(model)`` and ``patch(model, cfg)``.
+One module per model family (``timm_vit``, ``torchvision_vit``); each provides ``FAMILY``, ``SOURCE``,
+``DESCRIPTION``, ``VERIFIED``, ``unsupported_reason(model)``, ``model_info(model)``, ``data_config(model)``
+and ``patch(model, cfg)``.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from ..errors import UserError
 from ..schedule import RSpec, expand_schedule
-from . import timm_vit
+from . import timm_vit, torchvision_vit
 from .base import ModelInfo, ToMeConfig
+from .checkpoint import host_reachable, load_checked, read_state_dict
 
-FAMILIES = (timm_vit,)
+FAMILIES = (timm_vit, torchvision_vit)
 
 ALIASES: Dict[str, str] = {
     "vit_t16": "vit_tiny_patch16_224",
@@ -35,17 +36,36 @@ ALIASES: Dict[str, str] = {
     "deit_b_distilled": "deit_base_distilled_patch16_224",
     "deit3_s": "deit3_small_patch16_224",
     "deit3_b": "deit3_base_patch16_224",
+    "clip_b16": "vit_base_patch16_clip_224",
+    "dinov2_s14_reg": "vit_small_patch14_reg4_dinov2",
+    "digits_vit": "tome_digits_vit",  # the benchmark's embedded accuracy case (tome_export.bench.digits)
 }
 
-# Architectures whose token positions are baked into the attention: merging would silently change them.
+# Architectures ToMe cannot merge as defined (matched by class-name prefix), mostly because token positions
+# are baked into their attention: merging would silently change them.
 _UNMERGEABLE = {
     "Eva": "rotary position embeddings (RoPE) in every block tie each token to its grid position",
     "Beit": "relative position bias tables in every block are indexed by the token grid",
     "VisionTransformerRelPos": "relative position bias tables are indexed by the token grid",
+    "VisionTransformerSAM": "windowed attention and relative positions need the full token grid",
     "SwinTransformer": "windowed attention needs the full token grid",
+    "NaFlexVit": "variable-resolution patch sequences with masks are not supported",
+    "Cait": "talking-heads attention mixes heads and class-attention layers follow the blocks",
+    "Xcit": "cross-covariance attention and local patch interaction convolutions need the token grid",
+    "PoolingVisionTransformer": "pooling layers between stages reshape tokens back into a grid",
+    "MultiScaleVit": "pooling attention works on the token grid",
+    "Hiera": "mask-unit attention works on the token grid",
 }
 
 WEIGHTS = ("pretrained", "random")
+
+
+class ModelName(NamedTuple):
+    """A resolved model name: what the user typed (alias), where it comes from and its upstream name."""
+
+    alias: str
+    source: str  # timm | torchvision
+    name: str  # timm model name, or torchvision ``builder.WEIGHTS``
 
 
 @dataclass(frozen=True)
@@ -53,58 +73,58 @@ class ModelSpec:
     """Which model was built and from which weights (recorded in manifests)."""
 
     alias: str
-    timm_name: str
+    name: str  # the upstream name (see ModelName)
     weights: str  # pretrained | random | checkpoint
     seed: Optional[int] = None
     checkpoint: Optional[str] = None
+    source: str = "timm"
+
+    @property
+    def timm_name(self) -> Optional[str]:
+        return self.name if self.source == "timm" else None
+
+    def manifest_entry(self, family: str) -> Dict[str, object]:
+        entry = {"alias": self.alias, "source": self.source, "name": self.name}
+        if self.source == "timm":
+            entry["timm_name"] = self.name  # manifests before torchvision support had only this
+        return {**entry, "family": family, "weights": self.weights, "seed": self.seed, "checkpoint": self.checkpoint}
 
 
-def resolve_name(name: str) -> Tuple[str, str]:
-    """``(alias, timm name)`` for an alias or any timm model name."""
+def all_aliases() -> Dict[str, str]:
+    """Every alias and the upstream name it stands for (timm first, then torchvision)."""
+    return {**ALIASES, **torchvision_vit.ALIASES}
+
+
+def resolve(name: str) -> ModelName:
+    """The source and upstream name of an alias, a timm model name or a torchvision ViT name."""
     import timm
 
+    from ..bench import digits  # noqa: F401  (registers tome_digits_vit with timm)
+
     if name in ALIASES:
-        return name, ALIASES[name]
+        return ModelName(name, "timm", ALIASES[name])
+    tv_name = torchvision_vit.canonical_name(name)
+    if tv_name is not None:
+        return ModelName(name, "torchvision", tv_name)
     if timm.is_model(name) or timm.is_model(name.split(".")[0]):
-        return name, name
-    close = difflib.get_close_matches(name, list(ALIASES) + timm.list_models("*vit*") + timm.list_models("deit*"), n=3)
+        return ModelName(name, "timm", name)
+    names = list(all_aliases()) + list(torchvision_vit.BUILDERS) + timm.list_models("*vit*") + timm.list_models("deit*")
+    close = difflib.get_close_matches(name, names, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise UserError(
-        f"unknown model {name!r}.{hint} Use an alias ({', '.join(ALIASES)}) or a timm model name "
-        "(see `tome-export --list-models`)."
+        f"unknown model {name!r}.{hint} Use an alias ({', '.join(all_aliases())}), a timm model name or a "
+        "torchvision ViT name (see `tome-export --list-models`)."
     )
 
 
+def resolve_name(name: str) -> Tuple[str, str]:
+    """``(alias, upstream name)`` for an alias, a timm or a torchvision model name."""
+    ref = resolve(name)
+    return ref.alias, ref.name
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise UserError(f"checkpoint {str(path)!r} does not exist: pass the path of a .pth or .safetensors file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unreadable file is the same user problem
-        raise UserError(
-            f"cannot read checkpoint {str(path)!r} ({type(exc).__name__}): "
-            "pass a timm state_dict saved with torch.save or safetensors"
-        ) from None
-    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"checkpoint {str(path)!r} holds no state_dict of tensors: save model.state_dict()")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    return host_reachable("huggingface.co", timeout)
 
 
 def create_model(
@@ -114,61 +134,66 @@ def create_model(
     seed: int = 0,
     **kwargs,
 ) -> Tuple[torch.nn.Module, ModelSpec]:
-    """Build a model by alias or timm name, in eval mode, with pretrained, checkpoint or seeded random weights.
+    """Build a model by alias, timm or torchvision name, in eval mode, with pretrained, checkpoint or seeded
+    random weights. ``kwargs`` go to the model's constructor (``img_size`` works for both sources).
 
     Offline without cached pretrained weights this raises a :class:`UserError` naming the flags that work
     offline; it never falls back to random weights.
     """
-    import timm
-
-    alias, timm_name = resolve_name(name)
+    ref = resolve(name)
     if checkpoint is not None:
-        sd = _read_state_dict(Path(checkpoint))
-        head = sd.get("head.weight")
-        if head is not None and head.ndim == 2 and "num_classes" not in kwargs:
-            kwargs["num_classes"] = head.shape[0]
+        sd = read_state_dict(Path(checkpoint))
+        if ref.source == "torchvision":
+            sd = torchvision_vit.upgrade_state_dict(sd)
+            inferred = torchvision_vit.kwargs_from_state_dict(ref.name, sd)
+            if "img_size" in kwargs:
+                inferred.pop("image_size", None)
+            kwargs = {**inferred, **kwargs}
+        else:
+            head = sd.get("head.weight")
+            if head is not None and head.ndim == 2 and "num_classes" not in kwargs:
+                kwargs["num_classes"] = head.shape[0]
+            if "fc_norm.weight" in sd and "norm.weight" not in sd and "global_pool" not in kwargs:
+                kwargs["global_pool"] = "avg"  # MAE fine-tuned checkpoints: average pool, then fc_norm
         torch.manual_seed(seed)
-        model = timm.create_model(timm_name, pretrained=False, **kwargs)
-        own = model.state_dict()
-        problems = {
-            "missing": [k for k in own if k not in sd],
-            "unexpected": [k for k in sd if k not in own],
-            "wrong shape": [k for k, v in sd.items() if k in own and own[k].shape != v.shape],
-        }
-        if any(problems.values()):
-            parts = [f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-                     for label, keys in problems.items() if keys]
-            raise UserError(
-                f"checkpoint {str(checkpoint)!r} does not match {alias} ({timm_name}): {'; '.join(parts)}. "
-                "Pass --model of the architecture the checkpoint was trained with"
-            )
-        model.load_state_dict(sd, strict=True)
-        spec = ModelSpec(alias, timm_name, "checkpoint", seed=None, checkpoint=str(checkpoint))
+        model = _build(ref, pretrained=False, **kwargs)
+        load_checked(model, sd, str(checkpoint), f"{ref.alias} ({ref.name})")
+        spec = ModelSpec(ref.alias, ref.name, "checkpoint", seed=None, checkpoint=str(checkpoint), source=ref.source)
     elif weights == "random":
         torch.manual_seed(seed)
-        model = timm.create_model(timm_name, pretrained=False, **kwargs)
-        spec = ModelSpec(alias, timm_name, "random", seed=seed)
+        model = _build(ref, pretrained=False, **kwargs)
+        spec = ModelSpec(ref.alias, ref.name, "random", seed=seed, source=ref.source)
     elif weights == "pretrained":
-        model = _create_pretrained(alias, timm_name, **kwargs)
-        spec = ModelSpec(alias, timm_name, "pretrained")
+        model = _create_pretrained(ref, **kwargs)
+        spec = ModelSpec(ref.alias, ref.name, "pretrained", source=ref.source)
     else:
         raise UserError(f"unknown --weights {weights!r}: use pretrained or random (or --checkpoint PATH)")
     return model.eval(), spec
 
 
-def _create_pretrained(alias: str, timm_name: str, **kwargs) -> torch.nn.Module:
-    import huggingface_hub.constants as hub
+def _build(ref: ModelName, pretrained: bool, **kwargs) -> torch.nn.Module:
+    if ref.source == "torchvision":
+        return torchvision_vit.build(ref.name, pretrained, **kwargs)
     import timm
 
+    return timm.create_model(ref.name, pretrained=pretrained, **kwargs)
+
+
+def _create_pretrained(ref: ModelName, **kwargs) -> torch.nn.Module:
+    import huggingface_hub.constants as hub
+
     offline_before = hub.HF_HUB_OFFLINE
-    if not offline_before and not _hub_reachable():
+    if ref.source == "timm" and not offline_before and not _hub_reachable():
         hub.HF_HUB_OFFLINE = True  # cache only: the hub client would otherwise retry for a minute
     try:
-        return timm.create_model(timm_name, pretrained=True, **kwargs)
+        return _build(ref, pretrained=True, **kwargs)
+    except UserError:
+        raise
     except Exception as exc:
         raise UserError(
-            f"cannot load pretrained weights for {alias} ({timm_name}): {type(exc).__name__}. Offline and not "
-            "cached? Use --checkpoint PATH for a local timm state_dict or --weights random for seeded random weights"
+            f"cannot load pretrained weights for {ref.alias} ({ref.name}): {type(exc).__name__}. Offline and not "
+            f"cached? Use --checkpoint PATH for a local {ref.source} state_dict or --weights random for seeded "
+            "random weights"
         ) from None
     finally:
         hub.HF_HUB_OFFLINE = offline_before
@@ -180,7 +205,10 @@ def _family(model: torch.nn.Module):
         reason = family.unsupported_reason(model)
         if reason is None:
             return family
-        reasons.append(reason)
+        if isinstance(model, family.MODEL_CLASS):
+            reasons.insert(0, reason)  # the family the model belongs to knows best why
+        else:
+            reasons.append(reason)
     cls = type(model).__name__
     specific = next((why for key, why in _UNMERGEABLE.items() if cls.startswith(key)), None)
     supported = "; ".join(f.DESCRIPTION for f in FAMILIES)
@@ -194,28 +222,55 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
     return _family(model).model_info(model)
 
 
+def data_config(model: torch.nn.Module) -> Dict[str, object]:
+    """The model's eval preprocessing (input_size, mean, std, crop_pct, crop_mode, interpolation)."""
+    return _family(model).data_config(model)
+
+
 def patch(
     model: torch.nn.Module,
     r: RSpec = 0,
     *,
     merge_impl: str = "gather",
-    prop_attn: bool = True,
+    prop_attn: Optional[bool] = None,
+    trainable: bool = False,
 ) -> torch.nn.Module:
     """Apply ToMe to ``model`` in place and return it.
 
     ``r``: an int, an ``(r, inflect)`` pair or a list with one r per block. ``merge_impl``: ``gather`` or
-    ``onehot`` (identical results; see :mod:`tome_export.merge`). ``prop_attn``: proportional attention
-    (the reference's default for off-the-shelf models). Calling ``patch`` again re-configures the model.
-    The model stays trainable: gradients flow through the merge.
+    ``onehot`` (identical results; see :mod:`tome_export.merge`). Calling ``patch`` again re-configures
+    the model.
+
+    Every patched model is differentiable, in train and eval mode: which tokens merge is decided under
+    ``no_grad`` (as in the reference), gradients flow through the size-weighted merge into the merged
+    tokens, and dropout, attention dropout and drop-path run as in the unpatched model in train mode.
+
+    ``prop_attn``: proportional attention (log of the token size added to the attention logits). Default:
+    on for inference on off-the-shelf models, off with ``trainable=True`` — the reference's advice for
+    fine-tuning with ToMe (and for MAE models off the shelf). Deploy a model with the ``prop_attn`` it
+    was trained with (CLI: ``--no-prop-attn``).
     """
     family = _family(model)
     info = family.model_info(model)
     if merge_impl == "auto":
         merge_impl = "gather"
+    if prop_attn is None:
+        prop_attn = not trainable
     requested = expand_schedule(r, info.num_blocks)  # blocks cap r at run time, as the reference does
     return family.patch(model, ToMeConfig(r=tuple(requested), merge_impl=merge_impl, prop_attn=prop_attn))
 
 
-def list_models() -> List[Tuple[str, str]]:
-    """``(alias, timm name)`` pairs."""
-    return list(ALIASES.items())
+class ListedModel(NamedTuple):
+    alias: str
+    source: str
+    name: str
+
+
+def list_models() -> List[ListedModel]:
+    """Every alias with its source and upstream name."""
+    return [ListedModel(alias, resolve(alias).source, name) for alias, name in all_aliases().items()]
+
+
+def verified_families() -> List[Tuple[str, str, str, str]]:
+    """``(source, family, names, what was checked)`` of every family the tests verify."""
+    return [(family.SOURCE, *row) for family in FAMILIES for row in family.VERIFIED]

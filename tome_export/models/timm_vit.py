@@ -1,4 +1,4 @@
-"""ToMe for timm's VisionTransformer family (ViT/AugReg, DeiT, distilled DeiT, DeiT-III, registers, qk-norm).
+"""ToMe for timm's VisionTransformer family (ViT/AugReg, DeiT, distilled DeiT, DeiT-III, MAE, CLIP, DINOv2, SigLIP).
 
 The patch swaps the model's class for a subclass whose forward threads ``size`` (and optionally the
 token sources) through the blocks explicitly. Blocks and attention modules are not modified and the
@@ -9,38 +9,85 @@ the model and its blocks, and nothing changes between calls.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
+from timm.layers.attention_pool import AttentionPoolLatent
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from .base import ModelInfo, ToMeConfig, TokenMerge
 
 FAMILY = "timm-vit"
 DESCRIPTION = (
-    "timm VisionTransformer: vit_* (AugReg, MAE/avg-pool, CLIP towers), deit_*, distilled deit_*, "
-    "deit3_* (LayerScale), register-token and qk-norm variants"
+    "timm VisionTransformer: vit_* (AugReg, MAE/avg-pool, CLIP, DINOv2, SigLIP/attention-pool), deit_*, "
+    "distilled deit_*, deit3_* (LayerScale), register-token and qk-norm variants"
+)
+MODEL_CLASS = VisionTransformer  # models of this family (unsupported variants included)
+SOURCE = "timm"
+
+_CHECKS = "r=0 identity, reference parity, ONNX parity"
+# (family, names, what the tests check) for --list-models and the README
+VERIFIED: Tuple[Tuple[str, str, str], ...] = (
+    ("AugReg ViT", "vit_t16 vit_s16 vit_b16 vit_l16, vit_{small,base,large}_patch16_{224,384}.augreg*",
+     _CHECKS + ", training"),
+    ("DeiT", "deit_t deit_s deit_b (deit_*_patch16_{224,384})",
+     "r=0 identity, reference parity (its ONNX graph is the ViT's)"),
+    ("distilled DeiT", "deit_*_distilled (class + distillation token protected)", _CHECKS + ", sources"),
+    ("DeiT-III (LayerScale)", "deit3_s deit3_b (deit3_*_patch16_{224,384})", _CHECKS),
+    ("MAE (avg pool + fc_norm)", "vit_*_patch16_224.mae with global_pool='avg'; --checkpoint of a fine-tuned "
+     "MAE (avg pool inferred)", _CHECKS + ", size-weighted pooling"),
+    ("CLIP vision towers", "vit_*_clip_224 (norm_pre), vit_*_clip_quickgelu_224", _CHECKS),
+    ("DINOv2 (LayerScale + registers)", "vit_*_patch14_reg4_dinov2 at 518 px, vit_*_patch14_dinov2",
+     _CHECKS + ", registers protected"),
+    ("SigLIP (attention-pool head)", "vit_*_siglip_* (global_pool='map')", _CHECKS + ", size-biased pooling"),
 )
 
-_POOLS = ("token", "avg", "max", "avgmax", "")
+_POOLS = ("token", "avg", "max", "avgmax", "", "map")
+
+# Block and attention types of timm's VisionTransformer that ToMe cannot merge as it is defined.
+_BLOCK_REASONS = {
+    "ParallelScalingBlock": "attention and MLP run in parallel on the same input (no point between them to merge)",
+    "DiffParallelScalingBlock": "attention and MLP run in parallel on the same input (no point between them to merge)",
+    "ParallelThingsBlock": "parallel attention branches have no single set of keys to match tokens on",
+    "ResPostBlock": "post-norm residual blocks (ResPostBlock) are not supported",
+}
+_ATTENTION_REASONS = {
+    "DiffAttention": "differential attention (two softmax maps per head) is not supported",
+}
 
 
 def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
     """Why this timm model cannot be merged correctly, or None when it can."""
     if not isinstance(model, VisionTransformer):
         return f"{type(model).__name__} is not a timm VisionTransformer"
-    if getattr(model, "attn_pool", None) is not None:
-        return f"attention-pool heads (global_pool={model.global_pool!r}) are not supported yet"
     if model.global_pool not in _POOLS:
-        return f"global_pool={model.global_pool!r} is not supported"
+        return f"global_pool={model.global_pool!r} is not supported (token, avg, max, avgmax and map are)"
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None and (type(pool) is not AttentionPoolLatent or pool.pos_embed is not None):
+        return f"attention pool {type(pool).__name__} with position embeddings or of another kind is not supported"
     for i, block in enumerate(model.blocks):
+        kind = type(block).__name__
         if type(block) is not Block:
-            return f"block {i} is a {type(block).__name__}; only the pre-norm timm Block is supported"
+            return f"block {i} is a {kind}: " + _BLOCK_REASONS.get(kind, "only the pre-norm timm Block is supported")
+        kind = type(block.attn).__name__
         if type(block.attn) is not Attention:
-            return f"block {i} uses {type(block.attn).__name__}; only timm's Attention is supported"
+            return f"block {i} uses {kind}: " + _ATTENTION_REASONS.get(kind, "only timm's Attention is supported")
     return None
+
+
+def data_config(model: VisionTransformer) -> Dict[str, Any]:
+    """timm's eval preprocessing of the model's pretrained config, at the size the model really takes."""
+    from timm.data import resolve_data_config
+
+    cfg = dict(resolve_data_config(model=model))
+    # timm keeps the pretrained config's size when a model is created with another img_size: the
+    # model's own patch embedding says what it takes.
+    size = getattr(model.patch_embed, "img_size", None)
+    if size is not None and len(size) == 2:
+        cfg["input_size"] = (cfg["input_size"][0], int(size[0]), int(size[1]))
+    return cfg
 
 
 def model_info(model: VisionTransformer, img_size: Optional[Tuple[int, int]] = None) -> ModelInfo:
@@ -116,14 +163,18 @@ class ToMeVisionTransformerMixin:
         return self.norm(x), size, source
 
     def tome_head(self, x: torch.Tensor, size: Optional[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
-        """The model's head, with average pooling weighted by token size."""
-        if size is None or self.global_pool not in ("avg", "avgmax"):
+        """The model's head; pooling weighs each token by its size (as if its patches were all still there)."""
+        if size is None or self.global_pool not in ("avg", "avgmax", "map"):
             return self.forward_head(x, pre_logits=pre_logits)
         if not self.pool_include_prefix:
             x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
-        pooled = (x * size).sum(dim=1) / size.sum(dim=1)
-        if self.global_pool == "avgmax":
-            pooled = 0.5 * (x.amax(dim=1) + pooled)
+        if self.attn_pool is not None:
+            # A token standing for s patches gets log(s) on its pooling logits: s copies of it would.
+            pooled = self.attn_pool(x, attn_mask=size.log()[:, None, None, :, 0].to(x.dtype))
+        else:
+            pooled = (x * size).sum(dim=1) / size.sum(dim=1)
+            if self.global_pool == "avgmax":
+                pooled = 0.5 * (x.amax(dim=1) + pooled)
         pooled = self.head_drop(self.fc_norm(pooled))
         return pooled if pre_logits else self.head(pooled)
 

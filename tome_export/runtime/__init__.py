@@ -19,6 +19,8 @@ RUNNERS: Dict[str, str] = {
     "onnx": "tome_export.runtime.onnx:OnnxRunner",
     "onnxruntime": "tome_export.runtime.onnxruntime:OnnxRuntimeRunner",
     "openvino": "tome_export.runtime.openvino:OpenVINORunner",
+    "tensorrt": "tome_export.runtime.tensorrt:TensorRTRunner",
+    "tensorrt-rtx": "tome_export.runtime.tensorrt:TensorRTRunner",
 }
 
 
@@ -36,12 +38,12 @@ def load(directory: os.PathLike, threads: Optional[int] = None, throughput: bool
     if target not in RUNNERS:
         raise UserError(f"no runner for target {target!r}; available: {', '.join(sorted(RUNNERS))}")
     module_name, cls_name = RUNNERS[target].split(":")
-    try:
-        module = importlib.import_module(module_name)
+    try:  # runners import their backend when constructed, so both steps can miss it
+        runner_cls = getattr(importlib.import_module(module_name), cls_name)
+        return runner_cls(directory, manifest, threads=threads, throughput=throughput)
     except ImportError as exc:
         raise UserError(f"running a {target} artifact needs {exc.name!r}, which is not installed: "
                         f"pip install 'tome-export[{target}]'") from None
-    return getattr(module, cls_name)(directory, manifest, threads=threads, throughput=throughput)
 
 
 __all__ = ["Runner", "load", "RUNNERS"]

@@ -1,0 +1,1 @@
+"""Benchmarking: careful timing and environment capture (the harness of issue 5 builds on these)."""

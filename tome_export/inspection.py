@@ -1,0 +1,290 @@
+"""What a built artifact (or a bare ToMe ``model.onnx``) holds, in readable form or as JSON.
+
+``inspect_path(path) -> report`` (a JSON-able dict) and ``format_report(report) -> text``. For a build
+directory the report is the manifest (schedule, tokens, FLOPs, precision, validation) plus what is on disk
+now (sizes, checksum status) and what the graphs contain (op histograms with the ToMe nodes apart, token
+counts per ToMe block from shape inference, the TensorRT-compatibility verdict). For a bare ONNX file only
+the graph part can be derived. Imports no torch itself (the TensorRT checker may).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .errors import UserError
+from .manifest import MANIFEST, read_manifest, sha256_file, unchanged_since_build
+
+MATCH_PREFIX, MERGE_PREFIX = "tome_match/", "tome_merge/"  # node names given by tome_export.export
+NOT_AVAILABLE = "not available in this version"
+
+
+# --- graphs -----------------------------------------------------------------------------------------
+
+
+def _dims(value: Any) -> List[Any]:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in value.type.tensor_type.shape.dim]
+
+
+def _io(values: Any) -> List[Dict[str, Any]]:
+    import onnx
+
+    return [{"name": v.name, "shape": _dims(v),
+             "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+             if v.type.tensor_type.elem_type else "?"} for v in values]
+
+
+def _block_of(name: str) -> str:
+    return name.split("/")[1]
+
+
+def tome_blocks(model: Any) -> List[Dict[str, Any]]:
+    """Per ToMe block: tokens in and out, from shape inference (None where shapes are unknown).
+
+    Tokens in: the token axis of the keys the matching averages over heads (its ReduceMean); tokens out: the
+    token axis of the size-weighted average (the merge's Div).
+    """
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference is best effort here; the op histogram needs none
+        inferred = model
+    shapes = {v.name: _dims(v) for v in list(inferred.graph.value_info) + list(inferred.graph.input)
+              + list(inferred.graph.output)}
+    blocks: Dict[str, Dict[str, Any]] = {}
+    for node in inferred.graph.node:
+        if not node.name.startswith((MATCH_PREFIX, MERGE_PREFIX)):
+            continue
+        entry = blocks.setdefault(_block_of(node.name), {"block": _block_of(node.name), "tokens_in": None,
+                                                          "tokens_out": None})
+        if node.name.startswith(MATCH_PREFIX) and node.op_type == "ReduceMean":
+            shape = shapes.get(node.input[0], [])
+            if len(shape) == 4 and isinstance(shape[2], int):
+                entry["tokens_in"] = shape[2]
+        if node.name.startswith(MERGE_PREFIX) and node.op_type == "Div":
+            shape = shapes.get(node.output[0], [])
+            if len(shape) == 3 and isinstance(shape[1], int):
+                entry["tokens_out"] = shape[1]
+    for entry in blocks.values():
+        if entry["tokens_in"] is not None and entry["tokens_out"] is not None:
+            entry["r"] = entry["tokens_in"] - entry["tokens_out"]
+    return sorted(blocks.values(), key=lambda e: [int(p) if p.isdigit() else p for p in e["block"].split(".")])
+
+
+def tensorrt_verdict(model: Any) -> Dict[str, Any]:
+    """The TensorRT-compatibility checker's answer, strict and with the ScatterElements plugin allowed."""
+    try:
+        from .backends.tensorrt.compat import tensorrt_problems
+    except ImportError as exc:
+        if (exc.name or "").startswith("tome_export"):
+            return {"available": False, "verdict": NOT_AVAILABLE}
+        return {"available": False, "verdict": f"not available: the checker needs {exc.name!r}"}
+    strict = list(tensorrt_problems(model))
+    plugin = list(tensorrt_problems(model, allow_scatter_plugin=True))
+    if not strict:
+        verdict = "compatible"
+    elif not plugin:
+        verdict = "compatible only with the ScatterElements plugin (TensorRT with libnvinfer_plugin, not TensorRT-RTX)"
+    else:
+        verdict = f"not compatible ({len(plugin)} problem{'s' * (len(plugin) != 1)})"
+    return {"available": True, "verdict": verdict, "problems": strict, "problems_with_scatter_plugin": plugin}
+
+
+def graph_summary(path: Path) -> Dict[str, Any]:
+    """Op histogram (ToMe matching / merging / other), inputs, outputs, opset, ToMe blocks, TensorRT verdict."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # a truncated or foreign file: say so in the report
+        return {"error": f"cannot read {path.name} as ONNX ({type(exc).__name__})"}
+    roles: Dict[str, collections.Counter] = {"tome_match": collections.Counter(), "tome_merge": collections.Counter(),
+                                             "other": collections.Counter()}
+    for node in model.graph.node:
+        role = "tome_match" if node.name.startswith(MATCH_PREFIX) else (
+            "tome_merge" if node.name.startswith(MERGE_PREFIX) else "other")
+        roles[role][node.op_type] += 1
+    ops = sum(roles.values(), collections.Counter())
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {
+        "nodes": len(model.graph.node),
+        "opset": opset,
+        "ir_version": model.ir_version,
+        "inputs": _io(model.graph.input),
+        "outputs": _io(model.graph.output),
+        "metadata": {p.key: p.value for p in model.metadata_props},
+        "ops": dict(ops.most_common()),
+        **{f"{role}_ops": dict(c.most_common()) for role, c in roles.items()},
+        "tome_blocks": tome_blocks(model),
+        "tensorrt": tensorrt_verdict(model),
+    }
+
+
+# --- directories ------------------------------------------------------------------------------------
+
+
+def checksum_status(directory: Path, manifest: Dict[str, Any]) -> Dict[str, Any]:
+    """Each listed artifact: size on disk and ``ok`` / ``modified`` / ``missing``; files the manifest does not list."""
+    files = {}
+    for rel, entry in manifest.get("artifacts", {}).items():
+        path = directory / rel
+        if not path.is_file():
+            files[rel] = {"status": "missing", "bytes": None}
+            continue
+        want = entry.get("sha256") if isinstance(entry, dict) else None
+        files[rel] = {"status": "ok" if sha256_file(path) == want else "modified", "bytes": path.stat().st_size}
+    listed = set(files) | {MANIFEST}
+    unlisted = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                      if p.is_file() and p.relative_to(directory).as_posix() not in listed)
+    manifest_ok = unchanged_since_build(manifest)
+    ok = manifest_ok and all(f["status"] == "ok" for f in files.values())
+    return {"ok": ok, "manifest_unchanged": manifest_ok, "files": files, "unlisted": unlisted}
+
+
+def inspect_path(path: os.PathLike) -> Dict[str, Any]:
+    """The report of a build directory or of a bare ``.onnx`` file."""
+    path = Path(path)
+    if path.is_file():
+        if path.name == MANIFEST:
+            return inspect_path(path.parent)
+        graph = graph_summary(path)
+        if "error" in graph:
+            raise UserError(f"{graph['error']}: pass a .onnx model or a directory written by tome-export")
+        return {"path": str(path), "kind": "onnx", "bytes": path.stat().st_size, "sha256": sha256_file(path),
+                "graphs": {path.name: graph}}
+    if not path.is_dir():
+        raise UserError(f"{str(path)!r} does not exist: pass a directory written by tome-export or a .onnx file")
+    manifest = read_manifest(path, verify=False)
+    checks = checksum_status(path, manifest)
+    graphs = {rel: graph_summary(path / rel) for rel in sorted(manifest["artifacts"])
+              if rel.endswith(".onnx") and checks["files"][rel]["status"] != "missing"}
+    return {"path": str(path), "kind": "artifact", "manifest": manifest, "checksums": checks, "graphs": graphs}
+
+
+# --- text -------------------------------------------------------------------------------------------
+
+
+def _size(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _runs(values: List[int]) -> str:
+    """``[16, 16, 16, 10]`` -> ``16 x3, 10``."""
+    out: List[str] = []
+    for v in values:
+        if out and out[-1].split(" x")[0] == str(v):
+            head, _, count = out[-1].partition(" x")
+            out[-1] = f"{head} x{int(count or 1) + 1}"
+        else:
+            out.append(str(v))
+    return ", ".join(out)
+
+
+def _histogram(ops: Dict[str, int], limit: int = 12) -> str:
+    items = list(ops.items())
+    text = " ".join(f"{op} {n}" for op, n in items[:limit])
+    return text + (f" (+{len(items) - limit} more op types)" if len(items) > limit else "") if items else "none"
+
+
+def _graph_lines(name: str, g: Dict[str, Any]) -> List[str]:
+    if "error" in g:
+        return [f"graph {name}: {g['error']}"]
+    io = lambda vs: ", ".join(f"{v['name']} {v['shape']} {v['dtype']}" for v in vs)  # noqa: E731
+    lines = [f"graph {name}: {g['nodes']} nodes, opset {g['opset']}, IR {g['ir_version']}",
+             f"  inputs     {io(g['inputs'])}",
+             f"  outputs    {io(g['outputs'])}"]
+    n_match, n_merge = sum(g["tome_match_ops"].values()), sum(g["tome_merge_ops"].values())
+    lines.append(f"  ToMe match {n_match} nodes: {_histogram(g['tome_match_ops'])}")
+    lines.append(f"  ToMe merge {n_merge} nodes: {_histogram(g['tome_merge_ops'])}")
+    lines.append(f"  other      {sum(g['other_ops'].values())} nodes: {_histogram(g['other_ops'])}")
+    if g["tome_blocks"]:
+        blocks = ", ".join(f"{b['block'].split('.')[-1]}:{b['tokens_in']}->{b['tokens_out']}" for b in g["tome_blocks"])
+        lines.append(f"  ToMe blocks {len(g['tome_blocks'])} (block:tokens in->out) {blocks}")
+    else:
+        lines.append("  ToMe blocks none (no tome_match/ or tome_merge/ nodes: not a ToMe graph, or r=0)")
+    if "tome_export.r_schedule" in g["metadata"]:
+        lines.append(f"  r (metadata) {g['metadata']['tome_export.r_schedule']}")
+    trt = g["tensorrt"]
+    lines.append(f"  TensorRT   {trt['verdict']}")
+    problems = trt.get("problems_with_scatter_plugin") or trt.get("problems") or []
+    for problem in problems[:3]:
+        lines.append(f"             - {problem}")
+    if len(problems) > 3:
+        lines.append(f"             (and {len(problems) - 3} more; --json lists all)")
+    return lines
+
+
+def _validation_line(v: Dict[str, Any], precision: Optional[str]) -> str:
+    parts = []
+    if isinstance(v.get("max_abs_diff"), (int, float)):
+        limit = v.get("threshold_max_abs_diff")
+        parts.append(f"max |diff| {v['max_abs_diff']:.2e}" + (f" (allowed {limit:g})" if limit is not None else ""))
+    if isinstance(v.get("min_cosine"), (int, float)):
+        parts.append(f"min cosine {v['min_cosine']:.6f}")
+    if isinstance(v.get("top1_agreement"), (int, float)):
+        parts.append(f"top-1 agreement {v['top1_agreement']:.3f}")
+    shown = {"backend", "precision_ran", "passed", "max_abs_diff", "threshold_max_abs_diff", "min_cosine",
+             "top1_agreement", "images"}
+    parts += [f"{k} {json.dumps(val)}" for k, val in v.items() if k not in shown]  # what targets add
+    images = f" on {v['images']} images" if "images" in v else ""
+    verdict = "passed" if v.get("passed") else "FAILED"
+    return (f"validation {v.get('backend')} at {v.get('precision_ran', precision)}: {verdict}{images}; "
+            + ", ".join(parts))
+
+
+def format_report(report: Dict[str, Any]) -> str:
+    """The report as aligned text lines."""
+    lines: List[str] = []
+    if report["kind"] == "onnx":
+        lines += [f"file       {report['path']} ({_size(report['bytes'])}, sha256 {report['sha256'][:16]}...)",
+                  "manifest   none: r schedule, FLOPs and validation are recorded only in build directories"]
+    else:
+        m = report["manifest"]
+        model, v, fl = m.get("model", {}), m.get("validation", {}), m.get("flops", {})
+        lines.append(f"artifact   {report['path']}")
+        upstream = model.get("name", model.get("timm_name"))  # "name" (+ "source") where families other than timm exist
+        lines.append(f"model      {model.get('alias')} ({upstream}, {model.get('family')}), weights "
+                     f"{model.get('weights')}" + (f" seed {model['seed']}" if model.get("weights") == "random" else "")
+                     + (f" {model['checkpoint']}" if model.get("checkpoint") else ""))
+        lines.append(f"target     {m.get('target')} {m.get('precision')}, merge {m.get('merge_impl')}, opset "
+                     f"{m.get('opset')}, proportional attention {'on' if m.get('prop_attn') else 'off'}")
+        shape = m.get("input", {}).get("shape")
+        lines.append(f"input      {m.get('input', {}).get('name')} {shape} {m.get('input', {}).get('dtype')}; "
+                     f"outputs {', '.join(m.get('outputs', []))}")
+        if "r_schedule" in m:
+            capped = "  (capped: requested " + _runs(m["r_requested"]) + ")" if m.get("r_capped") else ""
+            lines.append(f"r          {_runs(m['r_schedule'])}{capped}")
+            lines.append(f"tokens     {m.get('num_tokens')} ({m.get('num_protected')} protected) -> "
+                         f"{' '.join(map(str, m.get('tokens_per_block', [])))}")
+        if fl:
+            lines.append(f"FLOPs      {fl.get('gmacs')} GMACs vs {fl.get('gmacs_r0')} at r=0: {fl.get('ratio')}x fewer")
+        if v:
+            lines.append(_validation_line(v, m.get("precision")))
+        known = {"format", "tool_version", "versions", "model", "target", "precision", "r", "r_requested",
+                 "r_schedule", "r_capped", "tokens_per_block", "num_tokens", "num_protected", "merge_impl",
+                 "prop_attn", "opset", "recipe", "input", "outputs", "num_classes", "preprocessing", "flops",
+                 "validation", "artifacts", "manifest_sha256", "build_seconds", "patch_size"}
+        for key in sorted(set(m) - known):  # what targets add (build settings, quantization...)
+            lines.append(f"{key:10s} {json.dumps(m[key], sort_keys=True)}")
+        c = report["checksums"]
+        for rel, f in c["files"].items():
+            lines.append(f"file       {rel} {_size(f['bytes'])} sha256 {f['status']}")
+        for rel in c["unlisted"]:
+            lines.append(f"file       {rel} not in the manifest")
+        state = "ok" if c["ok"] else "FAILED" + ("" if c["manifest_unchanged"] else " (manifest.json was edited)")
+        lines.append(f"checksums  {state}")
+        lines.append("built by   " + ", ".join(f"{k} {val}" for k, val in m.get("versions", {}).items())
+                     + (f" in {m['build_seconds']} s" if "build_seconds" in m else ""))
+    for name, g in report["graphs"].items():
+        lines += _graph_lines(name, g)
+    return "\n".join(lines)

@@ -1,0 +1,186 @@
+"""Runner for the ``tensorrt`` and ``tensorrt-rtx`` targets: ``model.engine`` on an NVIDIA GPU.
+
+Needs the engine's library (``tensorrt`` or ``tensorrt_rtx``) and a CUDA GPU. Device memory comes from
+cuda-python when it is installed (no torch on deployment machines), else from torch.cuda; neither is imported
+before a runner is created. Without them, loading fails with a message that says what is missing; there is
+no CPU fallback that would pretend to be the engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+from ..errors import UserError
+from .base import Runner
+
+ENGINE = "model.engine"
+LIBRARIES = {"tensorrt": "pip install tensorrt (NVIDIA's package index)",
+             "tensorrt_rtx": "pip install 'tome-export[tensorrt-rtx]'"}
+
+
+class _CudaPython:
+    """Device buffers and a stream through cuda-python's runtime bindings."""
+
+    def __init__(self) -> None:
+        try:
+            from cuda.bindings import runtime as cudart
+        except ImportError:
+            from cuda import cudart  # cuda-python < 12.6
+        self.cudart = cudart
+        err, count = cudart.cudaGetDeviceCount()
+        if err != cudart.cudaError_t.cudaSuccess or count == 0:
+            raise UserError(f"no CUDA GPU is available ({err.name if hasattr(err, 'name') else err}): "
+                            f"TensorRT engines run only on an NVIDIA GPU with its driver")
+        self.stream = self._ok(cudart.cudaStreamCreate())
+        self.handle = int(self.stream)
+
+    def _ok(self, result: Tuple) -> Any:
+        err, *value = result if isinstance(result, tuple) else (result,)
+        if err != self.cudart.cudaError_t.cudaSuccess:
+            raise RuntimeError(f"CUDA error {err}")
+        return value[0] if value else None
+
+    def alloc(self, nbytes: int) -> int:
+        return int(self._ok(self.cudart.cudaMalloc(max(nbytes, 1))))
+
+    def free(self, ptr: int) -> None:
+        self.cudart.cudaFree(ptr)
+
+    def to_device(self, ptr: int, array: np.ndarray) -> None:
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._ok(self.cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, kind, self.stream))
+
+    def to_host(self, array: np.ndarray, ptr: int) -> None:
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._ok(self.cudart.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes, kind, self.stream))
+
+    def synchronize(self) -> None:
+        self._ok(self.cudart.cudaStreamSynchronize(self.stream))
+
+
+class _TorchCuda:
+    """The same through torch.cuda (when cuda-python is not installed)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("no CUDA GPU is available (torch.cuda.is_available() is False): TensorRT engines run "
+                            "only on an NVIDIA GPU with its driver")
+        self.torch = torch
+        self.stream_obj = torch.cuda.Stream()
+        self.handle = self.stream_obj.cuda_stream
+        self.buffers: Dict[int, Any] = {}
+
+    def alloc(self, nbytes: int) -> int:
+        t = self.torch.empty(max(nbytes, 1), dtype=self.torch.uint8, device="cuda")
+        self.buffers[t.data_ptr()] = t
+        return t.data_ptr()
+
+    def free(self, ptr: int) -> None:
+        self.buffers.pop(ptr, None)
+
+    def to_device(self, ptr: int, array: np.ndarray) -> None:
+        src = self.torch.from_numpy(array.view(np.uint8).reshape(-1))
+        with self.torch.cuda.stream(self.stream_obj):
+            self.buffers[ptr][: array.nbytes].copy_(src, non_blocking=False)
+
+    def to_host(self, array: np.ndarray, ptr: int) -> None:
+        with self.torch.cuda.stream(self.stream_obj):
+            host = self.buffers[ptr][: array.nbytes].cpu().numpy()
+        array.view(np.uint8).reshape(-1)[:] = host
+
+    def synchronize(self) -> None:
+        self.stream_obj.synchronize()
+
+
+def _device() -> Any:
+    try:
+        return _CudaPython()
+    except ImportError:
+        pass
+    try:
+        return _TorchCuda()
+    except ImportError:
+        raise UserError("running a TensorRT engine needs cuda-python (pip install cuda-python) or torch with CUDA "
+                        "for device memory; neither is installed") from None
+
+
+class TensorRTRunner(Runner):
+    backend = "tensorrt"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        info = self.manifest.get("tensorrt") or {}
+        module = info.get("library", "tensorrt")
+        self.backend = module
+        engine_path = self.directory / ENGINE
+        if not engine_path.is_file():
+            raise UserError(f"{str(self.directory)!r} holds no {ENGINE}: it was not built on this machine "
+                            f"({info.get('engine_note', 'no engine')}); run ./build_engine.sh in that directory on "
+                            f"the target GPU machine, then load it again")
+        try:
+            trt = importlib.import_module(module)
+        except (ImportError, OSError):
+            raise UserError(f"running this {self.manifest.get('target')} engine needs the Python package {module!r} "
+                            f"and an NVIDIA GPU; {module!r} is not installed: {LIBRARIES.get(module, 'install it')}") from None
+        self.device = _device()
+        self.trt = trt
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise UserError(f"{engine_path} could not be loaded by {module} {getattr(trt, '__version__', '')}: it was "
+                            f"built by another version or for another GPU; rebuild it there with ./build_engine.sh")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = [self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names]
+        self.input_name = next(n for n, i in zip(names, is_input) if i)
+        self.output_names: List[str] = [n for n, i in zip(names, is_input) if not i]
+        self.buffers: Dict[str, Tuple[int, int]] = {}  # name -> (pointer, bytes)
+        if self.dynamic_batch:
+            low, _, high = self.engine.get_tensor_profile_shape(self.input_name, 0)
+            self.batch_range = (int(low[0]), int(high[0]))
+        else:
+            self.batch_range = (self.batch_size, self.batch_size)
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        ptr, size = self.buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                self.device.free(ptr)
+            ptr = self.device.alloc(nbytes)
+            self.buffers[name] = (ptr, nbytes)
+        return ptr
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        low, high = self.batch_range
+        if not low <= len(batch) <= high:
+            raise UserError(f"batch of {len(batch)} images is outside the engine's profile {low}..{high}: "
+                            f"rebuild with --dynamic-batch MIN:OPT:MAX covering it")
+        self.context.set_input_shape(self.input_name, batch.shape)
+        src = self._buffer(self.input_name, batch.nbytes)
+        self.device.to_device(src, batch)
+        self.context.set_tensor_address(self.input_name, src)
+        outputs = {}
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            host = np.empty(shape, dtype=self.trt.nptype(self.engine.get_tensor_dtype(name)))
+            self.context.set_tensor_address(name, self._buffer(name, host.nbytes))
+            outputs[name] = host
+        if not self.context.execute_async_v3(self.device.handle):
+            raise RuntimeError("TensorRT failed to enqueue the inference")
+        for name, host in outputs.items():
+            self.device.to_host(host, self.buffers[name][0])
+        self.device.synchronize()
+        return outputs.get("logits", next(iter(outputs.values())))
+
+    def __del__(self) -> None:
+        for ptr, _ in getattr(self, "buffers", {}).values():
+            try:
+                self.device.free(ptr)
+            except Exception:
+                pass
