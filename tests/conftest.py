@@ -25,6 +25,7 @@ TEST_MODELS: Dict[str, Tuple[str, dict]] = {
     "avgpool": ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}),
     "avgpool_cls": ("vit_tiny_patch16_224", {"global_pool": "avg", "fc_norm": True}),
     "qknorm": ("vit_tiny_patch16_224", {"qk_norm": True, "depth": 6}),
+    "vit_d6": ("vit_tiny_patch16_224", {"depth": 6}),
 }
 
 
@@ -116,3 +117,6 @@ def traced_artifact(tmp_path_factory):
         code = main(["--model", "vit_t16", "--r", "16", "--weights", "random", "--trace-source", "-o", str(out), "-q"])
     assert code == 0, err.getvalue()
     return out, err.getvalue()
+
+
+from cpu_builds import cpu_build  # noqa: E402,F401  (session fixture: CPU recipe builds on one shared export)

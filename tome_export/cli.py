@@ -74,8 +74,9 @@ def _export_parser() -> argparse.ArgumentParser:
                      "TensorRT-RTX builds on the CPU); without it a missing engine is left to build_engine.sh")
     trt.add_argument("--scatter-plugin", action="store_true",
                      help="let --merge-impl gather use TensorRT's ScatterElements plugin (not TensorRT-RTX)")
-    trt.add_argument("--calib-data", type=Path, metavar="DIR",
-                     help="folder of photos for int8/fp8 calibration (default: the bundled sample photos)")
+    p.add_argument("--calib-data", type=Path, metavar="DIR",
+                   help="folder of representative images for int8/fp8 calibration (onnxruntime, openvino, "
+                   "tensorrt; default: the bundled photos)")
     p.add_argument("--list-models", action="store_true", help="print the model aliases and supported families")
     return p
 
@@ -119,6 +120,7 @@ class _Progress:
 
 
 def _export(argv: Sequence[str]) -> int:
+    from .backends.common import summary_line as merge_summary
     from .pipeline import BuildOptions, build, prepare
     from .schedule import parse_r_text
 
@@ -151,8 +153,13 @@ def _export(argv: Sequence[str]) -> int:
     print(f"  r          {m['r_schedule']}{'  (capped)' if m['r_capped'] else ''}")
     print(f"  tokens     {m['num_tokens']} -> {m['tokens_per_block']}")
     print(f"  GMACs      {m['flops']['gmacs']} vs {m['flops']['gmacs_r0']} at r=0 ({m['flops']['ratio']}x fewer)")
-    print(f"  validation {v['backend']}: max |diff| {v['max_abs_diff']:.2e}, top-1 agreement "
+    print(f"  validation {v['backend']}: max |diff| {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.5f}, top-1 agreement "
           f"{v['top1_agreement']:.3f} on {v['images']} photos")
+    if "precision_ran" in v:
+        print(f"  ran        {v['precision_ran']}")
+    merges = merge_summary(m.get("merge_decisions", {}))
+    if merges:
+        print(f"  merges     {merges}")
     for note in m.get("notes", []):
         print(f"  note       {note}")
     return 0

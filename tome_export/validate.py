@@ -58,3 +58,30 @@ def onnxruntime_runner(onnx_path: str, threads: int = 0) -> Callable[[np.ndarray
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]
+
+
+# recipe validation key -> (metric of compare_logits, whether the metric must stay at most or at least the limit)
+THRESHOLDS = {"max_abs_diff": ("max_abs_diff", "at most"), "min_cosine": ("min_cosine", "at least"),
+              "min_top1_agreement": ("top1_agreement", "at least")}
+
+
+def check_thresholds(metrics: Dict[str, float], thresholds: Dict[str, float], what: str) -> Dict[str, object]:
+    """Compare ``compare_logits`` metrics with a recipe's thresholds; a miss raises ValidationError.
+
+    Returns the metrics with the thresholds applied and ``passed``, for the manifest.
+    """
+    from .errors import ValidationError
+
+    applied = {key: float(thresholds[key]) for key in THRESHOLDS if key in thresholds}
+    if not applied:
+        raise ValueError(f"{what}: the recipe sets no validation threshold ({', '.join(THRESHOLDS)})")
+    misses = []
+    for key, limit in applied.items():
+        metric, sense = THRESHOLDS[key]
+        value = metrics[metric]
+        if not (value <= limit if sense == "at most" else value >= limit):
+            misses.append(f"{metric} {value:.6g} (must be {sense} {limit:g})")
+    if misses:
+        raise ValidationError(f"{what} differs from PyTorch ToMe on {metrics['images']} photos: "
+                              f"{'; '.join(misses)}; nothing was written")
+    return {**metrics, "thresholds": applied, "passed": True}

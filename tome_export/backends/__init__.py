@@ -64,5 +64,7 @@ def register(target: Target) -> Target:
 
 
 from . import onnx as _onnx  # noqa: E402,F401  (registers the target)
+from . import onnxruntime as _onnxruntime  # noqa: E402,F401
+from . import openvino as _openvino  # noqa: E402,F401
 from . import tensorrt as _tensorrt  # noqa: E402,F401
 from . import tensorrt_rtx as _tensorrt_rtx  # noqa: E402,F401

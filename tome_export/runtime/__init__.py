@@ -17,6 +17,8 @@ from .base import Runner
 # target -> "module:Class" (imported lazily, so a deployment needs only its own backend installed)
 RUNNERS: Dict[str, str] = {
     "onnx": "tome_export.runtime.onnx:OnnxRunner",
+    "onnxruntime": "tome_export.runtime.onnxruntime:OnnxRuntimeRunner",
+    "openvino": "tome_export.runtime.openvino:OpenVINORunner",
     "tensorrt": "tome_export.runtime.tensorrt:TensorRTRunner",
     "tensorrt-rtx": "tome_export.runtime.tensorrt:TensorRTRunner",
 }

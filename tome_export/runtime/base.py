@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -55,8 +55,15 @@ class Runner:
         """Logits ``(N, classes)`` of a preprocessed batch ``(N, C, H, W)``."""
         return self._infer(self.check(batch))
 
+    def run_many(self, batches: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """Logits of several batches; in throughput mode backends overlap them (batch serving)."""
+        return self._infer_many([self.check(b) for b in batches])
+
     def _infer(self, batch: np.ndarray) -> np.ndarray:  # backends implement this
         raise NotImplementedError
+
+    def _infer_many(self, batches: Sequence[np.ndarray]) -> List[np.ndarray]:  # backends may overlap requests
+        return [self._infer(b) for b in batches]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.directory)!r}, input={(self.batch_size or 'N', *self.image_shape)})"
