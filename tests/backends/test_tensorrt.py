@@ -18,7 +18,7 @@ from tome_export import create_model, patch
 from tome_export.backends.tensorrt.build import DEFAULT_THRESHOLDS, tensorrt_graph, without_outputs
 from tome_export.backends.tensorrt.engine import (TENSORRT, TENSORRT_RTX, Profile, build_command, build_engine,
                                                    write_build_script)
-from tome_export.backends.tensorrt.qdq import calibration_batches, protected_node_names
+from tome_export.quantize import calibration_batches, protected_node_names
 from tome_export.backends.tensorrt.validation import cpu_runner, source_agreement
 from tome_export.cli import main
 from tome_export.errors import UserError

@@ -25,7 +25,8 @@ from .. import BuildContext
 from .compat import tensorrt_problems
 from .engine import Library, Profile, build_command, build_engine, engine_unavailable_reason, write_build_script
 from .precision import convert_float_precision, weight_types
-from .qdq import calibration_batches, protected_node_names, quantize_for_tensorrt
+from ...quantize import calibration_batches, protected_node_names
+from .qdq import quantize_for_tensorrt
 from .validation import HOW_RUN, cpu_runner, source_agreement
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
