@@ -89,3 +89,41 @@ class TokenMerge(torch.nn.Module):
         # Proportional attention: a token standing for s patches gets log(s) added to its attention logits.
         bias = size.log()[:, None, None, :, 0] if self.prop_attn else None
         return x, size, source, bias
+
+
+class ToMeModel:
+    """What every patched model class mixes in before its own class.
+
+    A family implements ``tome_features(x, trace_source) -> (tokens, size, source)`` and
+    ``tome_head(tokens, size)``; the forward passes are the same for all families.
+    """
+
+    tome: ToMeConfig
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, size, _ = self.tome_features(x)
+        return self.tome_head(x, size)
+
+    def forward_with_source(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the source map: ``source[b, t, j] = 1`` when input token j is merged into token t."""
+        x, size, source = self.tome_features(x, trace_source=True)
+        return self.tome_head(x, size), source
+
+
+_PATCHED_CLASSES: dict = {}
+
+
+def patch_model(model: torch.nn.Module, mixin: type, blocks, num_protected: int, cfg: ToMeConfig) -> torch.nn.Module:
+    """Swap ``model``'s class for ``mixin`` + its class (once), store ``cfg`` and give every block its TokenMerge.
+
+    Patching again re-configures. Blocks get a parameter-free ``tome_merge`` child, so state_dict keys stay.
+    """
+    base = type(model)
+    if not isinstance(model, mixin):
+        if base not in _PATCHED_CLASSES:
+            _PATCHED_CLASSES[base] = type(f"ToMe{base.__name__}", (mixin, base), {})
+        model.__class__ = _PATCHED_CLASSES[base]
+    model.tome = cfg
+    for block, r in zip(blocks, cfg.r):
+        block.tome_merge = TokenMerge(r, num_protected, cfg.merge_impl, cfg.prop_attn)
+    return model

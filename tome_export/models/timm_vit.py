@@ -17,7 +17,7 @@ from timm.layers import Attention
 from timm.layers.attention_pool import AttentionPoolLatent
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .base import ModelInfo, ToMeConfig, TokenMerge
+from .base import ModelInfo, ToMeConfig, ToMeModel, patch_model
 
 FAMILY = "timm-vit"
 DESCRIPTION = (
@@ -142,7 +142,7 @@ def _block(block: Block, x: torch.Tensor, size, source, bias) -> State:
     return x, size, source, bias
 
 
-class ToMeVisionTransformerMixin:
+class ToMeVisionTransformerMixin(ToMeModel):
     """Forward of a ToMe-patched timm VisionTransformer (mixed in before the model's own class)."""
 
     tome: ToMeConfig
@@ -181,27 +181,7 @@ class ToMeVisionTransformerMixin:
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.tome_features(x)[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, size, _ = self.tome_features(x)
-        return self.tome_head(x, size)
-
-    def forward_with_source(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Logits and the source map: ``source[b, t, j] = 1`` when input token j is merged into token t."""
-        x, size, source = self.tome_features(x, trace_source=True)
-        return self.tome_head(x, size), source
-
-
-_CLASSES: dict = {}
-
 
 def patch(model: VisionTransformer, cfg: ToMeConfig) -> VisionTransformer:
     """Patch ``model`` in place (or re-configure an already patched one) and return it."""
-    base = type(model)
-    if not isinstance(model, ToMeVisionTransformerMixin):
-        if base not in _CLASSES:
-            _CLASSES[base] = type(f"ToMe{base.__name__}", (ToMeVisionTransformerMixin, base), {})
-        model.__class__ = _CLASSES[base]
-    model.tome = cfg
-    for block, r in zip(model.blocks, cfg.r):
-        block.tome_merge = TokenMerge(r, model.num_prefix_tokens, cfg.merge_impl, cfg.prop_attn)
-    return model
+    return patch_model(model, ToMeVisionTransformerMixin, model.blocks, model.num_prefix_tokens, cfg)

@@ -23,7 +23,7 @@ from torchvision.models.vision_transformer import EncoderBlock, VisionTransforme
 from torchvision.transforms._presets import ImageClassification
 
 from ..errors import UserError
-from .base import ModelInfo, ToMeConfig, TokenMerge
+from .base import ModelInfo, ToMeConfig, ToMeModel, patch_model
 from .checkpoint import host_reachable
 
 FAMILY = "torchvision-vit"
@@ -237,7 +237,7 @@ def _block(block: EncoderBlock, x: torch.Tensor, size, source, bias) -> State:
     return x, size, source, bias
 
 
-class ToMeVisionTransformerMixin:
+class ToMeVisionTransformerMixin(ToMeModel):
     """Forward of a ToMe-patched torchvision VisionTransformer (mixed in before the model's own class)."""
 
     tome: ToMeConfig
@@ -261,27 +261,7 @@ class ToMeVisionTransformerMixin:
         x = x[:, 0]
         return self.heads[:-1](x) if pre_logits else self.heads(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, size, _ = self.tome_features(x)
-        return self.tome_head(x, size)
-
-    def forward_with_source(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Logits and the source map: ``source[b, t, j] = 1`` when input token j is merged into token t."""
-        x, size, source = self.tome_features(x, trace_source=True)
-        return self.tome_head(x, size), source
-
-
-_CLASSES: dict = {}
-
 
 def patch(model: VisionTransformer, cfg: ToMeConfig) -> VisionTransformer:
     """Patch ``model`` in place (or re-configure an already patched one) and return it."""
-    base = type(model)
-    if not isinstance(model, ToMeVisionTransformerMixin):
-        if base not in _CLASSES:
-            _CLASSES[base] = type(f"ToMe{base.__name__}", (ToMeVisionTransformerMixin, base), {})
-        model.__class__ = _CLASSES[base]
-    model.tome = cfg
-    for block, r in zip(model.encoder.layers, cfg.r):
-        block.tome_merge = TokenMerge(r, 1, cfg.merge_impl, cfg.prop_attn)
-    return model
+    return patch_model(model, ToMeVisionTransformerMixin, model.encoder.layers, 1, cfg)
