@@ -324,10 +324,11 @@ def decision_tensors(model: onnx.ModelProto) -> Dict[str, Tuple[str, ...]]:
     if not blocks and protected_node_names(model):
         raise RuntimeError("found no merge-decision tensors in a graph with ToMe nodes: the lowering changed; "
                            "update tome_export.quantize.decision_tensors")
-    return dict(sorted(blocks.items(), key=lambda kv: _block_key(kv[0])))
+    return dict(sorted(blocks.items(), key=lambda kv: block_order(kv[0])))
 
 
-def _block_key(block: str) -> Tuple:
+def block_order(block: str) -> Tuple:
+    """Sort key of block names in model order (``blocks.2`` before ``blocks.10``)."""
     return tuple(int(p) if p.isdigit() else p for p in block.split("."))
 
 
@@ -391,42 +392,23 @@ def torch_merge_decisions(model, batches: Sequence[np.ndarray]) -> Decisions:
     import torch
 
     from .merge import cap_r
-    from .models.base import TokenMatch
+    from .models.base import merge_destinations
 
     found: Dict[str, List[np.ndarray]] = {}
-    hooks = []
-
-    def hook(name: str) -> Callable:
-        def record(module: TokenMatch, inputs, merge) -> None:
-            keys = inputs[0]
-            b, t = keys.shape[0], keys.shape[2]
-            p, r = module.num_protected, cap_r(module.r, t, module.num_protected)
-            if r == 0:
-                return
+    for x in batches:
+        for block, rows in merge_destinations(model, torch.from_numpy(np.ascontiguousarray(x))).items():
+            match = model.get_submodule(block).tome_merge.match
+            t, p = rows.shape[1], match.num_protected
+            r = cap_r(match.r, t, p)  # > 0: only merging blocks run their match
             a0 = p + p % 2
             n_a = len(range(a0, t, 2))
-            probe = torch.eye(t, dtype=torch.float32)[None].expand(b, t, t).contiguous()
-            row = merge(probe).argmax(dim=1)  # (b, t): the output row that holds each input token
-            a_rows = row[:, a0::2]  # (b, nA)
             base = p + n_a - r  # first B row
             pairs = []
-            for image in a_rows:
-                merged = torch.nonzero(image >= base)[:, 0]
-                pairs.append(torch.stack([merged, image[merged] - base], -1))
-            found.setdefault(name, []).append(torch.stack(pairs).numpy().astype(np.int64))
-        return record
-
-    for name, module in model.named_modules():
-        if isinstance(module, TokenMatch):
-            hooks.append(module.register_forward_hook(hook(name.rsplit(".tome_merge", 1)[0])))
-    try:
-        with torch.no_grad():
-            for x in batches:
-                model(torch.from_numpy(np.ascontiguousarray(x)))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {block: np.concatenate(v) for block, v in sorted(found.items(), key=lambda kv: _block_key(kv[0]))}
+            for image in rows[:, a0::2]:  # where each A token went
+                merged = np.nonzero(image >= base)[0]
+                pairs.append(np.stack([merged, image[merged] - base], -1))
+            found.setdefault(block, []).append(np.stack(pairs).astype(np.int64))
+    return {block: np.concatenate(v) for block, v in sorted(found.items(), key=lambda kv: block_order(kv[0]))}
 
 
 def merge_decision_agreement(reference: Decisions, candidate: Decisions) -> Dict[str, object]:
@@ -441,7 +423,7 @@ def merge_decision_agreement(reference: Decisions, candidate: Decisions) -> Dict
         raise ValueError(f"blocks differ: reference {sorted(reference)} vs candidate {sorted(candidate)}")
     per_block: Dict[str, float] = {}
     same = total = pairs_same = pairs_total = 0
-    for block in sorted(reference, key=_block_key):
+    for block in sorted(reference, key=block_order):
         ref, cand = reference[block], candidate[block]
         if ref.shape != cand.shape:
             raise ValueError(f"{block}: decision shapes differ {ref.shape} vs {cand.shape}")

@@ -25,6 +25,7 @@ import torch
 from .._version import __version__
 from ..errors import UserError, ValidationError
 from ..flops import flops_summary
+from ..models.base import merge_destinations
 from ..schedule import resolve_schedule
 from . import matrix, memory, quality
 from .config import BenchConfig, ModelConfig
@@ -189,7 +190,7 @@ class _Run:
         key = (prepared.config.key, variant.r_label)
         if key not in self.ref_decisions:
             ref = TorchSubject(prepared.model, variant.r, "fp32")
-            self.ref_decisions[key] = quality.torch_decisions(ref.model, ref.tensor(x))
+            self.ref_decisions[key] = merge_destinations(ref.model, ref.tensor(x))
         return self.ref_decisions[key]
 
     # --- records ---------------------------------------------------------------------------------------------
@@ -306,7 +307,7 @@ class _Run:
         elif isinstance(subject, TorchSubject):
             reference = self.reference_decisions(prepared, v, x)
             record["merge_decisions"] = quality.decision_agreement(
-                reference, quality.torch_decisions(subject.model, subject.tensor(x)))
+                reference, merge_destinations(subject.model, subject.tensor(x)))
         else:
             ref_model = TorchSubject(prepared.model, v.r, "fp32").model
             try:

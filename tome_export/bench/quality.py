@@ -16,6 +16,7 @@ import torch
 from ..errors import UserError
 from ..images import sample_photos
 from ..preprocess import Preprocessing
+from ..quantize import block_order
 from ..validate import compare_logits
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -91,35 +92,6 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
             "images": int(len(labels))}
 
 
-def torch_decisions(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, np.ndarray]:
-    """Each merging block's decision: ``rows[b, t]`` = the output token that holds input token ``t``.
-
-    Read from the model's own merge function (applied to one-hot token ids), so it is what the model ran,
-    whatever its precision. Identical rows in two models means they merged exactly the same tokens.
-    """
-    from ..models.base import TokenMatch
-
-    found: Dict[str, np.ndarray] = {}
-
-    def hook(name: str):
-        def record(module, inputs, merge) -> None:
-            keys = inputs[0]
-            b, t = keys.shape[0], keys.shape[2]
-            probe = torch.eye(t, dtype=keys.dtype, device=keys.device)[None].expand(b, t, t)
-            found[name] = merge(probe).argmax(dim=1).cpu().numpy()
-        return record
-
-    handles = [m.register_forward_hook(hook(name.rsplit(".tome_merge", 1)[0]))
-               for name, m in model.named_modules() if isinstance(m, TokenMatch)]
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return found
-
-
 def _merged_groups(rows: np.ndarray) -> set:
     """The sets of input tokens that one block merged together (output rows holding more than one input)."""
     groups: Dict[int, list] = {}
@@ -139,7 +111,7 @@ def decision_agreement(reference: Dict[str, np.ndarray], candidate: Dict[str, np
         raise ValueError(f"merging blocks differ: {sorted(reference)} vs {sorted(candidate)}")
     if not reference:
         return {"agreement": None, "reason": "no block merges at this r"}
-    blocks = sorted(reference, key=lambda k: [int(p) if p.isdigit() else p for p in k.split(".")])
+    blocks = sorted(reference, key=block_order)
     same = [(reference[k] == candidate[k]).all(axis=1) for k in blocks]
     kept = total = 0
     for k in blocks:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
+import numpy as np
 import torch
 
 from ..merge import MERGE_IMPLS, Merge, bipartite_soft_matching, cap_r, merge_wavg
@@ -89,6 +90,52 @@ class TokenMerge(torch.nn.Module):
         # Proportional attention: a token standing for s patches gets log(s) added to its attention logits.
         bias = size.log()[:, None, None, :, 0] if self.prop_attn else None
         return x, size, source, bias
+
+
+# A block's ToMe state between blocks: tokens, sizes, sources, the next attention's log-size bias.
+State = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
+BlockForward = Callable[[torch.nn.Module, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
+                         Optional[torch.Tensor]], State]
+
+
+def identity_source(batch: int, tokens: int, like: torch.Tensor) -> torch.Tensor:
+    """The source map before any merge, ``(batch, tokens, tokens)``: token t holds input token t alone."""
+    return torch.eye(tokens, dtype=like.dtype, device=like.device)[None].expand(batch, -1, -1)
+
+
+def run_blocks(blocks: Iterable[torch.nn.Module], block_forward: BlockForward, x: torch.Tensor,
+               trace_source: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Tokens ``x`` through ``blocks`` with ToMe's state, starting unmerged: ``(tokens, size, source)``."""
+    size = bias = None
+    source = identity_source(x.shape[0], x.shape[1], x) if trace_source else None
+    for block in blocks:
+        x, size, source, bias = block_forward(block, x, size, source, bias)
+    return x, size, source
+
+
+def merge_destinations(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, np.ndarray]:
+    """Run ``model`` on ``x``; per merging block, ``rows[b, t]`` = the output token that holds input token t.
+
+    Read from each block's own merge function applied to one-hot token ids, so it is what the model ran,
+    whatever its lowering and precision. Keys are block names, in execution order.
+    """
+    found: Dict[str, np.ndarray] = {}
+
+    def hook(name: str) -> Callable:
+        def record(module: TokenMatch, inputs: Tuple[torch.Tensor], merge: Merge) -> None:
+            keys = inputs[0]  # (B, heads, T, head_dim)
+            found[name] = merge(identity_source(keys.shape[0], keys.shape[2], keys)).argmax(dim=1).cpu().numpy()
+        return record
+
+    handles = [m.register_forward_hook(hook(name.rsplit(".tome_merge", 1)[0]))
+               for name, m in model.named_modules() if isinstance(m, TokenMatch)]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 class ToMeModel:

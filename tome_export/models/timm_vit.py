@@ -17,7 +17,7 @@ from timm.layers import Attention
 from timm.layers.attention_pool import AttentionPoolLatent
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .base import ModelInfo, ToMeConfig, ToMeModel, patch_model
+from .base import ModelInfo, State, ToMeConfig, ToMeModel, patch_model, run_blocks
 
 FAMILY = "timm-vit"
 DESCRIPTION = (
@@ -129,9 +129,6 @@ def _attention(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor]) -
     return x, k
 
 
-State = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
-
-
 def _block(block: Block, x: torch.Tensor, size, source, bias) -> State:
     """One block: attention, then the merge, then the MLP (where the reference merges)."""
     attn_out, keys = _attention(block.attn, block.norm1(x), bias)
@@ -155,11 +152,7 @@ class ToMeVisionTransformerMixin(ToMeModel):
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        size = source = bias = None
-        if trace_source:
-            source = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)[None].expand(x.shape[0], -1, -1)
-        for block in self.blocks:
-            x, size, source, bias = _block(block, x, size, source, bias)
+        x, size, source = run_blocks(self.blocks, _block, x, trace_source)
         return self.norm(x), size, source
 
     def tome_head(self, x: torch.Tensor, size: Optional[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:

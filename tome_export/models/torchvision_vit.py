@@ -23,7 +23,7 @@ from torchvision.models.vision_transformer import EncoderBlock, VisionTransforme
 from torchvision.transforms._presets import ImageClassification
 
 from ..errors import UserError
-from .base import ModelInfo, ToMeConfig, ToMeModel, patch_model
+from .base import ModelInfo, State, ToMeConfig, ToMeModel, patch_model, run_blocks
 from .checkpoint import host_reachable
 
 FAMILY = "torchvision-vit"
@@ -224,9 +224,6 @@ def _attention(mha: torch.nn.MultiheadAttention, x: torch.Tensor, bias: Optional
     return mha.out_proj(out.transpose(1, 2).reshape(b, n, c)), k
 
 
-State = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
-
-
 def _block(block: EncoderBlock, x: torch.Tensor, size, source, bias) -> State:
     """One encoder block: attention, then the merge, then the MLP."""
     attn_out, keys = _attention(block.self_attention, block.ln_1(x), bias)
@@ -249,11 +246,7 @@ class ToMeVisionTransformerMixin(ToMeModel):
         x = self._process_input(x)
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.encoder.dropout(x + self.encoder.pos_embedding)
-        size = source = bias = None
-        if trace_source:
-            source = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)[None].expand(x.shape[0], -1, -1)
-        for block in self.encoder.layers:
-            x, size, source, bias = _block(block, x, size, source, bias)
+        x, size, source = run_blocks(self.encoder.layers, _block, x, trace_source)
         return self.encoder.ln(x), size, source
 
     def tome_head(self, x: torch.Tensor, size: Optional[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
