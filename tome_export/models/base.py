@@ -7,6 +7,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..merge import MERGE_IMPLS, Merge, bipartite_soft_matching, cap_r, merge_wavg
 
@@ -90,6 +91,17 @@ class TokenMerge(torch.nn.Module):
         # Proportional attention: a token standing for s patches gets log(s) added to its attention logits.
         bias = size.log()[:, None, None, :, 0] if self.prop_attn else None
         return x, size, source, bias
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+              dropout_p: float = 0.0) -> torch.Tensor:
+    """Self-attention of ``(B, heads, T, head_dim)`` q/k/v with ToMe's proportional-attention bias.
+
+    ``bias`` is the log-size of each key, ``(B, 1, 1, T)`` (None before the first merge). Every family calls
+    this, so the lowering of proportional attention is chosen in one place.
+    """
+    mask = None if bias is None else bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 # A block's ToMe state between blocks: tokens, sizes, sources, the next attention's log-size bias.

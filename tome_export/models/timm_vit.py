@@ -12,12 +12,11 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Attention
 from timm.layers.attention_pool import AttentionPoolLatent
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .base import ModelInfo, State, ToMeConfig, ToMeModel, patch_model, run_blocks
+from .base import ModelInfo, State, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
 
 FAMILY = "timm-vit"
 DESCRIPTION = (
@@ -119,8 +118,7 @@ def _attention(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor]) -
     qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    mask = None if bias is None else bias.to(q.dtype)
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    x = attention(q, k, v, bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     x = x.transpose(1, 2).reshape(b, n, attn.attn_dim)
     x = attn.norm(x)
     if gate is not None:

@@ -23,7 +23,7 @@ from torchvision.models.vision_transformer import EncoderBlock, VisionTransforme
 from torchvision.transforms._presets import ImageClassification
 
 from ..errors import UserError
-from .base import ModelInfo, State, ToMeConfig, ToMeModel, patch_model, run_blocks
+from .base import ModelInfo, State, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
 from .checkpoint import host_reachable
 
 FAMILY = "torchvision-vit"
@@ -219,8 +219,7 @@ def _attention(mha: torch.nn.MultiheadAttention, x: torch.Tensor, bias: Optional
     b, n, c = x.shape
     qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
     q, k, v = qkv.reshape(b, n, 3, mha.num_heads, mha.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    mask = None if bias is None else bias.to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=mha.dropout if mha.training else 0.0)
+    out = attention(q, k, v, bias, dropout_p=mha.dropout if mha.training else 0.0)
     return mha.out_proj(out.transpose(1, 2).reshape(b, n, c)), k
 
 
