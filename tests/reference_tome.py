@@ -145,3 +145,7 @@ def reference_forward_torchvision(model, images: torch.Tensor, r_schedule: List[
         logits.append(model.heads(model.encoder.ln(x)[0]))
         sources.append(groups)
     return torch.stack(logits), sources
+
+
+# The reference of each model family, by the family's registered name (tests/test_conformance.py).
+REFERENCES = {"timm-vit": reference_forward, "torchvision-vit": reference_forward_torchvision}

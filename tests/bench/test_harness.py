@@ -13,10 +13,11 @@ from PIL import Image
 from tome_export.bench import quality
 from tome_export.bench.config import load_config, parse_config
 from tome_export.bench.harness import run_bench
-from tome_export.bench.matrix import gpu_available
 from tome_export.bench.report import derive
 from tome_export.cli import main
+from tome_export.devices import gpu_available
 from tome_export.errors import UserError
+from tome_export.quality.decisions import merge_decision_agreement
 
 TINY = {
     "name": "tiny",
@@ -114,13 +115,8 @@ def test_quality_against_fp32_pytorch(tiny_run):
     assert variants["torch/fp32/r8"]["merge_decisions"]["agreement"] == 1.0  # its own decisions
     assert variants["torch/bf16/r8"]["merge_decisions"]["decisions"] == 12 * 2  # blocks x images
     assert variants["torch/fp32/r0"]["merge_decisions"]["agreement"] is None
-    onnx_r8 = variants["onnx/fp32/r8"]["merge_decisions"]
-    try:
-        import tome_export.quantize  # noqa: F401  (where it exists, the graph's decisions are read and compared)
-    except ImportError:
-        assert onnx_r8["agreement"] is None and "tome_export.quantize" in onnx_r8["reason"]
-    else:
-        assert onnx_r8["agreement"] == 1.0
+    onnx_r8 = variants["onnx/fp32/r8"]["merge_decisions"]  # read from the graph's decision tensors
+    assert onnx_r8["agreement"] == 1.0 and onnx_r8["pair_agreement"] == onnx_r8["group_agreement"] == 1.0
 
 
 def test_skipped_cells_carry_reasons(tiny_run):
@@ -196,11 +192,12 @@ def test_derive_stacking_efficiency_from_records():
 
 
 def test_decision_agreement_counts_identical_decisions_and_groups():
-    ref = {"blocks.0": np.array([[0, 1, 1, 2], [0, 1, 2, 2]]), "blocks.1": np.array([[0, 1, 1], [0, 0, 1]])}
-    same = quality.decision_agreement(ref, ref)
+    # (A index, B index) pairs per block and image: one merge each, so every pair is one merged group
+    ref = {"blocks.0": np.array([[[0, 0]], [[1, 1]]]), "blocks.1": np.array([[[0, 0]], [[1, 0]]])}
+    same = merge_decision_agreement(ref, ref)
     assert (same["agreement"], same["first_block"], same["group_agreement"]) == (1.0, 1.0, 1.0)
-    other = {"blocks.0": np.array([[0, 1, 1, 2], [0, 1, 1, 2]]), "blocks.1": ref["blocks.1"]}
-    result = quality.decision_agreement(ref, other)
+    other = {"blocks.0": np.array([[[0, 0]], [[0, 0]]]), "blocks.1": ref["blocks.1"]}
+    result = merge_decision_agreement(ref, other)
     assert result["agreement"] == 0.75 and result["first_block"] == 0.5 and result["group_agreement"] == 0.75
 
 

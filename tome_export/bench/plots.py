@@ -22,7 +22,7 @@ def _figure(rows: int, cols: int, width: float, height: float):
 
 
 def _save(fig, path: Path) -> Path:
-    from .report import atomic_write
+    from ..files import atomic_write
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
