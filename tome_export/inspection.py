@@ -225,7 +225,10 @@ def _validation_line(v: Dict[str, Any], precision: Optional[str]) -> str:
     if isinstance(v.get("top1_agreement"), (int, float)):
         parts.append(f"top-1 agreement {v['top1_agreement']:.3f}")
     shown = {"backend", "precision_ran", "passed", "max_abs_diff", "threshold_max_abs_diff", "min_cosine",
-             "top1_agreement", "images"}
+             "top1_agreement", "images", "thresholds"}
+    others = {k: val for k, val in (v.get("thresholds") or {}).items() if k != "max_abs_diff"}  # that one: allowed
+    if others:
+        parts.append(f"thresholds {json.dumps(others)}")
     parts += [f"{k} {json.dumps(val)}" for k, val in v.items() if k not in shown]  # what targets add
     images = f" on {v['images']} images" if "images" in v else ""
     verdict = "passed" if v.get("passed") else "FAILED"

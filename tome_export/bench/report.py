@@ -111,7 +111,8 @@ def _pct(v: Optional[float]) -> str:
     return "–" if v is None else f"{100 * v:.1f}%"
 
 
-def _ordered(values: Iterable[Any], order: Sequence[Any]) -> List[Any]:
+def ordered(values: Iterable[Any], order: Sequence[Any]) -> List[Any]:
+    """The ``values`` that appear in ``order``, in that order."""
     values = set(values)
     return [v for v in order if v in values]
 
@@ -222,12 +223,12 @@ def _stacked(groups: Dict[Tuple, List[Dict]], cfg: Dict[str, Any]) -> List[str]:
     lines = ["## Stacked speedup (rows r, columns precision)", "",
              "Speedup vs fp32 r=0 on the same backend, batch and threads; in brackets the stacking efficiency.", ""]
     for (model, backend, threads), members in groups.items():
-        for batch in _ordered({c["batch"] for c in members}, cfg["batches"]):
+        for batch in ordered({c["batch"] for c in members}, cfg["batches"]):
             at = {(c["r"], c["precision"]): c for c in members if c["batch"] == batch}
-            precisions = _ordered({p for _, p in at}, cfg["precisions"])
+            precisions = ordered({p for _, p in at}, cfg["precisions"])
             lines += [f"**{backend}** — {members[0]['model_name']}, batch {batch}, {threads} thread(s)", ""]
             rows = [[r] + [_stacked_cell(at.get((r, p)), r, p) for p in precisions]
-                    for r in _ordered({r for r, _ in at}, cfg["r"])]
+                    for r in ordered({r for r, _ in at}, cfg["r"])]
             lines += _table(["r"] + precisions, rows)
     return lines
 
@@ -237,12 +238,12 @@ def _throughput(groups: Dict[Tuple, List[Dict]], cfg: Dict[str, Any]) -> List[st
         return []
     lines = ["## Throughput by batch size (images/s, speedup vs fp32 r=0 in brackets)", ""]
     for (model, backend, threads), members in groups.items():
-        batches = _ordered({c["batch"] for c in members}, cfg["batches"])
+        batches = ordered({c["batch"] for c in members}, cfg["batches"])
         at = {(c["r"], c["precision"], c["batch"]): c for c in members}
         lines += [f"**{backend}** — {members[0]['model_name']}, {threads} thread(s)", ""]
         rows = []
-        for p in _ordered({c["precision"] for c in members}, cfg["precisions"]):
-            for r in _ordered({c["r"] for c in members}, cfg["r"]):
+        for p in ordered({c["precision"] for c in members}, cfg["precisions"]):
+            for r in ordered({c["r"] for c in members}, cfg["r"]):
                 row = [p, r]
                 for b in batches:
                     c = at.get((r, p, b))

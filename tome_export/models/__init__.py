@@ -106,7 +106,8 @@ def resolve(name: str) -> ModelName:
         return found
     matches = [(f, upstream) for f in families() for upstream in [f.resolve(name)] if upstream is not None]
     if len(matches) > 1:
-        raise UserError(f"model name {name!r} is ambiguous: it names a model of {', '.join(f.name for f, _ in matches)}")
+        owners = ", ".join(f.name for f, _ in matches)
+        raise UserError(f"model name {name!r} is ambiguous: it names a model of {owners}")
     if matches:
         f, upstream = matches[0]
         return ModelName(name, f.source, upstream, f.name)

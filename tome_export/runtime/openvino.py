@@ -40,8 +40,9 @@ class OpenVINORunner(Runner):
             model.add_outputs(list(extra_outputs))
         config = compile_config(io.runtime.get("config", {}), self.threads, self.throughput)
         self.compiled = core.compile_model(model, "CPU", config)
-        self.ports = {name: port for port in self.compiled.outputs for name in port.get_names()}
-        self.ports.setdefault(OUTPUT_NAME, self.compiled.output(0))
+        self.output_index = {name: i for i, port in enumerate(self.compiled.outputs) for name in port.get_names()}
+        self.output_index.setdefault(OUTPUT_NAME, 0)
+        self.ports = {name: self.compiled.output(i) for name, i in self.output_index.items()}
         self.output_names = [n for n in self.output_names if n in self.ports]
         self.request = self.compiled.create_infer_request()
 
@@ -55,10 +56,10 @@ class OpenVINORunner(Runner):
         import openvino as ov
 
         results: List[Optional[np.ndarray]] = [None] * len(batches)
-        logits = self.ports[OUTPUT_NAME]
+        logits = self.output_index[OUTPUT_NAME]
 
         def done(request: Any, index: int) -> None:
-            results[index] = request.get_tensor(logits).data.copy()  # the request's buffer is reused
+            results[index] = request.get_output_tensor(logits).data.copy()  # the request's buffer is reused
 
         queue = ov.AsyncInferQueue(self.compiled, self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         queue.set_callback(done)

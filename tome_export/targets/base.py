@@ -205,8 +205,9 @@ class BuildContext:
                     outputs: Optional[Sequence[str]] = None) -> ArtifactIO:
         """How a runner runs what the target wrote (in ``directory``, default the work directory; ``outputs``,
         default the build's)."""
-        return ArtifactIO(directory or self.workdir, self.plan.input_spec(self.preprocessing.input_size), self.preprocessing,
-                          tuple(outputs or self.plan.outputs), dict(runtime), self.plan.target)
+        spec = self.plan.input_spec(self.preprocessing.input_size)
+        return ArtifactIO(directory or self.workdir, spec, self.preprocessing, tuple(outputs or self.plan.outputs),
+                          dict(runtime), self.plan.target)
 
     def validation_batches(self, dynamic: Optional[bool] = None) -> List["np.ndarray"]:
         """The bundled photos in the artifact's batch sizes (``dynamic=False``: the static batch only)."""

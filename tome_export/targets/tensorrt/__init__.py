@@ -90,7 +90,7 @@ class EngineOptions(CalibrationOptions):
 @dataclass(frozen=True)
 class TensorRTOptions(EngineOptions):
     scatter_plugin: bool = field(default=False, metadata={
-        "help": "let --merge-impl gather use TensorRT's ScatterElements plugin (not TensorRT-RTX)"})
+        "help": "let --merge-impl gather use TensorRT's ScatterElements plugin"})
 
 
 def profile_for(plan: BuildPlan) -> Profile:

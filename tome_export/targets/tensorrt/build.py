@@ -149,8 +149,9 @@ def _engine(ctx: BuildContext, library: Library, profile: Profile, graph: onnx.M
     b = ctx.settings.build
     cache = TIMING_CACHE if library.timing_cache and b.timing_cache else None
     input_name, image_shape = graph.graph.input[0].name, ctx.preprocessing.input_size
-    command = build_command(library, ONNX, ENGINE, input_name, image_shape, profile, optimization_level=b.optimization_level,
-                            timing_cache=cache, compute_capabilities=b.compute_capabilities)
+    command = build_command(library, ONNX, ENGINE, input_name, image_shape, profile,
+                            optimization_level=b.optimization_level, timing_cache=cache,
+                            compute_capabilities=b.compute_capabilities)
     write_build_script(ctx.workdir / SCRIPT, library, command, f"{ctx.precision} ({method})", __version__)
     facts = {"profile": {"input": input_name, **profile.to_dict()}, "optimization_level": b.optimization_level,
              "build_script": SCRIPT, "build_command": " ".join(command)}

@@ -116,7 +116,8 @@ class _Conversion:
                 # A float32 weight shared with kept nodes: store a low-precision copy instead of casting it.
                 self.g.initializer.append(_low_tensor(self.initializers[name], self.low, out))
             else:
-                self.new_nodes.append(helper.make_node("Cast", [name], [out], to=to, name=f"precision/cast_{suffix}/{name}"))
+                cast = helper.make_node("Cast", [name], [out], to=to, name=f"precision/cast_{suffix}/{name}")
+                self.new_nodes.append(cast)
             self.casts[key] = out
         return self.casts[key]
 
