@@ -144,7 +144,8 @@ def test_preprocessing_matches_the_weights_transforms(builder):
 
 def test_random_swag_model_from_the_registry():
     model, spec = create_model("tv_vit_b16", weights="random", seed=1)
-    assert spec.source == "torchvision" and spec.name == "vit_b_16.IMAGENET1K_SWAG_E2E_V1" and spec.timm_name is None
+    assert spec.source == "torchvision" and spec.name == "vit_b_16.IMAGENET1K_SWAG_E2E_V1"
+    assert "timm_name" not in spec.manifest_entry("torchvision-vit")
     info = model_info(model)
     assert (info.num_tokens, info.num_blocks, info.embed_dim, info.num_classes) == (577, 12, 768, 1000)
     pre = preprocessing(model)
@@ -211,7 +212,11 @@ def test_cli_builds_a_torchvision_model_and_guards_its_output(tmp_path, capsys):
     # a timm model may not overwrite it; the old manifest format (timm_name only) is still recognised
     assert main(["--model", "vit_t16", "--weights", "random", "--output", str(out)]) == 2
     assert "already holds artifacts of vit_b_32" in capsys.readouterr().err
-    from tome_export.pipeline import _model_identity
-    assert _model_identity({"alias": "vit_t16", "timm_name": "vit_tiny_patch16_224"}) == \
-        _model_identity({"alias": "vit_t16", "source": "timm", "name": "vit_tiny_patch16_224"})
+    from tome_export.manifest import InputSpec, Manifest
+
+    def identity(model):
+        return Manifest("onnx", "fp32", InputSpec("images", (1, 3, 224, 224)), {}, model=model).identity
+
+    assert identity({"alias": "vit_t16", "timm_name": "vit_tiny_patch16_224"}) == \
+        identity({"alias": "vit_t16", "source": "timm", "name": "vit_tiny_patch16_224"})
     assert json.loads((out / "manifest.json").read_text())["model"]["alias"] == "vit_b_32"

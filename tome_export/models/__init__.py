@@ -90,10 +90,11 @@ def all_aliases() -> Dict[str, str]:
 
 
 def _alias(name: str) -> Optional[ModelName]:
+    known = families()
     if name in _ALIASES:
         family, upstream = _ALIASES[name]
         return ModelName(name, FAMILIES[family].source, upstream, family)
-    for f in families():
+    for f in known:
         if name in f.aliases:
             return ModelName(name, f.source, f.aliases[name], f.name)
     return None

@@ -102,21 +102,18 @@ SECTIONS = ("build", "quantization", "calibration", "validation")
 class Settings:
     """A target's recipe sections, typed. Each target subclasses it with its own section dataclasses."""
 
-    build: Any = NoSection()
-    quantization: Any = NoSection()
-    calibration: Any = NoSection()
-    validation: Any = Validation()
+    build: NoSection = NoSection()
+    quantization: NoSection = NoSection()
+    calibration: NoSection = NoSection()
+    validation: Validation = Validation()
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, defaults: Mapping[str, Mapping[str, Any]] = {}) -> "Settings":
         """The recipe's sections parsed into this class's section types, over ``defaults`` (per section)."""
         hints = typing.get_type_hints(cls)
         where = str(recipe.path) if recipe.path else "recipe"
-        sections = {}
-        for name in SECTIONS:
-            values = {**defaults.get(name, {}), **recipe.sections.get(name, {})}
-            sections[name] = parse_section(hints[name] if hints[name] is not Any else NoSection, values,
-                                           f"{where}.{name}")
+        sections = {name: parse_section(hints[name], {**defaults.get(name, {}), **recipe.sections.get(name, {})},
+                                        f"{where}.{name}") for name in SECTIONS}
         return cls(**sections)
 
 
@@ -194,11 +191,11 @@ class BuildContext:
         return self.plan.precision
 
     @property
-    def settings(self) -> Any:
+    def settings(self) -> Any:  # the target's own Settings subclass
         return self.plan.settings
 
     @property
-    def options(self) -> Any:
+    def options(self) -> Any:  # the target's own TargetOptions subclass
         return self.plan.options
 
     def artifact_io(self, runtime: Mapping[str, Any], directory: Optional[Path] = None,
