@@ -234,6 +234,7 @@ def patch(
     merge_impl: str = "gather",
     prop_attn: Optional[bool] = None,
     trainable: bool = False,
+    fused: bool = True,
 ) -> torch.nn.Module:
     """Apply ToMe to ``model`` in place and return it.
 
@@ -249,6 +250,10 @@ def patch(
     on for inference on off-the-shelf models, off with ``trainable=True`` — the reference's advice for
     fine-tuning with ToMe (and for MAE models off the shelf). Deploy a model with the ``prop_attn`` it
     was trained with (CLI: ``--no-prop-attn``).
+
+    ``fused``: on CUDA tensors, run each block's matching and merge as one Triton kernel and one batched
+    matmul (same decisions as ``merge_impl``; see :mod:`tome_export.kernels.fused_merge`). Exports and CPU runs
+    always use ``merge_impl``.
     """
     family = _family(model)
     info = family.model_info(model)
@@ -257,7 +262,8 @@ def patch(
     if prop_attn is None:
         prop_attn = not trainable
     requested = expand_schedule(r, info.num_blocks)  # blocks cap r at run time, as the reference does
-    return family.patch(model, ToMeConfig(r=tuple(requested), merge_impl=merge_impl, prop_attn=prop_attn))
+    return family.patch(model, ToMeConfig(r=tuple(requested), merge_impl=merge_impl, prop_attn=prop_attn,
+                                               fused=fused))
 
 
 class ListedModel(NamedTuple):
