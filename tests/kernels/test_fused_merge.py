@@ -23,28 +23,34 @@ pytest.importorskip("triton")
 
 INTERPRETED = textwrap.dedent("""
     import torch
-    from tome_export.kernels import fused_merge
-    from tome_export.kernels.match_triton import launch
+    from tome_export.kernels import plan as portable, triton_merge
     from tome_export.merge import cap_r
 
     gen = torch.Generator().manual_seed(0)
     cases = [(2, 3, 17, 16, 4, 1), (2, 3, 17, 16, 4, 2), (3, 2, 200, 64, 16, 1), (2, 12, 300, 64, 40, 1),
-             (2, 2, 50, 80, 30, 5), (2, 2, 50, 32, 12, 0), (1, 4, 9, 16, 8, 1)]
+             (2, 2, 50, 80, 30, 5), (2, 2, 50, 32, 12, 0), (1, 4, 9, 16, 8, 1), (30, 1, 290, 16, 40, 1),
+             (70, 1, 130, 16, 20, 1)]
     for batch, heads, tokens, dim, r, protected in cases:
         keys = torch.randn(batch, heads, tokens, dim, generator=gen)
         keys[:, :, 5] = keys[:, :, 7]  # exact ties in scores and best-scores
         keys[:, :, 9 % tokens] = keys[:, :, 7]
         size = torch.randint(1, 5, (batch, tokens), generator=gen).float() if tokens % 2 else None
         r = cap_r(r, tokens, protected)
-        for dtype in (torch.float32, torch.float16):
-            got = launch(keys, size, r, protected, dtype)
-            want = fused_merge.match_merge(keys, size, r, protected, dtype)
-            n = tokens - r
-            assert torch.equal(got[3].long(), want[3].long()), (batch, tokens, r, protected, "rows")
-            assert torch.equal(got[1], want[1]), "sizes"
-            assert (got[0].float() - want[0].float()).abs().max() <= 1e-3, "weights"
-            assert (got[2][:, :n].float() - want[2][:, :n].float()).abs().max() <= 1e-3, "log sizes"
-    print("kernel ok")
+        x = torch.randn(batch, tokens, 136, generator=gen)
+        got = triton_merge.plan(keys, size, r, protected, torch.float32)
+        want = portable.portable_plan(keys, size, r, protected, torch.float32)
+        n = tokens - r
+        for name in ("rows", "own", "size_out", "merged_src", "merged_dst"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (batch, tokens, r, protected, name)
+        assert (got.log_size[:, :n] - want.log_size[:, :n]).abs().max() <= 1e-6, "log sizes"
+        args = (size, want.own, want.size_out, want.merged_src, want.merged_dst)
+        merged = triton_merge.merge(x, *args)
+        assert (merged - portable.portable_merge(x, *args)).abs().max() <= 1e-5, "merge"
+        grad = torch.randn(batch, n, 136, generator=gen)
+        back = triton_merge.merge_backward(grad, size, want.rows, want.size_out, torch.float32)
+        assert (back - portable.portable_merge_backward(grad, size, want.rows, want.size_out, torch.float32)
+                ).abs().max() <= 1e-6, "backward"
+    print("kernels ok")
 """)
 
 

@@ -104,27 +104,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
     """Self-attention of ``(B, heads, T, head_dim)`` q/k/v with ToMe's proportional-attention bias.
 
     ``bias`` is the log-size of each key, ``(B, 1, 1, T)`` (None before the first merge). Every family calls
-    this, so the lowering of proportional attention is chosen in one place: an additive mask where it costs
-    nothing (exports, CPU, small GPU batches), the extra channel of :func:`channel_attention` on big GPU batches.
+    this, so the lowering of proportional attention is chosen in one place: an additive mask, or on a GPU the
+    extra channel of :func:`channel_attention` from ``CHANNEL_MIN_TOKENS`` query tokens per call on.
     """
-    if bias is not None and q.is_cuda and q.shape[0] * q.shape[2] >= CHANNEL_MIN_TOKENS \
-            and not torch.compiler.is_exporting():
+    if bias is not None and CHANNEL_MIN_TOKENS is not None and q.is_cuda \
+            and q.shape[0] * q.shape[2] >= CHANNEL_MIN_TOKENS and not torch.compiler.is_exporting():
         return channel_attention(q, k, v, bias, dropout_p)
     mask = None if bias is None else bias.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-# Query tokens per attention call (batch x tokens) from which the extra channel beats the mask on a GPU.
-CHANNEL_MIN_TOKENS = 2048
+# None: always the mask. On an H200 the mask measured faster than the extra channel at every batch size from 1 to
+# 256 (benchmarks/results/gpu_speedup.md): copying q and k into wider tensors costs more than the mask does.
+CHANNEL_MIN_TOKENS: Optional[int] = None
 
 
 def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                       dropout_p: float = 0.0) -> torch.Tensor:
     """Proportional attention with the bias folded into q and k: ``scale·[q, 1, 1]·[k, hi, lo] = scale·q·k + log s``.
 
-    Fused attention kernels (flash, cuDNN) take no additive bias, and with a mask PyTorch falls back to a
-    kernel measured 2.8x slower on an H200. ``log s / scale`` is split into a high part and the remainder so
-    that 16-bit q/k carry it as exactly as an fp32 mask would; the padding keeps the head dim a multiple of 8.
+    Flash attention takes no additive bias; with the bias in q and k it can run. ``log s / scale`` is split into
+    a high part and the remainder so that 16-bit q/k carry it as exactly as an fp32 mask would; the padding
+    keeps the head dim a multiple of 8.
     """
     b, h, t, d = q.shape
     scale = d ** -0.5
