@@ -438,7 +438,7 @@ def section_name(section: Dict[str, Any]) -> str:
     parts = [section["kind"], section["subject"].label]
     if "dtype" in section:
         parts.append(str(section["dtype"]).replace("torch.", ""))
-    parts += [section.get("mode", ""), section.get("label", "")]
+    parts += [section.get("mode", ""), "CUDA graph" if section.get("graph") else "", section.get("label", "")]
     return ", ".join(p for p in parts if p)
 
 
@@ -446,7 +446,7 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() and not (opts.smoke or opts.dry) else "cpu")
     clock = opts.clock = Clock(opts.budget_s)
     results: Dict[str, Any] = {"benchmark": "gpu_speedup", "environment": environment(device),
-                               "smoke": opts.smoke, "inference": [], "finetune": [], "profile": [],
+                               "smoke": opts.smoke, "note": opts.note, "inference": [], "finetune": [], "profile": [],
                                "skipped": opts.skipped,
                                "method": {"rounds": opts.rounds, "round_ms": opts.round_ms, "timer": "CUDA events"
                                           if device.type == "cuda" else "perf_counter", "statistic": "median"}}
@@ -475,6 +475,7 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
             torch.cuda.empty_cache()
         results["wall_s"] = round(time.perf_counter() - clock.start, 1)
         save(results, opts)  # after every section: a run cut short keeps what it measured
+    save(results, opts)
     return results
 
 
@@ -531,8 +532,10 @@ def markdown(results: Dict[str, Any]) -> str:
              "Random weights (seeded, the same in every variant of a row); medians of "
              f"{results['method']['rounds']} interleaved rounds timed with {results['method']['timer']}. "
              "Speed-up = no ToMe ms / ToMe ms, measured side by side. `ToMe fused` is the default on CUDA "
-             "(one Triton kernel + one batched matmul per block); `gather` / `onehot` are the portable lowerings "
-             "that exports use.", ""]
+             "(Triton kernels per block: best-B matching, a per-image merge plan, a memory-bound merge); "
+             "`gather` / `onehot` are the portable lowerings that exports use.", ""]
+    if results.get("note"):
+        lines += [f"**Note.** {results['note']}", ""]
     for label, facts in results["flops"].items():
         lines.append(f"- {label}: {facts['gmacs_r0']} → {facts['gmacs']} GMACs ({facts['ratio']}x fewer), "
                      f"tokens per block {facts['tokens_per_block']}")
@@ -548,9 +551,32 @@ def markdown(results: Dict[str, Any]) -> str:
         lines += profile_section(profile)
     if results.get("checks"):
         lines += ["", "## Checks", "", "```json", json.dumps(results["checks"], indent=1), "```"]
-    if results["skipped"]:
-        lines += ["", "## Not measured", ""] + [f"- {s}" for s in results["skipped"]]
+    missing = unmeasured(results)
+    if results["skipped"] or missing:
+        lines += ["", "## Not measured", ""] + [f"- {s}" for s in results["skipped"] + missing]
     return "\n".join(lines) + "\n"
+
+
+def unmeasured(results: Dict[str, Any]) -> List[str]:
+    """Sections of the plan with no rows in the results (a run cut short by its time budget or device time)."""
+    if results.get("smoke"):
+        return []
+    done = {(r["model"], r["mode"], r["dtype"], r["section"]) for r in results["inference"]}
+    done |= {(r["model"], r["mode"]) for r in results["finetune"]}
+    out = []
+    for section in plan(False):
+        subject = section["subject"].label
+        if section["kind"] == "finetune":
+            mode = ("CUDA-graph" if section.get("graph") else "eager") + " training step (bf16 autocast, AdamW)"
+            measured = (subject, mode) in done
+        elif section["kind"] == "profile":
+            measured = bool(results.get("profile"))
+        else:
+            key = (subject, section["mode"], str(section["dtype"]).replace("torch.", ""), section.get("label", ""))
+            measured = key in done
+        if not measured:
+            out.append(f"{section_name(section)}: not run")
+    return out
 
 
 def table_sections(results: Dict[str, Any]) -> List[str]:
@@ -596,7 +622,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--reserve-s", type=float, default=30.0, help="do not start a section with less time left")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--round-ms", type=float, default=40.0, help="target length of one timed round")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="only write the .md report of an existing results JSON (no measuring)")
+    p.add_argument("--note", default="", help="a sentence for the report: what code or run this is")
     opts = p.parse_args(argv)
+    if opts.render:
+        results = json.loads(opts.render.read_text())
+        results["note"] = opts.note or results.get("note", "")
+        opts.render.with_suffix(".md").write_text(markdown(results))
+        print(f"wrote {opts.render.with_suffix('.md')}")
+        return 0
     if opts.smoke or opts.dry:
         opts.rounds, opts.round_ms = min(opts.rounds, 2), min(opts.round_ms, 5.0)
     if opts.dry:

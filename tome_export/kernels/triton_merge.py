@@ -12,6 +12,8 @@ Three kernels per merging block, then one more in the backward:
 * ``_merge_backward_kernel``: each input token's gradient is its output row's, times its weight.
 
 Memory traffic of the merge is one read and one write of the tokens, which is what a merge must cost.
+Software pipelining is off (``num_stages=1``): Triton 3.6 staged the twelve unrolled head loads of the score
+loop in shared memory, 0.4-0.8 MB, over the limit; the loops here run once or twice per program anyway.
 """
 
 from __future__ import annotations
@@ -210,13 +212,13 @@ def plan(keys: torch.Tensor, size: Optional[torch.Tensor], r: int, num_protected
         keys, best, dst, *keys.stride(), tokens, head_dim, n_a, n_b, a0, b0,
         H=heads, IEEE=keys.dtype == torch.float32, BLOCK_A=block_a, BLOCK_B=128 if n_b <= 128 else 64,
         BLOCK_D=block_d,
-        num_warps=4 if block_a <= 64 else 8)
+        num_warps=4 if block_a <= 64 else 8, num_stages=1)
     out = Plan.empty(batch, tokens, t_out, r, dev, dtype)
     has_size = size is not None
     _plan_kernel[(batch,)](
         best, dst, rank, size if has_size else best, out.rows, out.own, out.size_out, out.log_size, out.merged_src,
         out.merged_dst, tokens, t_out, padded(t_out), num_protected, n_a, n_b, a0, b0, r,
-        HAS_SIZE=has_size, BLOCK=128 if n_a <= 128 else 64, num_warps=8 if n_a <= 128 else 4)
+        HAS_SIZE=has_size, BLOCK=128 if n_a <= 128 else 64, num_warps=8 if n_a <= 128 else 4, num_stages=1)
     return out
 
 
@@ -229,7 +231,7 @@ def merge(x: torch.Tensor, size: Optional[torch.Tensor], own: torch.Tensor, size
     grid = (batch, triton.cdiv(t_out, 32), triton.cdiv(channels, 128))
     _merge_kernel[grid](x, size if size is not None else size_out, own, size_out, merged_src, merged_dst, out,
                         tokens, t_out, channels, r, HAS_SIZE=size is not None, BLOCK_Q=32, BLOCK_C=128,
-                        BLOCK_R=16 if r <= 16 else 32, num_warps=4)
+                        BLOCK_R=16 if r <= 16 else 32, num_warps=4, num_stages=1)
     return out
 
 
@@ -241,5 +243,6 @@ def merge_backward(grad: torch.Tensor, size: Optional[torch.Tensor], rows: torch
     grad_x = torch.empty(batch, tokens, channels, device=grad.device, dtype=dtype)
     grid = (batch, triton.cdiv(tokens, 32), triton.cdiv(channels, 128))
     _merge_backward_kernel[grid](grad, size if size is not None else size_out, rows, size_out, grad_x, tokens, t_out,
-                                 channels, HAS_SIZE=size is not None, BLOCK_T=32, BLOCK_C=128, num_warps=4)
+                                 channels, HAS_SIZE=size is not None, BLOCK_T=32, BLOCK_C=128, num_warps=4,
+                                 num_stages=1)
     return grad_x
