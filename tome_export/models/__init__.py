@@ -3,6 +3,10 @@
 One module per model family (``timm_vit``, ``torchvision_vit``, ``hf_vit``); each provides ``FAMILY``, ``SOURCE``,
 ``DESCRIPTION``, ``VERIFIED``, ``unsupported_reason(model)``, ``model_info(model)``, ``data_config(model)``
 and ``patch(model, cfg)``.
+
+The AugReg aliases pin ``augreg_in21k_ft_in1k``, the weights the ToMe paper reports on (``vit_b16``: 84.57 top-1 off
+the shelf); a bare timm name such as ``vit_base_patch16_224`` follows timm's default tag (``augreg2_in21k_ft_in1k``
+today). Manifests record the timm tag that was used (``model.pretrained_tag``).
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from .checkpoint import host_reachable, load_checked, read_state_dict
 FAMILIES = (timm_vit, torchvision_vit, hf_vit)
 
 ALIASES: Dict[str, str] = {
-    "vit_t16": "vit_tiny_patch16_224",
-    "vit_s16": "vit_small_patch16_224",
-    "vit_b16": "vit_base_patch16_224",
-    "vit_l16": "vit_large_patch16_224",
+    # AugReg: the ToMe paper's weights, pinned (timm's default tag for ViT-S/B is augreg2 today)
+    "vit_t16": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+    "vit_s16": "vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "vit_b16": "vit_base_patch16_224.augreg_in21k_ft_in1k",
+    "vit_l16": "vit_large_patch16_224.augreg_in21k_ft_in1k",
+    "vit_l16_384": "vit_large_patch16_384.augreg_in21k_ft_in1k",
     "deit_t": "deit_tiny_patch16_224",
     "deit_s": "deit_small_patch16_224",
     "deit_b": "deit_base_patch16_224",
