@@ -24,6 +24,7 @@ TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermed
 HF_MODELS: Dict[str, Tuple[str, dict]] = {
     "ViTModel": ("ViTConfig", {}),
     "ViTForImageClassification": ("ViTConfig", {"num_labels": 10}),
+    "DeiTModel": ("DeiTConfig", {}),
     "DeiTForImageClassification": ("DeiTConfig", {"num_labels": 10}),
     "DeiTForImageClassificationWithTeacher": ("DeiTConfig", {"num_labels": 10}),
     "Dinov2Model": ("Dinov2Config", {}),

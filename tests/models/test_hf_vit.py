@@ -129,6 +129,16 @@ def test_onnx_runtime_matches_pytorch(name, hf, photo_cache, tmp_path):
     assert np.abs(got - want).max() < 1e-4
 
 
+def test_vit_model_without_pooler_returns_the_final_class_token(photo_cache):
+    model = transformers.ViTModel(make_config("ViTModel"), add_pooling_layer=False).eval()
+    x = photo_cache(model, 2)
+    with torch.no_grad():
+        want = model(pixel_values=x).last_hidden_state[:, 0]
+        assert (patch(copy.deepcopy(model), 0)(x) - want).abs().max() <= 1e-5
+        got = patch(copy.deepcopy(model), 12)(x)
+    assert (got - reference_forward_hf(model, x, [12, 12, 12])[0]).abs().max() < 1e-4
+
+
 def test_patch_keeps_state_dict_and_reconfigures(hf, photo_cache):
     model = hf("DeiTForImageClassificationWithTeacher")
     keys = list(model.state_dict())
