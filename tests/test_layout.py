@@ -19,7 +19,7 @@ LAYERS: List[Tuple[str, ...]] = [
     ("errors", "_version", "files", "info", "graph_names", "schedule", "devices", "preprocess", "images", "manifest",
      "recipes", "flops"),
     ("runtime",),
-    ("merge", "models", "export"),
+    ("merge", "kernels", "models", "export"),
     ("quality", "quantization"),
     ("targets",),
     ("pipeline", "inspection", "visualize"),

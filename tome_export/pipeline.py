@@ -10,9 +10,9 @@ end, so an interrupted or failed build never leaves a directory that looks compl
 from __future__ import annotations
 
 import glob
-import importlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -68,7 +68,18 @@ class BuildRequest:
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # architecture arguments (e.g. depth)
 
     def default_output(self) -> Path:
-        return Path("tome-out") / f"{self.model}-{r_label(self.r)}-{self.target}-{self.precision}"
+        return Path("tome-out") / f"{_output_stem(self.model)}-{r_label(self.r)}-{self.target}-{self.precision}"
+
+
+def _output_stem(model: str) -> str:
+    """A model name as one directory name: the last part of a repo id behind a prefix (``hf:<owner>/<name>``) or
+    of a path."""
+    prefix, colon, rest = model.partition(":")
+    if colon and prefix.isalpha() and len(prefix) > 1:  # a family's prefix, not a Windows drive letter
+        return rest.rsplit("/", 1)[-1]
+    if "/" in model or "\\" in model or model.startswith((".", "~")):
+        return Path(model).expanduser().resolve().name or "model"
+    return model
 
 
 BuildOptions = BuildRequest  # the name of earlier releases
@@ -252,13 +263,16 @@ def build_target(prepared: PreparedBuild, model: PreparedModel, workdir: Path, o
 
 
 def _versions() -> Dict[str, str]:
+    """Versions of torch, the ONNX tools and every family library in use (imported: a family imports its library
+    when it builds a model)."""
     import onnx
     import onnxruntime
     import torch
 
     versions = {"tome_export": __version__, "torch": torch.__version__.split("+")[0]}
     for name in family_libraries():
-        versions[name] = importlib.import_module(name).__version__.split("+")[0]
+        if name in sys.modules:
+            versions[name] = sys.modules[name].__version__.split("+")[0]
     return {**versions, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 

@@ -239,7 +239,7 @@ class _Run:
             for c in plan.live:
                 self.finish(c, plan.final[c.id], "resumed")
             return
-        loaded = self.models.get(mc, self.config.r)
+        loaded = self.models.get(mc, mc.r if mc.r is not None else self.config.r)
         self.models.reference(loaded, self.results)
         subjects = _Subjects(self.config, self.cache, loaded, backend, self.say)
         timed: Dict[str, Dict[str, Any]] = {}
@@ -308,7 +308,7 @@ class _Run:
             reference = self.models.reference_decisions(loaded, v, x)
             return quality.decision_agreement(reference, subject.model, x, subject.tensor)
         try:
-            reference_model = TorchSubject(loaded.model, v.r, "fp32").model
+            reference_model = TorchSubject(loaded.model, v.r, "fp32", prop_attn=v.model.prop_attn).model
             return quality.artifact_decision_agreement(subject.artifact, reference_model, x)
         except Exception as exc:  # a graph the decision reader does not understand: say so, keep the rest
             return {"agreement": None, "reason": _failure(exc).reason}
@@ -393,7 +393,7 @@ class _Run:
                                 "input_shape": list(loaded.preprocessing.input_size)}
         if directory is None:
             spec.update(kind="torch", create_args=loaded.create_args, r=matrix.r_text(v.r),
-                        precision=v.precision, device=backends()[v.backend].device)
+                        precision=v.precision, device=backends()[v.backend].device, prop_attn=v.model.prop_attn)
         else:
             spec.update(kind="artifact", directory=str(directory))
         return spec
@@ -466,6 +466,7 @@ class _Models:
                 "eval_set": ev.name, "reference": "eager PyTorch, fp32, r=0", "reference_accuracy": acc,
                 "tokens": info.num_tokens, "blocks": info.num_blocks, "embed_dim": info.embed_dim,
                 "num_classes": info.num_classes, "input_size": list(loaded.preprocessing.input_size),
+                **({"published": dict(loaded.config.published)} if loaded.config.published else {}),
             }
         return self.references[key]
 
@@ -473,7 +474,7 @@ class _Models:
         """The merge decisions of fp32 PyTorch at the variant's r (what every backend's are compared with)."""
         key = (loaded.config.key, variant.r_label)
         if key not in self.decisions:
-            ref = TorchSubject(loaded.model, variant.r, "fp32")
+            ref = TorchSubject(loaded.model, variant.r, "fp32", prop_attn=variant.model.prop_attn)
             self.decisions[key] = torch_merge_decisions(ref.model, [x], ref.tensor)
         return self.decisions[key]
 
@@ -510,7 +511,8 @@ class _Subjects:
     def _eager(self, v: Variant) -> TorchSubject:
         if v not in self.torch:
             self.say(f"preparing torch {v.precision} {v.r_label}")
-            self.torch[v] = TorchSubject(self.loaded.model, v.r, v.precision, backends()[self.backend].device)
+            self.torch[v] = TorchSubject(self.loaded.model, v.r, v.precision, backends()[self.backend].device,
+                                         prop_attn=v.model.prop_attn)
         return self.torch[v]
 
     def _artifact(self, v: Variant, batch: int, threads: int) -> ArtifactSubject:

@@ -14,6 +14,8 @@ EXAMPLES = """examples:
   tome-export --model deit_s --r 16:-1 --dynamic-batch --output out/deit_s
   tome-export --model vit_t16 --r 8,8,8,8,8,8,8,8,8,8,8,8 --merge-impl onehot
   tome-export --model vit_b16 --checkpoint vit_b16.safetensors --batch 8
+  tome-export --model hf:google/vit-base-patch16-224 --r 16 --target openvino --precision int8
+  tome-export --model ./my-finetuned-vit --r 8          # a save_pretrained directory (transformers)
   tome-export --list-models
 
 --r takes an int (same r in every block), r:inflect (r varying linearly over the blocks,
@@ -47,8 +49,9 @@ def parser() -> argparse.ArgumentParser:
     p = Parser(prog="tome-export", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                description="Export a Token Merging (ToMe) ViT as a static-shape graph for a deployment backend, "
                "validated against PyTorch. Subcommands: " + ", ".join(subcommands) + ".")
-    p.add_argument("--model", help="alias (vit_b16, deit_s, tv_vit_b16, ...) or a model name of a supported family "
-                   "(see --list-models)")
+    p.add_argument("--model", help="alias (vit_b16, deit_s, tv_vit_b16, ...), a timm or torchvision ViT name, "
+                   "hf:<repo id> (transformers, hub or its cache), a save_pretrained directory, or any name a "
+                   "supported family recognises (see --list-models)")
     p.add_argument("--r", default="16", help="tokens merged per block: 16 | 16:-1 | 8,8,... (default 16)")
     p.add_argument("--target", help=f"one of {', '.join(sorted(targets()))} (default onnx)")
     p.add_argument("--precision", help="fp32 | fp16 | bf16 | int8 ... as the target supports (default fp32)")
@@ -63,9 +66,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", type=Path, help="output directory (default tome-out/<model>-r<r>-<target>-<precision>)")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--weights", choices=["pretrained", "random"], default="pretrained",
-                         help="pretrained (the family's hub or download, or their caches) or seeded random "
-                         "(default pretrained)")
-    weights.add_argument("--checkpoint", type=Path, help="a state_dict of the model (.pth or .safetensors)")
+                         help="pretrained (timm / transformers hub, torchvision download, or their caches) or "
+                         "seeded random (default pretrained)")
+    weights.add_argument("--checkpoint", type=Path, help="a timm or torchvision state_dict (.pth or .safetensors)")
     p.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
     p.add_argument("--merge-impl", default="auto", choices=["auto", "gather", "onehot"],
                    help="merge lowering: gather (TopK/Gather/ScatterElements) or onehot (matmul); auto picks per target")
@@ -82,8 +85,10 @@ def parser() -> argparse.ArgumentParser:
 
 def list_models() -> int:
     from ..models import families, list_models, verified_families
+    from ..models.paper import PAPER_CHECKPOINTS, SOURCE, describe
 
-    print("aliases:")
+    print("aliases (vit_t16 ... vit_l16_384 pin the AugReg weights the ToMe paper used, augreg_in21k_ft_in1k; a bare")
+    print("timm name follows timm's default tag, e.g. vit_base_patch16_224 -> augreg2_in21k_ft_in1k):")
     for alias, source, name in list_models():
         print(f"  {alias:18s} {source:12s} {name}")
     print("families:")
@@ -92,7 +97,12 @@ def list_models() -> int:
     print("verified (tests: see README 'Supported models'):")
     for source, family, names, checked in verified_families():
         print(f"  [{source}] {family}: {names}\n      checked: {checked}")
-    print("any model name a supported family recognises (timm names, torchvision builder[.WEIGHTS], ...) also works")
+    print(f"the ToMe paper's checkpoints (ImageNet-1k top-1 as published in {SOURCE};")
+    print("benchmarks/paper_imagenet.yaml measures them with --data IMAGENET_VAL):")
+    for entry in PAPER_CHECKPOINTS:
+        print(f"  {describe(entry)}")
+    print("any timm model name of a supported family, torchvision builder[.WEIGHTS] names, hf:<repo id> and "
+          "save_pretrained directories also work")
     return 0
 
 

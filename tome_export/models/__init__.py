@@ -23,7 +23,7 @@ from ..info import ModelInfo
 from ..preprocess import Preprocessing
 from ..schedule import RSpec, expand_schedule
 from .base import ToMeConfig
-from .checkpoint import load_checked, read_state_dict
+from .checkpoint import load_checked
 from .family import Family
 
 ENTRY_POINTS = "tome_export.families"
@@ -44,7 +44,7 @@ def register_alias(alias: str, family: str, name: str) -> None:
 
 
 def families() -> List[Family]:
-    """Every registered family (in a stable order: by name)."""
+    """Every registered family, in the order names are offered to them (priority, then name)."""
     global _discovered
     if not _discovered:
         _discovered = True
@@ -54,7 +54,7 @@ def families() -> List[Family]:
                 register_family(imported.FAMILY)
         for entry in metadata.entry_points(group=ENTRY_POINTS):
             register_family(entry.load())
-    return [FAMILIES[name] for name in sorted(FAMILIES)]
+    return sorted(FAMILIES.values(), key=lambda f: (f.priority, f.name))
 
 
 class ModelName(NamedTuple):
@@ -76,11 +76,13 @@ class ModelSpec:
     seed: Optional[int] = None
     checkpoint: Optional[str] = None
     source: str = "timm"
-    fields: Dict[str, Any] = field(default_factory=dict)  # the family's extra manifest entries
+    details: Dict[str, Any] = field(default_factory=dict)  # what the family records beside the name
 
     def manifest_entry(self, family: str) -> Dict[str, Any]:
-        return {"alias": self.alias, "source": self.source, "name": self.name, **self.fields, "family": family,
-                "weights": self.weights, "seed": self.seed, "checkpoint": self.checkpoint}
+        timm_name = {"timm_name": self.details["timm_name"]} if "timm_name" in self.details else {}
+        rest = {k: v for k, v in self.details.items() if k != "timm_name"}
+        return {"alias": self.alias, "source": self.source, "name": self.name, **timm_name, "family": family,
+                "weights": self.weights, "seed": self.seed, "checkpoint": self.checkpoint, **rest}
 
 
 def all_aliases() -> Dict[str, str]:
@@ -101,17 +103,14 @@ def _alias(name: str) -> Optional[ModelName]:
 
 
 def resolve(name: str) -> ModelName:
-    """The family and upstream name of an alias or of a name one family recognises."""
+    """The family and upstream name of an alias, or of a name the first family (in priority order) recognises."""
     found = _alias(name)
     if found is not None:
         return found
-    matches = [(f, upstream) for f in families() for upstream in [f.resolve(name)] if upstream is not None]
-    if len(matches) > 1:
-        owners = ", ".join(f.name for f, _ in matches)
-        raise UserError(f"model name {name!r} is ambiguous: it names a model of {owners}")
-    if matches:
-        f, upstream = matches[0]
-        return ModelName(name, f.source, upstream, f.name)
+    for f in families():
+        upstream = f.resolve(name)
+        if upstream is not None:
+            return ModelName(name, f.source, upstream, f.name)
     candidates = list(all_aliases()) + [n for f in families() for n in f.names()]
     close = difflib.get_close_matches(name, candidates, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -135,19 +134,23 @@ def create_model(name: str, weights: str = "pretrained", checkpoint: Optional[os
     """
     ref = resolve(name)
     family = FAMILIES[ref.family]
-    spec = dict(alias=ref.alias, name=ref.name, source=ref.source, fields=family.manifest_fields(ref.name))
     if checkpoint is not None:
-        sd, kwargs = family.kwargs_from_state_dict(ref.name, read_state_dict(Path(checkpoint)), kwargs)
+        sd, kwargs = family.load_checkpoint(ref.name, Path(checkpoint), kwargs)
         torch.manual_seed(seed)
         model = family.create(ref.name, False, **kwargs)
         load_checked(model, sd, str(checkpoint), f"{ref.alias} ({ref.name})")
-        return model.eval(), ModelSpec(weights="checkpoint", checkpoint=str(checkpoint), **spec)
-    if weights == "random":
+        weighed = dict(weights="checkpoint", checkpoint=str(checkpoint))
+    elif weights == "random":
         torch.manual_seed(seed)
-        return family.create(ref.name, False, **kwargs).eval(), ModelSpec(weights="random", seed=seed, **spec)
-    if weights == "pretrained":
-        return _create_pretrained(family, ref, kwargs).eval(), ModelSpec(weights="pretrained", **spec)
-    raise UserError(f"unknown --weights {weights!r}: use pretrained or random (or --checkpoint PATH)")
+        model = family.create(ref.name, False, **kwargs)
+        weighed = dict(weights="random", seed=seed)
+    elif weights == "pretrained":
+        model = _create_pretrained(family, ref, kwargs)
+        weighed = dict(weights="pretrained")
+    else:
+        raise UserError(f"unknown --weights {weights!r}: use pretrained or random (or --checkpoint PATH)")
+    return model.eval(), ModelSpec(alias=ref.alias, name=ref.name, source=ref.source,
+                                   details=family.manifest_fields(ref.name, model), **weighed)
 
 
 def _create_pretrained(family: Family, ref: ModelName, kwargs: Dict[str, Any]) -> torch.nn.Module:
@@ -193,6 +196,7 @@ def patch(
     merge_impl: str = "gather",
     prop_attn: Optional[bool] = None,
     trainable: bool = False,
+    fused: bool = True,
 ) -> torch.nn.Module:
     """Apply ToMe to ``model`` in place and return it.
 
@@ -208,6 +212,10 @@ def patch(
     on for inference on off-the-shelf models, off with ``trainable=True`` — the reference's advice for
     fine-tuning with ToMe (and for MAE models off the shelf). Deploy a model with the ``prop_attn`` it
     was trained with (CLI: ``--no-prop-attn``).
+
+    ``fused``: on CUDA tensors, run each block's matching and merge as one Triton kernel and one batched
+    matmul (same decisions as ``merge_impl``; see :mod:`tome_export.kernels.fused_merge`). Exports and CPU runs
+    always use ``merge_impl``.
     """
     family = family_of(model)
     info = family.model_info(model)
@@ -216,7 +224,8 @@ def patch(
     if prop_attn is None:
         prop_attn = not trainable
     requested = expand_schedule(r, info.num_blocks)  # blocks cap r at run time, as the reference does
-    return family.patch(model, ToMeConfig(r=tuple(requested), merge_impl=merge_impl, prop_attn=prop_attn))
+    return family.patch(model, ToMeConfig(r=tuple(requested), merge_impl=merge_impl, prop_attn=prop_attn,
+                                          fused=fused))
 
 
 class ListedModel(NamedTuple):

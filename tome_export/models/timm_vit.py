@@ -9,6 +9,7 @@ the model and its blocks, and nothing changes between calls.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -19,7 +20,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from ..info import ModelInfo
 from ..preprocess import Preprocessing
 from .base import State, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
-from .checkpoint import host_reachable
+from .checkpoint import host_reachable, read_state_dict
 from .family import Family
 
 NAME = "timm-vit"
@@ -186,11 +187,15 @@ def patch(model: VisionTransformer, cfg: ToMeConfig) -> VisionTransformer:
 
 # --- registration: names, weights, checkpoints ------------------------------------------------------------
 
+# The AugReg aliases pin augreg_in21k_ft_in1k, the weights the ToMe paper reports on (vit_b16: 84.57 top-1 off the
+# shelf); a bare timm name such as vit_base_patch16_224 follows timm's default tag (augreg2_in21k_ft_in1k today).
+# Manifests record the tag that was used (model.pretrained_tag).
 ALIASES: Dict[str, str] = {
-    "vit_t16": "vit_tiny_patch16_224",
-    "vit_s16": "vit_small_patch16_224",
-    "vit_b16": "vit_base_patch16_224",
-    "vit_l16": "vit_large_patch16_224",
+    "vit_t16": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+    "vit_s16": "vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "vit_b16": "vit_base_patch16_224.augreg_in21k_ft_in1k",
+    "vit_l16": "vit_large_patch16_224.augreg_in21k_ft_in1k",
+    "vit_l16_384": "vit_large_patch16_384.augreg_in21k_ft_in1k",
     "deit_t": "deit_tiny_patch16_224",
     "deit_s": "deit_small_patch16_224",
     "deit_b": "deit_base_patch16_224",
@@ -248,9 +253,9 @@ def create(name: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
         hub.HF_HUB_OFFLINE = offline_before
 
 
-def kwargs_from_state_dict(name: str, sd: Dict[str, torch.Tensor], kwargs: Dict[str, Any]
-                           ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """The class count of a checkpoint's head, and average pooling for MAE fine-tuned checkpoints."""
+def load_checkpoint(name: str, path: Path, kwargs: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """A timm state_dict, with the class count of its head and average pooling for MAE fine-tuned checkpoints."""
+    sd = read_state_dict(path)
     kwargs = dict(kwargs)
     head = sd.get("head.weight")
     if head is not None and head.ndim == 2 and "num_classes" not in kwargs:
@@ -258,6 +263,12 @@ def kwargs_from_state_dict(name: str, sd: Dict[str, torch.Tensor], kwargs: Dict[
     if "fc_norm.weight" in sd and "norm.weight" not in sd and "global_pool" not in kwargs:
         kwargs["global_pool"] = "avg"  # MAE fine-tuned checkpoints: average pool, then fc_norm
     return sd, kwargs
+
+
+def manifest_fields(name: str, model: torch.nn.Module) -> Dict[str, Any]:
+    """``timm_name`` (manifests before other families had only this) and the pretrained tag of the weights."""
+    tag = (getattr(model, "pretrained_cfg", None) or {}).get("tag")
+    return {"timm_name": name, **({"pretrained_tag": tag} if tag else {})}
 
 
 def claims(model: torch.nn.Module) -> bool:
@@ -279,9 +290,8 @@ def example() -> VisionTransformer:
 
 FAMILY = Family(
     name=NAME, source=SOURCE, description=DESCRIPTION, resolve=resolve, create=create,
-    kwargs_from_state_dict=kwargs_from_state_dict, claims=claims, unsupported_reason=unsupported_reason,
+    load_checkpoint=load_checkpoint, claims=claims, unsupported_reason=unsupported_reason,
     model_info=model_info, preprocessing=lambda model: Preprocessing.from_config(data_config(model)), patch=patch,
     aliases=ALIASES, names=names, verified=VERIFIED, libraries=("timm",),
-    manifest_fields=lambda name: {"timm_name": name},  # manifests before torchvision support had only this
-    example=example,
+    manifest_fields=manifest_fields, example=example,
 )

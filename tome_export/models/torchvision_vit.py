@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..info import ModelInfo
 from ..preprocess import Preprocessing
 from .base import State, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
-from .checkpoint import host_reachable
+from .checkpoint import host_reachable, read_state_dict
 from .family import Family
 
 NAME = "torchvision-vit"
@@ -265,10 +265,10 @@ def patch(model: VisionTransformer, cfg: ToMeConfig) -> VisionTransformer:
 # --- registration -------------------------------------------------------------------------------------------
 
 
-def kwargs_from_state_dict(name: str, sd: Dict[str, torch.Tensor], kwargs: Dict[str, Any]
-                           ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """A checkpoint in current key names, and the architecture it was saved with (an explicit image size wins)."""
-    sd = upgrade_state_dict(sd)
+def load_checkpoint(name: str, path: Path, kwargs: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """A torchvision state_dict in current key names, and the architecture it was saved with (an explicit image
+    size wins)."""
+    sd = upgrade_state_dict(read_state_dict(path))
     inferred = architecture_kwargs(name, sd)
     if "img_size" in kwargs:
         inferred.pop("image_size", None)
@@ -283,7 +283,7 @@ def example() -> VisionTransformer:
 
 FAMILY = Family(
     name=NAME, source=SOURCE, description=DESCRIPTION, resolve=canonical_name, create=build,
-    kwargs_from_state_dict=kwargs_from_state_dict, claims=lambda model: isinstance(model, VisionTransformer),
+    load_checkpoint=load_checkpoint, claims=lambda model: isinstance(model, VisionTransformer),
     unsupported_reason=unsupported_reason, model_info=model_info,
     preprocessing=lambda model: Preprocessing.from_config(data_config(model)), patch=patch, aliases=ALIASES,
     names=lambda: BUILDERS, verified=VERIFIED, libraries=("torchvision",), example=example,
