@@ -56,7 +56,7 @@ def nontrivial(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             param = getattr(model, token, None)
             if param is not None:
                 param.copy_(0.5 * torch.randn(param.shape, generator=gen))
-        head = model.heads.head if hasattr(model, "heads") else model.head
+        head = model.heads.head if hasattr(model, "heads") else getattr(model, "head", getattr(model, "classifier", None))
         if isinstance(head, torch.nn.Linear):
             if head.weight.abs().max() == 0:  # torchvision initialises its classifier to zero
                 head.weight.copy_(0.02 * torch.randn(head.weight.shape, generator=gen))
