@@ -24,6 +24,7 @@ LAYERS: List[Tuple[str, ...]] = [
     ("targets",),
     ("pipeline", "inspection", "visualize"),
     ("bench",),
+    ("tuning",),
     ("cli",),
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
@@ -113,7 +114,8 @@ def test_no_import_cycle():
 
 
 @pytest.mark.parametrize("module", ["tome_export.recipes", "tome_export.schedule", "tome_export.bench.config",
-                                    "tome_export.runtime", "tome_export.targets", "tome_export.inspection"])
+                                    "tome_export.runtime", "tome_export.targets", "tome_export.inspection",
+                                    "tome_export.tuning.request", "tome_export.tuning.search"])
 def test_data_layers_and_registries_import_no_torch(module):
     code = (f"import sys, importlib; m = importlib.import_module({module!r}); "
             "getattr(m, 'targets', lambda: None)(); "

@@ -21,6 +21,8 @@ _LAZY = {
     "model_info": "models",
     "patch": "models",
     "resolve_schedule": "schedule",
+    "tune": "tuning",
+    "TuneRequest": "tuning",
 }
 
 __all__ = ["UserError", "ValidationError", "__version__", *_LAZY]

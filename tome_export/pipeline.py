@@ -9,6 +9,7 @@ end, so an interrupted or failed build never leaves a directory that looks compl
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -18,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 try:
     import fcntl
@@ -323,7 +324,19 @@ def build(request: BuildRequest, log: Log = lambda msg: None, warn: Log = _warn)
     started = time.perf_counter()
     prepared = prepare(request)
     model = prepare_model(prepared, log, warn)
-    out = prepared.output
+    with staged_output(prepared.output) as tmp:
+        _, manifest = build_into(prepared, model, tmp, log, started=started)
+    return BuildResult(prepared.output, manifest)
+
+
+# --- work directories -------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A hidden, locked work directory beside ``out``; it replaces ``out`` when the block ends without error and
+    is removed otherwise, so ``out`` is always either the previous content or the complete new one."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_workdirs(out.parent, out.name)
     tmp, lock = _locked_workdir(out.parent, f".{out.name}.tmp-")
@@ -331,7 +344,7 @@ def build(request: BuildRequest, log: Log = lambda msg: None, warn: Log = _warn)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should not be
-        _, manifest = build_into(prepared, model, tmp, log, started=started)
+        yield tmp
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -339,10 +352,6 @@ def build(request: BuildRequest, log: Log = lambda msg: None, warn: Log = _warn)
     finally:
         if lock is not None:
             os.close(lock)
-    return BuildResult(out, manifest)
-
-
-# --- work directories -------------------------------------------------------------------------------------------
 
 
 def _locked_workdir(parent: Path, prefix: str) -> Tuple[Path, Optional[int]]:

@@ -14,7 +14,8 @@ from .report import ordered
 PLOTS_DIR = "plots"
 
 
-def _figure(rows: int, cols: int, width: float, height: float):
+def new_figure(rows: int, cols: int, width: float, height: float):
+    """A figure of ``rows`` x ``cols`` axes (each ``width`` x ``height`` inches) drawn without a display."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -24,7 +25,8 @@ def _figure(rows: int, cols: int, width: float, height: float):
     return fig, axes
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path``, atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     atomic_write(path, buf.getvalue())
@@ -33,7 +35,7 @@ def _save(fig, path: Path) -> Path:
 
 def throughput_vs_batch(cells: List[Dict], cfg: Dict, title: str, path: Path) -> Path:
     backends = ordered({c["backend"] for c in cells}, cfg["backends"])
-    fig, axes = _figure(1, len(backends), 5.0, 3.8)
+    fig, axes = new_figure(1, len(backends), 5.0, 3.8)
     styles = ["-", "--", ":", "-."]
     for ax, backend in zip(axes[0], backends):
         lines: Dict[Tuple, List[Tuple[int, float]]] = defaultdict(list)
@@ -54,7 +56,7 @@ def throughput_vs_batch(cells: List[Dict], cfg: Dict, title: str, path: Path) ->
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{title}: throughput vs batch size (colour: r, line: precision)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def speedup_bars(cells: List[Dict], cfg: Dict, title: str, path: Path) -> Path:
@@ -62,7 +64,7 @@ def speedup_bars(cells: List[Dict], cfg: Dict, title: str, path: Path) -> Path:
     cells = [c for c in cells if c["threads"] == threads and c.get("derived", {}).get("speedup") is not None]
     backends = ordered({c["backend"] for c in cells}, cfg["backends"])
     batches = ordered({c["batch"] for c in cells}, cfg["batches"])
-    fig, axes = _figure(max(1, len(backends)), max(1, len(batches)), 4.6, 3.4)
+    fig, axes = new_figure(max(1, len(backends)), max(1, len(batches)), 4.6, 3.4)
     for i, backend in enumerate(backends):
         for j, batch in enumerate(batches):
             ax = axes[i][j]
@@ -88,7 +90,7 @@ def speedup_bars(cells: List[Dict], cfg: Dict, title: str, path: Path) -> Path:
             if groups:
                 ax.legend(fontsize=7)
     fig.suptitle(f"{title}: speedups, measured side by side ({threads} thread(s))")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pareto(cells: List[Dict], variants: Dict[str, Dict], cfg: Dict, title: str, path: Path) -> Path:
@@ -96,7 +98,7 @@ def pareto(cells: List[Dict], variants: Dict[str, Dict], cfg: Dict, title: str, 
     cells = [c for c in cells if c["threads"] == threads and "fidelity" in (variants.get(c["variant"]) or {})]
     batches = ordered({c["batch"] for c in cells}, cfg["batches"])
     use_accuracy = all("accuracy" in variants[c["variant"]] for c in cells) and bool(cells)
-    fig, axes = _figure(1, max(1, len(batches)), 4.8, 3.8)
+    fig, axes = new_figure(1, max(1, len(batches)), 4.8, 3.8)
     markers = "osD^vP*X"
     for ax, batch in zip(axes[0], batches):
         points = []
@@ -124,7 +126,7 @@ def pareto(cells: List[Dict], variants: Dict[str, Dict], cfg: Dict, title: str, 
         ax.set_title(f"batch {batch}", fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{title}: quality vs throughput ({threads} thread(s); labels: r)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_plots(out: Path, results: Dict[str, Any]) -> List[Path]:
