@@ -6,6 +6,7 @@ One function backs both ``tome-export serve DIR`` (an existing artifact) and ``t
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ class ServeResult:
 
 def default_repository(artifact: Path) -> Path:
     """``model_repository/`` beside the artifact, so several builds share one repository."""
-    return Path(artifact).resolve().parent / REPOSITORY
+    return Path(os.path.abspath(artifact)).parent / REPOSITORY
 
 
 def check_request(artifact: Path, fmt: str, repository: Optional[Path], options: TritonOptions, force: bool) -> None:
@@ -45,7 +46,7 @@ def check_request(artifact: Path, fmt: str, repository: Optional[Path], options:
 
 def _config_header(artifact: Path, manifest: dict, plan: ModelPlan) -> List[str]:
     model = manifest.get("model", {})
-    header = [f"Written by tome-export from {artifact.resolve().name} ({model.get('alias')}: {model.get('source', 'timm')} "
+    header = [f"Written by tome-export from {Path(os.path.abspath(artifact)).name} ({model.get('alias')}: {model.get('source', 'timm')} "
               f"{model.get('name')}, {manifest.get('target')} {manifest.get('precision')}, r {manifest.get('r_schedule')}).",
               f"Validated when built: {validation_line(manifest)}.", "README.md beside this file: serving, preprocessing, client."]
     return header + [f"NOTE: {note}" for note in plan.notes]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, List, Mapping
 
@@ -73,7 +74,7 @@ def _client_lines(plan: ModelPlan) -> List[str]:
 
 
 def _server_lines(plan: ModelPlan, manifest: Mapping[str, Any], repository: Path) -> List[str]:
-    lines = ["```", f"tritonserver --model-repository {repository.resolve()}", "```"]
+    lines = ["```", f"tritonserver --model-repository {os.path.abspath(repository)}", "```"]
     if plan.variant == "python":
         packages = BACKEND_PACKAGES.get(str(manifest.get("target")), "")
         lines += ["", "The Python backend runs `1/model.py`, which loads `1/artifact/` with `tome_export.runtime.load` "
@@ -93,7 +94,7 @@ def render_readme(plan: ModelPlan, manifest: Mapping[str, Any], artifact: Path, 
     settings = ", ".join(f"{k}={v}" for k, v in plan.parameters.items() if not k.startswith(("preprocessing.",
                                                                                             "tome_export.")))
     lines = [f"# {plan.name}: {title}", "",
-             f"Written by tome-export {__version__} from `{artifact.resolve()}` ({model.get('source', 'timm')} "
+             f"Written by tome-export {__version__} from `{os.path.abspath(artifact)}` ({model.get('source', 'timm')} "
              f"{model.get('name')}, weights {model.get('weights')}). Validated when built: {validation_line(manifest)}.",
              "", "## Serve", "", *_server_lines(plan, manifest, repository),
              "", "## Inputs and outputs", "", *_io_lines(plan),

@@ -9,6 +9,7 @@ profile; settings the native backends cannot express are returned as notes, neve
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -77,7 +78,7 @@ def model_name(directory: Path, requested: Optional[str]) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", requested):
             raise UserError(f"--name {requested!r}: use letters, digits, '_', '.' and '-' (not first '.' or '-')")
         return requested
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(directory).resolve().name).lstrip(".-")
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(os.path.abspath(directory)).name).lstrip(".-")
     return name or "model"
 
 
