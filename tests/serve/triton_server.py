@@ -89,7 +89,8 @@ class TritonServer:
                 "--model-repository", str(self.repository), "--backend-directory", str(self._backends()),
                 "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
                 "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc_port), "--allow-metrics", "false",
-                "--disable-auto-complete-config", "--exit-on-error", "true", "--strict-readiness", "true"]
+                "--disable-auto-complete-config", "--exit-on-error", "true", "--strict-readiness", "true",
+                "--exit-timeout-secs", "5"]
 
     def _environment(self) -> dict:
         env = dict(os.environ)
