@@ -10,15 +10,19 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 from .errors import UserError, ValidationError
+
+if TYPE_CHECKING:
+    from .serve import ServeResult
 
 EXAMPLES = """examples:
   tome-export --model vit_b16 --r 16 --target onnx --weights random
   tome-export --model deit_s --r 16:-1 --dynamic-batch --output out/deit_s
   tome-export --model vit_t16 --r 8,8,8,8,8,8,8,8,8,8,8,8 --merge-impl onehot
   tome-export --model vit_b16 --checkpoint vit_b16.safetensors --batch 8
+  tome-export --model vit_b16 --r 16 --target openvino --precision int8 --serve triton
   tome-export --list-models
 
 --r takes an int (same r in every block), r:inflect (r varying linearly over the blocks,
@@ -34,6 +38,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _export_parser() -> argparse.ArgumentParser:
     from .backends import TARGETS
+    from .serve import FORMATS
+    from .serve.triton import VARIANTS
 
     p = _Parser(
         prog="tome-export",
@@ -77,6 +83,13 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-data", type=Path, metavar="DIR",
                    help="folder of representative images for int8/fp8 calibration (onnxruntime, openvino, "
                    "tensorrt; default: the bundled photos)")
+    serve = p.add_argument_group("serving (the same step as `tome-export serve` on the finished build)")
+    serve.add_argument("--serve", choices=FORMATS, help="also write a model repository entry for this build")
+    serve.add_argument("--serve-variant", choices=VARIANTS, default="python",
+                       help="python: Triton's Python backend runs the artifact through tome_export.runtime (default); "
+                       "native: Triton's onnxruntime / openvino / tensorrt backend")
+    serve.add_argument("--serve-repository", type=Path, metavar="REPO",
+                       help="model repository (default: model_repository/ beside the build directory)")
     p.add_argument("--list-models", action="store_true", help="print the model aliases and supported families")
     return p
 
@@ -123,6 +136,7 @@ def _export(argv: Sequence[str]) -> int:
     from .backends.common import summary_line as merge_summary
     from .pipeline import BuildOptions, build, prepare
     from .schedule import parse_r_text
+    from .serve import TritonOptions, check_request, serve_artifact
 
     args = _export_parser().parse_args(argv)
     if args.list_models:
@@ -140,7 +154,10 @@ def _export(argv: Sequence[str]) -> int:
         extra={k: v for k, v in extra.items() if v is not None},
         trace_source=args.trace_source,
     )
-    prepare(opts)  # cheap checks first, before any progress display
+    _, _, out = prepare(opts)  # cheap checks first, before any progress display
+    serving = TritonOptions(variant=args.serve_variant)
+    if args.serve:
+        check_request(out, args.serve, args.serve_repository, serving, args.force)
     progress = _Progress(4, args.quiet)
     try:
         result = build(opts, log=progress)
@@ -162,7 +179,18 @@ def _export(argv: Sequence[str]) -> int:
         print(f"  merges     {merges}")
     for note in m.get("notes", []):
         print(f"  note       {note}")
+    if args.serve:
+        _print_served(serve_artifact(result.path, args.serve, args.serve_repository, serving, args.force))
     return 0
+
+
+def _print_served(result: "ServeResult", first: str = "  served    ") -> None:
+    plan = result.plan
+    batching = f"max_batch_size {plan.batching.max_batch_size}" + (", dynamic batching" if plan.batching.dynamic else "")
+    print(f"{first} {result.model_dir} (Triton {plan.backend} backend; {batching})")
+    print(f"  run        tritonserver --model-repository {result.repository}")
+    for note in plan.notes:
+        print(f"tome-export: warning: {note}", file=sys.stderr)
 
 
 VISUALIZE_EXAMPLES = """examples:
@@ -296,6 +324,46 @@ def _bench(argv: Sequence[str]) -> int:
 
 
 SUBCOMMANDS["bench"] = _bench
+
+SERVE_EXAMPLES = """examples:
+  tome-export serve tome-out/vit_b16-r16-openvino-int8
+  tome-export serve tome-out/vit_t16-r8-onnxruntime-fp32 --variant native -o /models --max-batch-size 16
+  tome-export --model vit_b16 --r 16 --target openvino --precision int8 --serve triton   # build, then this
+
+Writes REPO/NAME/config.pbtxt, REPO/NAME/1/ (the model), README.md and SHA256SUMS. REPO defaults to
+model_repository/ beside the build, NAME to the build directory's name. --variant python (default) serves
+the artifact through tome_export.runtime in Triton's Python backend, exactly as validated; native hands the
+graph to Triton's onnxruntime, openvino or tensorrt backend (README.md lists what those cannot express).
+"""
+
+
+def _serve(argv: Sequence[str]) -> int:
+    from .serve import FORMATS, serve_artifact
+    from .serve.triton import DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, VARIANTS, TritonOptions
+
+    p = _Parser(prog="tome-export serve", epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Write a serving-system model repository entry for a build directory.")
+    p.add_argument("artifact", type=Path, help="a directory written by tome-export")
+    p.add_argument("--format", default="triton", choices=FORMATS, help="serving system (default triton)")
+    p.add_argument("--variant", default="python", choices=VARIANTS, help="python (default) or native backend")
+    p.add_argument("--output", "-o", type=Path, metavar="REPO", help="model repository (default: model_repository/ "
+                   "beside the artifact)")
+    p.add_argument("--name", help="model name in the repository (default: the artifact directory's name)")
+    p.add_argument("--max-batch-size", type=int, help=f"largest batch Triton forms (default: the TensorRT profile's "
+                   f"max, else {DEFAULT_MAX_BATCH}); dynamic-batch builds only")
+    p.add_argument("--queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
+                   help=f"how long dynamic batching waits to fill a batch (default {DEFAULT_QUEUE_DELAY_US})")
+    p.add_argument("--threads", type=int, help="CPU threads per model instance (default: the backend's)")
+    p.add_argument("--force", action="store_true", help="replace a model of the same name in the repository")
+    args = p.parse_args(argv)
+    options = TritonOptions(variant=args.variant, name=args.name, max_batch_size=args.max_batch_size,
+                            queue_delay_us=args.queue_delay_us, threads=args.threads)
+    result = serve_artifact(args.artifact, args.format, args.output, options, args.force)
+    _print_served(result, first="wrote")
+    return 0
+
+
+SUBCOMMANDS["serve"] = _serve
 
 
 def main(argv: Optional[List[str]] = None) -> int:

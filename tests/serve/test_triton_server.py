@@ -1,7 +1,7 @@
 """Python-backend repositories served by a real ``tritonserver`` (nvidia-pytriton's), answering over loopback.
 
 One server for the module: an ONNX Runtime and an OpenVINO build with a dynamic batch, and a static batch-1
-ONNX build. Logits must equal ``tome_export.runtime.load`` of the same
+ONNX build written by the CLI's ``--serve triton``. Logits must equal ``tome_export.runtime.load`` of the same
 artifact to 1e-5, and the server's statistics must show that requests sent together ran as one batch.
 """
 
@@ -31,6 +31,8 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def served(vit_t16_build, tmp_path_factory):
     """(server, {model name: artifact directory})."""
+    from tome_export.cli import main
+
     root = tmp_path_factory.mktemp("triton")
     repository = root / "repository"
     models = {}
@@ -39,8 +41,11 @@ def served(vit_t16_build, tmp_path_factory):
         result = serve_artifact(artifact, repository=repository,
                                 options=TritonOptions(name=f"{target}_python", queue_delay_us=QUEUE_DELAY_US))
         models[result.plan.name] = artifact
-    static = vit_t16_build("onnx", batch="static")
-    models[serve_artifact(static, repository=repository, options=TritonOptions(name="vit_t16-onnx")).plan.name] = static
+    static = root / "static" / "vit_t16-onnx"
+    code = main(["--model", "vit_t16", "--r", "8", "--weights", "random", "--target", "onnx", "-o", str(static),
+                 "--serve", "triton", "--serve-repository", str(repository), "-q"])
+    assert code == 0
+    models[static.name] = static
     with TritonServer(HOME, repository, root / "server") as server:
         yield server, models
 
@@ -78,7 +83,7 @@ def test_concurrent_requests_are_batched_and_exact(served, model):
     client.close()
 
 
-def test_static_batch_model(served):
+def test_static_batch_model_from_the_cli(served):
     server, models = served
     name = "vit_t16-onnx"
     runner = runtime.load(models[name])
