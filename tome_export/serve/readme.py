@@ -80,19 +80,26 @@ def _server_lines(plan: ModelPlan, manifest: Mapping[str, Any], repository: Path
         lines += ["", "The Python backend runs `1/model.py`, which loads `1/artifact/` with `tome_export.runtime.load` "
                   "(checksums verified) — the code path the build validated. The server's Python needs tome-export "
                   "and the backend, no torch:",
-                  "", "```", f"pip install --no-deps tome-export=={__version__}",
+                  "", "```", f"pip install --no-deps /path/to/tome-export   # its source tree or wheel, version {__version__}",
                   f"pip install numpy pillow {packages}", "```"]
     else:
         lines += ["", f"Triton's native `{plan.backend}` backend loads `1/{plan.default_model_filename}`."]
     return lines
 
 
+def _runtime_settings(manifest: Mapping[str, Any]) -> str:
+    runtime = {k: v for k, v in manifest.get("runtime", {}).items() if k != "file"}
+    flat = {**{k: v for k, v in runtime.items() if k != "config"}, **runtime.get("config", {})}
+    return ", ".join(f"{k}={v}" for k, v in flat.items()) or "none"
+
+
 def render_readme(plan: ModelPlan, manifest: Mapping[str, Any], artifact: Path, repository: Path) -> str:
     model = manifest.get("model", {})
     title = (f"{model.get('alias')} ToMe r {manifest.get('r_schedule')}, {manifest.get('target')} "
              f"{manifest.get('precision')}, Triton {plan.backend} backend")
-    settings = ", ".join(f"{k}={v}" for k, v in plan.parameters.items() if not k.startswith(("preprocessing.",
-                                                                                            "tome_export.")))
+    settings = ", ".join([f"{k}={v}" for k, v in plan.parameters.items()
+                          if not k.startswith(("preprocessing.", "tome_export."))]
+                         + ([f"optimization.graph.level={plan.graph_level}"] if plan.graph_level is not None else []))
     lines = [f"# {plan.name}: {title}", "",
              f"Written by tome-export {__version__} from `{os.path.abspath(artifact)}` ({model.get('source', 'timm')} "
              f"{model.get('name')}, weights {model.get('weights')}). Validated when built: {validation_line(manifest)}.",
@@ -101,8 +108,11 @@ def render_readme(plan: ModelPlan, manifest: Mapping[str, Any], artifact: Path, 
              "", "## Preprocessing (the client's job)", "", *_preprocessing_lines(manifest),
              "", "## Client", "", *_client_lines(plan),
              "", "## Settings", "",
-             f"- backend settings: {settings or 'none (the backend defaults)'}; the recipe fixes no thread count, "
-             f"so threads are the backend's default unless `--threads` was given",
+             f"- validated runtime settings (the manifest's `runtime`): {_runtime_settings(manifest)}; "
+             + ("`tome_export.runtime` applies them" if plan.variant == "python" else
+                "carried into the backend settings below" + (", except what the notes name" if plan.notes else "")),
+             f"- backend settings in config.pbtxt: {settings or 'none (the backend defaults)'}; the recipe fixes no "
+             f"thread count, so threads are the backend's default unless `--threads` was given",
              *[f"- **note**: {note}" for note in plan.notes],
              "", "## Files", "",
              "`SHA256SUMS` in this directory lists every file's sha256: `sha256sum -c SHA256SUMS` checks them.",
