@@ -166,3 +166,13 @@ def test_model_names_are_directory_safe(vit_t16_build, tmp_path, name):
 @pytest.mark.parametrize("text", ['a "quoted" \\ path', "µs", "tab\tand\nnewline"])
 def test_strings_survive_the_text_format(text):
     assert parse_model_config(f"name: {quote(text)}").name == text
+
+
+@needs_schema
+def test_a_traced_build_serves_its_logits_only(traced_artifact, tmp_path):
+    artifact, _ = traced_artifact
+    result = serve_artifact(artifact, repository=tmp_path, options=TritonOptions(variant="native"))
+    config = parse_model_config((result.model_dir / "config.pbtxt").read_text())
+    assert [t.name for t in config.output] == ["logits"] and "source" in graph_io(artifact / "model.onnx")
+    assert any("other outputs (source)" in note for note in result.plan.notes)
+    assert "other outputs (source)" in (result.model_dir / "README.md").read_text()

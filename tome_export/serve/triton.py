@@ -218,6 +218,10 @@ def plan_model(directory: Path, manifest: Mapping[str, Any], options: TritonOpti
             chosen["notes"] += (f"Triton's openvino backend pads every batch to max_batch_size "
                                 f"({batch.max_batch_size}) and computes the padding: keep --max-batch-size near "
                                 f"the load",)
+    unserved = [o.name for o in signature.outputs if o.name not in {spec.name for spec in outputs}]
+    if unserved:
+        chosen["notes"] += (f"only {outputs[0].name} is served; the graph's other outputs ({', '.join(unserved)}) "
+                            f"are for local inspection (tome-export visualize --artifact)",)
     chosen["parameters"] = {**chosen["parameters"], **_common_parameters(manifest)}
     return ModelPlan(name=model_name(directory, options.name), variant=options.variant, inputs=signature.inputs,
                      outputs=outputs, batching=batch, queue_delay_us=options.queue_delay_us, **chosen)
