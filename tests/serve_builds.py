@@ -1,4 +1,4 @@
-"""Real vit_t16 builds (r 8, random weights) for the serving tests, each built once per session.
+"""Real vit_t16 builds (r 8, random weights) for the serving tests (tests/serve), each built once per session.
 
 Builds go through the same pipeline as the CLI, with the built-in recipe's validation trimmed to 2 photos
 (the recipe's other settings unchanged) so the serving tests stay affordable on 2 cores.
