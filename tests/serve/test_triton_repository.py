@@ -101,8 +101,11 @@ def test_tensorrt_artifact_batching_and_native_refusal(vit_t16_build, tmp_path):
     manifest = read_manifest(artifact)
     plan = plan_model(artifact, manifest, TritonOptions())
     assert plan.batching.max_batch_size == 4 and plan.batching.preferred == (2,) and plan.instance_kind == "KIND_GPU"
+    assert (artifact / "model.engine").is_file() or any("build_engine.sh in 1/artifact/" in n for n in plan.notes)
     with pytest.raises(UserError, match="--max-batch-size 8: choose 1..4"):
         plan_model(artifact, manifest, TritonOptions(max_batch_size=8))
+    with pytest.raises(UserError, match="--max-batch-size must be >= 1"):
+        plan_model(artifact, manifest, TritonOptions(max_batch_size=0))
     if not (artifact / "model.engine").is_file():  # no TensorRT and GPU here: nothing to hand to tensorrt_plan
         with pytest.raises(UserError, match=r"holds no model.engine.*build_engine.sh"):
             serve_artifact(artifact, repository=tmp_path, options=TritonOptions(variant="native"))

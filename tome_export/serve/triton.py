@@ -108,7 +108,7 @@ def batching(manifest: Mapping[str, Any], signature: Signature, options: TritonO
     """max_batch_size and dynamic batching from the graph's batch dimension and the build's batch profile."""
     if not signature.batch_dynamic:
         fixed = signature.inputs[0].shape[0]
-        if options.max_batch_size:
+        if options.max_batch_size is not None:
             raise UserError(f"--max-batch-size {options.max_batch_size}: this artifact takes a static batch of "
                             f"{fixed}; rebuild it with --dynamic-batch to let Triton batch requests")
         return Batching(0, False, (), f"the graph has a static batch of {fixed}, so each request must carry exactly "
@@ -143,8 +143,10 @@ def _python_plan(directory: Path, manifest: Mapping[str, Any], options: TritonOp
     files += [(rel, f"artifact/{rel}") for rel in sorted(manifest.get("artifacts", {}))]
     gpu = str(manifest.get("target", "")).startswith("tensorrt")
     params = {"threads": str(options.threads)} if options.threads else {}
+    notes = (f"there is no {ENGINE} yet: run ./build_engine.sh in 1/artifact/ on the serving GPU machine before "
+             f"starting the server",) if gpu and not (Path(directory) / ENGINE).is_file() else ()
     return {"backend": "python", "platform": None, "default_model_filename": "model.py", "files": tuple(files),
-            "instance_kind": "KIND_GPU" if gpu else "KIND_CPU", "parameters": params, "notes": ()}
+            "instance_kind": "KIND_GPU" if gpu else "KIND_CPU", "parameters": params, "notes": notes}
 
 
 def _onnxruntime_plan(directory: Path, manifest: Mapping[str, Any], options: TritonOptions) -> Dict[str, Any]:
@@ -202,6 +204,8 @@ def plan_model(directory: Path, manifest: Mapping[str, Any], options: TritonOpti
         raise UserError(f"--variant {options.variant!r}: choose {' or '.join(VARIANTS)}")
     if options.threads is not None and options.threads < 1:
         raise UserError(f"--threads must be >= 1, got {options.threads}")
+    if options.max_batch_size is not None and options.max_batch_size < 1:
+        raise UserError(f"--max-batch-size must be >= 1, got {options.max_batch_size}")
     if options.queue_delay_us < 0:
         raise UserError(f"--queue-delay-us must be >= 0, got {options.queue_delay_us}")
     signature = artifact_signature(directory, manifest)
