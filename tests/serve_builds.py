@@ -12,7 +12,7 @@ from typing import Dict, Tuple
 import pytest
 import yaml
 
-from tome_export.pipeline import BuildOptions, build
+from tome_export.pipeline import BuildRequest, build
 from tome_export.recipes import recipe_for
 
 
@@ -38,8 +38,8 @@ def vit_t16_build(tmp_path_factory):
         if key not in cache:
             out = root / f"vit_t16-r8-{target}-{precision}-{batch}"
             extra = {"dynamic_batch": profile} if profile else {}
-            result = build(BuildOptions(model="vit_t16", r=8, target=target, precision=precision, weights="random",
-                                        dynamic_batch=batch == "dynamic", output=out, extra=extra,
+            result = build(BuildRequest(model="vit_t16", r=8, target=target, precision=precision, weights="random",
+                                        dynamic_batch=batch == "dynamic", output=out, target_options=extra,
                                         recipe=trimmed_recipe(target, precision, root)))
             cache[key] = result.path
         return cache[key]

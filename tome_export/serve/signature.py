@@ -93,6 +93,8 @@ def artifact_signature(directory: Path, manifest: Mapping[str, Any]) -> Signatur
     if target not in GRAPH_FILES:
         raise UserError(f"no serving support for target {target!r}; supported: {', '.join(sorted(GRAPH_FILES))}")
     name = manifest.get("runtime", {}).get("file") or GRAPH_FILES[target]
+    if Path(name).suffix not in (".onnx", ".xml"):  # an engine: its tensors are named as in the graph it came from
+        name = GRAPH_FILES[target]
     path = Path(directory) / name
     signature = openvino_signature(path) if path.suffix == ".xml" else onnx_signature(path)
     declared = manifest.get("input", {})
