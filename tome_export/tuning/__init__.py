@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -63,10 +64,11 @@ def tune(request: Optional[TuneRequest] = None, log: Log = lambda msg: None, **f
     from .search import Candidate, constant_family, run_search
     from .select import choose
 
+    started = time.perf_counter()
     checked: CheckedRequest = check_request(_request(request, fields))
     request = checked.request
     environment = {"machine": machine(), "versions": versions(modules()), "load_start": list(os.getloadavg())}
-    bench = Workbench(checked, log)
+    bench = Workbench(checked, log, started=started)
     baseline = Candidate("fp32", constant_family(bench.shape)[0])
     bench.probe(baseline, force=True)  # always: the reference for speed-ups and the fallback to ship
     search = run_search(bench.shape, precision_order(checked.precisions), bench.screen, bench.probe)

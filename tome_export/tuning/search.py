@@ -4,12 +4,12 @@ Quality falls and speed rises as a schedule merges more, so each schedule family
 merges fewer tokens in total than the one before; until the per-block caps bind, every block merges at least as
 much) and the search looks for the *last schedule within the budget* by bisection instead of trying them all:
 
-1. **screen** (eager fp32 PyTorch, no build): the boundary of each family — constant r, decreasing ``r:-1``
-   (more merges early) and per-block lists between the constant boundary ``c`` and ``c+1`` (``c+1`` in the
-   first ``j`` blocks);
-2. per precision: r=0, then the constant family's boundary, searched at or below the fp32 screen's (reduced
+1. **screen** a family (eager fp32 PyTorch, no build) for its boundary: constant r first, then decreasing
+   ``r:-1`` (more merges early), then per-block lists between the constant boundary ``c`` and ``c+1`` (``c+1``
+   in the first ``j`` blocks);
+2. per precision (r=0 first, once): the family's boundary, searched at or below the fp32 screen's (reduced
    precision does not buy back accuracy that merging spent), probing the screen's boundary first;
-3. the decreasing family, the same way; 4. the per-block refinement of each precision's constant boundary.
+3. the next family, the same way, so that a tight time budget still builds the most promising candidates.
 
 Every decision depends on quality alone, which is deterministic for a seed; timing happens afterwards, on the
 built candidates (:mod:`.measure`). A probe that would overrun the time budget raises :class:`OutOfTime`; what
@@ -135,18 +135,17 @@ class SearchResult:
     stopped: Optional[str] = None  # why the search stopped early (the time budget), or None
 
 
-def _screen(shape: Shape, screen: Screen) -> Dict[str, Optional[Schedule]]:
-    bounds: Dict[str, Optional[Schedule]] = {}
-    for name, family in ((CONSTANT, constant_family(shape)), (DECREASING, decreasing_family(shape))):
-        bounds[name] = family[last_within(len(family), lambda i: screen(family[i]), 0, len(family) - 1)] \
-            if family else None
-    constant = constant_family(shape)
-    c = bounds[CONSTANT]
-    bounds[PER_BLOCK] = None
-    if c is not None and c.blocks != constant[-1].blocks and isinstance(c.r, int):
-        refine = per_block_family(shape, c.r)
-        bounds[PER_BLOCK] = refine[last_within(len(refine), lambda i: screen(refine[i]), 0, len(refine) - 2)]
-    return bounds
+def _screen_family(family: List[Schedule], screen: Screen) -> Optional[Schedule]:
+    """The fp32 screen's last schedule within the budget (None for an empty family)."""
+    return family[last_within(len(family), lambda i: screen(family[i]), 0, len(family) - 1)] if family else None
+
+
+def _screen_per_block(shape: Shape, constant: Optional[Schedule], screen: Screen) -> Optional[Schedule]:
+    """Per-block lists between the screen's constant boundary ``c`` and ``c + 1`` (which is outside)."""
+    if constant is None or constant.blocks == constant_family(shape)[-1].blocks or not isinstance(constant.r, int):
+        return None
+    refine = per_block_family(shape, constant.r)
+    return refine[last_within(len(refine), lambda i: screen(refine[i]), 0, len(refine) - 2)]
 
 
 def _bounded(family: List[Schedule], bound: Optional[Schedule], precision: str, probe: Probe) -> Schedule:
@@ -173,23 +172,25 @@ def _refine(shape: Shape, precision: str, base: Schedule, screened: Dict[str, Op
 
 
 def run_search(shape: Shape, precisions: Sequence[str], screen: Screen, probe: Probe) -> SearchResult:
-    """Screen in fp32, then find each precision's boundary per family, most valuable work first."""
+    """Family by family, most valuable first (constant, decreasing, per-block): screen the family in fp32, then
+    find each precision's boundary in it. A precision whose r=0 misses the budget is not searched further. When
+    the time budget runs out, what was found until then stands."""
     result = SearchResult(screen_bounds={}, bounds={})
+    screened = result.screen_bounds
     try:
-        result.screen_bounds = _screen(shape, screen)
-        within = []
-        zero = constant_family(shape)[0]
-        for p in precisions:
-            if probe(Candidate(p, zero)):
+        screened[CONSTANT] = _screen_family(constant_family(shape), screen)
+        within: List[str] = []
+        for p in precisions:  # one precision's ToMe candidate before the next precision's r=0
+            if probe(Candidate(p, constant_family(shape)[0])):
                 within.append(p)
-                result.bounds[(p, CONSTANT)] = _bounded(constant_family(shape), result.screen_bounds[CONSTANT],
-                                                        p, probe)
+                result.bounds[(p, CONSTANT)] = _bounded(constant_family(shape), screened[CONSTANT], p, probe)
+        screened[DECREASING] = _screen_family(decreasing_family(shape), screen)
         for p in within:
-            if result.screen_bounds[DECREASING] is not None:
-                result.bounds[(p, DECREASING)] = _bounded(decreasing_family(shape),
-                                                          result.screen_bounds[DECREASING], p, probe)
+            if screened[DECREASING] is not None:
+                result.bounds[(p, DECREASING)] = _bounded(decreasing_family(shape), screened[DECREASING], p, probe)
+        screened[PER_BLOCK] = _screen_per_block(shape, screened[CONSTANT], screen)
         for p in within:
-            found = _refine(shape, p, result.bounds[(p, CONSTANT)], result.screen_bounds, probe)
+            found = _refine(shape, p, result.bounds[(p, CONSTANT)], screened, probe)
             if found is not None:
                 result.bounds[(p, PER_BLOCK)] = found
     except OutOfTime as exc:

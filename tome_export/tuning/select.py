@@ -79,7 +79,8 @@ def choose(evaluations: Sequence[Evaluation], budget: Budget, precisions: Sequen
         decision = Decision(baseline, False, "no candidate met the quality budget: shipping the unmodified model "
                                              "(fp32 r=0)")
     decision.per_precision = tome_by_precision(good)
-    decision.tome_paid, decision.tome_verdict = tome_verdict(decision.winner, good)
+    built_tome = any(e.status == "evaluated" and e.candidate.schedule.merges for e in evaluations)
+    decision.tome_paid, decision.tome_verdict = tome_verdict(decision.winner, good, built_tome)
     return decision
 
 
@@ -98,8 +99,9 @@ def tome_by_precision(good: Sequence[Evaluation]) -> Dict[str, Dict[str, Any]]:
     return out
 
 
-def tome_verdict(winner: Evaluation, good: Sequence[Evaluation]) -> Tuple[bool, str]:
-    """Whether merging tokens paid against not merging, in the same measurement, in one sentence."""
+def tome_verdict(winner: Evaluation, good: Sequence[Evaluation], built_tome: bool = True) -> Tuple[bool, str]:
+    """Whether merging tokens paid against not merging, in the same measurement, in one sentence
+    (``built_tome``: whether any schedule that merges tokens was built at all before the time budget ran out)."""
     zeros = _fastest_first([e for e in good if not e.candidate.schedule.merges])
     tomes = _fastest_first([e for e in good if e.candidate.schedule.merges])
     if winner.candidate.schedule.merges:
@@ -107,6 +109,9 @@ def tome_verdict(winner: Evaluation, good: Sequence[Evaluation]) -> Tuple[bool, 
             return True, "ToMe pays: no candidate without merging kept the budget"
         return True, (f"ToMe pays: {winner.candidate.key} runs at {throughput(winner) / throughput(zeros[0]):.2f}x "
                       f"the throughput of the fastest candidate without merging ({zeros[0].candidate.key})")
+    if not tomes and not built_tome:
+        return False, ("ToMe was not measured: the search built no schedule that merges tokens (the time budget "
+                       "ran out first, or no precision kept the budget at r=0); give more --time-budget")
     if not tomes:
         return False, "ToMe did not pay: no schedule that merges tokens kept the budget"
     return False, (f"ToMe did not pay here: the fastest ToMe candidate within the budget ({tomes[0].candidate.key}) "
