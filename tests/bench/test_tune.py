@@ -145,6 +145,19 @@ def test_bad_budgets_and_targets_are_one_line_exit_2(args, needle, tmp_path, mon
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "vit_t16", "--max-accuracy-drop", "1", "--data", "digits"], "--data digits"),
+    (["--model", "vit_t16", "--weights", "random", "--max-accuracy-drop", "1", "--data", "."], "random weights"),
+    (["--model", "vit_t16", "--max-accuracy-drop", "1", "--data", "no/such/dir"], "not a directory"),
+    (["--model", "vit_t16", "--min-agreement", "0.9", "--data", "digits"], "--data measures accuracy"),
+])
+def test_accuracy_budgets_need_labelled_images_and_real_weights(args, needle, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["tune", "--target", "openvino", *args, "--output", "o"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
 def test_a_gpu_target_without_a_gpu_is_refused(tmp_path, monkeypatch, capsys):
     from tome_export.devices import gpu_available
 

@@ -152,9 +152,12 @@ def _check_sizes(request: TuneRequest) -> None:
 def _check_data(request: TuneRequest) -> None:
     from ..bench.config import DIGITS_ALIAS, DIGITS_MODEL
 
+    digits_model = request.model in (DIGITS_ALIAS, DIGITS_MODEL)
+    trains_digits = digits_model and request.checkpoint is None and request.weights != "random"
+    if (trains_digits or request.data == DIGITS_DATA) and importlib.util.find_spec("sklearn") is None:
+        raise UserError("the embedded digits case needs scikit-learn: pip install 'tome-export[bench]'")
     if request.data is None:
         return
-    digits_model = request.model in (DIGITS_ALIAS, DIGITS_MODEL)
     if request.data == DIGITS_DATA:
         if not digits_model:
             raise UserError(f"--data digits is the held-out split of the embedded digits model: use it with "
@@ -165,8 +168,6 @@ def _check_data(request: TuneRequest) -> None:
     if request.weights == "random" and request.checkpoint is None:
         raise UserError("--max-accuracy-drop measures accuracy, which random weights do not have: pass "
                         "--weights pretrained or --checkpoint PATH")
-    if request.data != DIGITS_DATA and importlib.util.find_spec("sklearn") is None and digits_model:
-        raise UserError("the digits model needs scikit-learn: pip install 'tome-export[bench]'")
 
 
 def _runnable_precisions(request: TuneRequest) -> Tuple[Tuple[str, ...], Dict[str, str]]:
