@@ -305,22 +305,23 @@ def decision_tensors(model: onnx.ModelProto) -> Dict[str, Tuple[str, ...]]:
     """Per merging block, the graph tensors that hold its merge decision (read from an fp32 export).
 
     ``gather`` lowering: the matching path's GatherElements reads the merged A indices (its input 1) and
-    yields their B destinations (its output), both ``(batch, r)`` integers. ``onehot`` lowering: the boolean
-    ``(batch, nA, nB)`` matrix (the And that a Transpose turns into ``into_b``) whose entry (i, j) says A token i
-    merges into B token j.
+    yields their B destinations (its output), both ``(batch, r)`` integers. ``onehot`` lowering: the Less that
+    says which A tokens merge (``rank < r``, ``(batch, nA)`` boolean) and the ReduceMin that gives every A
+    token's best B index (``(batch, nA)``).
     """
-    producer = {out: n for n in model.graph.node for out in n.output}
     blocks: Dict[str, Tuple[str, ...]] = {}
+    onehot: Dict[str, Dict[str, str]] = {}
     for node in model.graph.node:
         if not node.name.startswith(MATCH_PREFIX):
             continue
         block = _block_of(node.name)
         if node.op_type == "GatherElements":
             blocks[block] = ("gather", node.input[1], node.output[0])
-        elif node.op_type == "Transpose":
-            src = producer.get(node.input[0])
-            if src is not None and src.op_type == "And" and src.name.startswith(MATCH_PREFIX):
-                blocks[block] = ("onehot", src.output[0])
+        elif node.op_type in ("Less", "ReduceMin"):
+            onehot.setdefault(block, {})[node.op_type] = node.output[0]
+    for block, found in onehot.items():
+        if len(found) == 2:
+            blocks[block] = ("onehot", found["Less"], found["ReduceMin"])
     if not blocks and protected_node_names(model):
         raise RuntimeError("found no merge-decision tensors in a graph with ToMe nodes: the lowering changed; "
                            "update tome_export.quantize.decision_tensors")
@@ -357,15 +358,17 @@ def decisions_from_outputs(tensors: Mapping[str, Tuple[str, ...]], outputs: Mapp
         if spec[0] == "gather":
             src, dst = np.asarray(outputs[spec[1]]).astype(np.int64), np.asarray(outputs[spec[2]]).astype(np.int64)
         else:
-            merges = np.asarray(outputs[spec[1]]).astype(bool)  # (batch, nA, nB)
-            r = int(merges[0].sum())
-            src = np.zeros((len(merges), r), np.int64)
+            merged = np.asarray(outputs[spec[1]]).astype(bool)  # (batch, nA)
+            best = np.asarray(outputs[spec[2]]).astype(np.int64)  # (batch, nA)
+            r = int(merged[0].sum())
+            src = np.zeros((len(merged), r), np.int64)
             dst = np.zeros_like(src)
-            for b, mat in enumerate(merges):
-                i, j = np.nonzero(mat)
-                if len(i) != r:  # a broken one-hot (several or no destinations): keep it visibly different
-                    i, j = np.resize(i, r), np.full(r, -1)
-                src[b], dst[b] = i, j
+            for b, (mask, picks) in enumerate(zip(merged, best)):
+                i = np.nonzero(mask)[0]
+                if len(i) != r:  # a broken ranking (another number of merges): keep it visibly different
+                    src[b], dst[b] = np.resize(i, r), -1
+                else:
+                    src[b], dst[b] = i, picks[i]
         order = np.argsort(src, axis=1, kind="stable")
         result[block] = np.stack([np.take_along_axis(src, order, 1), np.take_along_axis(dst, order, 1)], -1)
     return result
