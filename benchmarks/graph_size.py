@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import re
 import sys
 import tempfile
@@ -162,9 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--out", type=Path, default=HERE / "results" / "graph_size")
     args = p.parse_args(argv)
-    try:
-        import tensorrt_rtx  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("tensorrt_rtx") is None:
         print("graph_size: needs TensorRT-RTX's Python package; pip install tensorrt-rtx-cu12", file=sys.stderr)
         return 2
     model, _ = create_model(args.model, weights="random", seed=0)
