@@ -27,8 +27,9 @@ divides, which is the reference's weighted average.
 
 The canonical form of a matching is :func:`destinations`: for each input token, the output row it lands
 in. It is the reference for every implementation of the matching, fused kernels included. Two lowerings
-compute identical results and add the tokens of each output row in the same order, ``[protected, B,
-A by position]``, so they agree bit for bit where a backend adds in order (ONNX Runtime does):
+compute identical matchings and add the tokens of each output row in the same order, ``[protected, B,
+A by position]``: their results differ only where a backend's matrix product adds in blocks rather than in
+order (ONNX Runtime's CPU GEMM does for long token rows; the difference is rounding):
 
 * ``gather`` (ONNX Runtime, OpenVINO): ArgMax picks each A token's B token and TopK ranks the A tokens (ONNX
   breaks ArgMax and TopK ties by lower index; eager PyTorch uses ``max`` and a stable sort, whose ties are
