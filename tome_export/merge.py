@@ -243,8 +243,8 @@ def _gather_merge(scores: torch.Tensor, layout: _Layout) -> Merge:
 
 
 def _onehot_merge(a_rows: torch.Tensor, layout: _Layout) -> Merge:
-    # Columns in the order [protected, B, A]: the product then adds each B token first and its merged A
-    # tokens after it by position, exactly as the gather lowering's scatter-add does.
+    # Columns in the order [protected, B, A]: the product adds each B token first and its merged A tokens
+    # after it by position, the order of the gather lowering's scatter-add.
     order = torch.cat([torch.arange(layout.num_protected, device=a_rows.device), layout.b_pos, layout.a_pos])
     rows = _rows(a_rows, layout, order)  # (B, T)
     out_rows = torch.arange(layout.num_tokens - layout.r, device=a_rows.device, dtype=torch.float32)
