@@ -1,4 +1,4 @@
-"""A slow, obviously-correct ToMe for timm and torchvision ViTs, written for the tests only.
+"""A slow, obviously-correct ToMe for timm, torchvision and transformers ViTs, written for the tests only.
 
 One image at a time, explicit softmax attention, Python sorting with the documented tie-break, and merges
 done token by token. It shares no code with tome_export.
@@ -145,3 +145,130 @@ def reference_forward_torchvision(model, images: torch.Tensor, r_schedule: List[
         logits.append(model.heads(model.encoder.ln(x)[0]))
         sources.append(groups)
     return torch.stack(logits), sources
+
+
+# --- transformers layouts --------------------------------------------------------------------------------------
+# The same slow ToMe for Hugging Face transformers vision models, walking their modules by name. The embeddings are
+# transformers' own modules; everything after them (attention, merges, heads) is written out here.
+
+
+def _hf_backbone(model):
+    for name in ("vit", "deit", "dinov2_with_registers", "dinov2", "vision_model"):
+        if hasattr(model, name):
+            return getattr(model, name)
+    return model
+
+
+def _hf_parts(layer):
+    """(norm1, attention, norm2, LayerScale 1, LayerScale 2) of a ViT/DeiT, DINOv2 or CLIP/SigLIP layer."""
+    if hasattr(layer, "layernorm_before"):
+        return layer.layernorm_before, layer.attention, layer.layernorm_after, None, None
+    if hasattr(layer, "layer_scale1"):
+        return layer.norm1, layer.attention, layer.norm2, layer.layer_scale1, layer.layer_scale2
+    return layer.layer_norm1, layer.self_attn, layer.layer_norm2, None, None
+
+
+def _hf_attention(attn, x: torch.Tensor, sizes: List[float], prop_attn: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    n, c = x.shape
+    heads = attn.q_proj.out_features // attn.head_dim
+    q, k, v = ((x @ p.weight.T + p.bias).reshape(n, heads, attn.head_dim).transpose(0, 1)
+               for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    logits = (q @ k.transpose(-1, -2)) * attn.head_dim ** -0.5
+    if prop_attn:
+        logits = logits + torch.log(torch.tensor(sizes))[None, None, :]
+    out = (torch.softmax(logits, dim=-1) @ v).transpose(0, 1).reshape(n, heads * attn.head_dim)
+    proj = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
+    return proj(out), k.mean(dim=0)
+
+
+def _hf_protected(model, backbone) -> int:
+    name = type(model).__name__
+    if name.startswith("Siglip"):
+        return 0
+    if name.startswith("DeiT"):
+        return 2
+    return 1 + getattr(backbone.config, "num_register_tokens", 0)
+
+
+def _hf_tokens(backbone, img: torch.Tensor) -> torch.Tensor:
+    size = backbone.config.image_size
+    other = tuple(img.shape[-2:]) != (size, size)
+    if hasattr(backbone.embeddings, "register_tokens") or type(backbone).__name__.startswith("Dinov2"):
+        x = backbone.embeddings(img[None])
+    else:
+        x = backbone.embeddings(img[None], interpolate_pos_encoding=other)
+    if hasattr(backbone, "pre_layrnorm"):
+        x = backbone.pre_layrnorm(x)
+    return x[0]
+
+
+def _hf_head(model, backbone, x: torch.Tensor, sizes: List[float], protected: int) -> torch.Tensor:
+    name = type(model).__name__
+    s = torch.tensor(sizes)[:, None]
+
+    def mean(start: int) -> torch.Tensor:
+        return (x[start:] * s[start:]).sum(0) / s[start:].sum()
+
+    if name in ("ViTForImageClassification", "DeiTForImageClassification"):
+        return model.classifier(x[0])
+    if name == "DeiTForImageClassificationWithTeacher":
+        return (model.cls_classifier(x[0]) + model.distillation_classifier(x[1])) / 2
+    if name in ("ViTModel", "DeiTModel"):
+        return backbone.pooler(x[None])[0] if backbone.pooler is not None else x[0]
+    if name in ("Dinov2Model", "Dinov2WithRegistersModel"):
+        return x[0]
+    if name in ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification"):
+        return model.classifier(torch.cat([x[0], mean(protected)]))
+    if name == "CLIPVisionModel":
+        return backbone.post_layernorm(x[0])
+    if name == "CLIPVisionModelWithProjection":
+        return model.visual_projection(backbone.post_layernorm(x[0]))
+    if name in ("CLIPForImageClassification", "SiglipForImageClassification"):
+        return model.classifier(mean(protected))
+    if name == "SiglipVisionModel":
+        return _mha_pool(backbone.head, x, sizes)
+    raise NotImplementedError(name)
+
+
+def _mha_pool(head, x: torch.Tensor, sizes: List[float]) -> torch.Tensor:
+    """SigLIP's attention-pooling head on one image; a token of size s weighs as s copies of itself."""
+    mha = head.attention
+    n, c = x.shape
+    heads, d = mha.num_heads, c // mha.num_heads
+    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+    q = (head.probe[0] @ w_q.T + b_q).reshape(-1, heads, d).transpose(0, 1)
+    k = (x @ w_k.T + b_k).reshape(n, heads, d).transpose(0, 1)
+    v = (x @ w_v.T + b_v).reshape(n, heads, d).transpose(0, 1)
+    logits = (q @ k.transpose(-1, -2)) * d ** -0.5 + torch.log(torch.tensor(sizes))[None, None, :]
+    out = mha.out_proj((torch.softmax(logits, dim=-1) @ v).transpose(0, 1).reshape(-1, c))
+    out = out + head.mlp(head.layernorm(out))
+    return out[0]
+
+
+@torch.no_grad()
+def reference_forward_hf(model, images: torch.Tensor, r_schedule: List[int], prop_attn: bool = True):
+    """Output of an unpatched transformers vision model with ToMe, plus each final token's source positions."""
+    backbone = _hf_backbone(model)
+    encoder = getattr(backbone, "encoder", backbone)
+    layers = getattr(encoder, "layer", None) or getattr(encoder, "layers")
+    protected = _hf_protected(model, backbone)
+    outputs, sources = [], []
+    for img in images:
+        x = _hf_tokens(backbone, img)
+        sizes = [1.0] * x.shape[0]
+        groups = [[i] for i in range(x.shape[0])]
+        for layer, r in zip(layers, r_schedule):
+            norm1, attn, norm2, ls1, ls2 = _hf_parts(layer)
+            out, metric = _hf_attention(attn, norm1(x), sizes, prop_attn)
+            x = x + (ls1(out) if ls1 is not None else out)
+            x, sizes, merged = reference_merge(x, sizes, metric, r, protected)
+            groups = [sorted(p for g in grp for p in groups[g]) for grp in merged]
+            out = layer.mlp(norm2(x))
+            x = x + (ls2(out) if ls2 is not None else out)
+        for final in ("layernorm", "post_layernorm"):
+            if hasattr(backbone, final) and not type(backbone).__name__.startswith("CLIP"):
+                x = getattr(backbone, final)(x)
+        outputs.append(_hf_head(model, backbone, x, sizes, protected))
+        sources.append(groups)
+    return torch.stack(outputs), sources

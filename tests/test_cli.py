@@ -29,9 +29,9 @@ def built_t16(tmp_path_factory):
 def test_export_vit_t16(built_t16):
     m = read_manifest(built_t16)  # verifies every sha256
     assert sorted(p.name for p in built_t16.iterdir()) == ["manifest.json", "model.onnx"]
-    assert m["model"] == {"alias": "vit_t16", "source": "timm", "name": "vit_tiny_patch16_224",
-                          "timm_name": "vit_tiny_patch16_224", "family": "timm-vit",
-                          "weights": "random", "seed": 0, "checkpoint": None}
+    assert m["model"] == {"alias": "vit_t16", "source": "timm", "name": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+                          "timm_name": "vit_tiny_patch16_224.augreg_in21k_ft_in1k", "family": "timm-vit",
+                          "weights": "random", "seed": 0, "checkpoint": None, "pretrained_tag": "augreg_in21k_ft_in1k"}
     assert m["r_schedule"] == [8] * 12
     assert m["tokens_per_block"] == [189, 181, 173, 165, 157, 149, 141, 133, 125, 117, 109, 101]
     assert m["merge_impl"] == "gather" and m["opset"] == 18 and m["target"] == "onnx"

@@ -18,7 +18,7 @@ def test_inspect_build_directory_text(traced_artifact, capsys):
     assert main(["inspect", str(directory)]) == 0
     text = capsys.readouterr().out
     lines = {line.split()[0]: line for line in text.splitlines() if line and not line.startswith(" ")}
-    assert "vit_t16 (vit_tiny_patch16_224, timm-vit), weights random seed 0" in lines["model"]
+    assert "vit_t16 (vit_tiny_patch16_224.augreg_in21k_ft_in1k, timm-vit), weights random seed 0" in lines["model"]
     assert lines["r"].split(None, 1)[1] == "16 x11, 10  (capped: requested 16 x12)"
     assert lines["tokens"].split(None, 1)[1] == "197 (1 protected) -> " + " ".join(map(str, TOKENS))
     assert "GMACs vs" in lines["FLOPs"] and "2.0075x fewer" in lines["FLOPs"]

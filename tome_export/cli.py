@@ -19,6 +19,8 @@ EXAMPLES = """examples:
   tome-export --model deit_s --r 16:-1 --dynamic-batch --output out/deit_s
   tome-export --model vit_t16 --r 8,8,8,8,8,8,8,8,8,8,8,8 --merge-impl onehot
   tome-export --model vit_b16 --checkpoint vit_b16.safetensors --batch 8
+  tome-export --model hf:google/vit-base-patch16-224 --r 16 --target openvino --precision int8
+  tome-export --model ./my-finetuned-vit --r 8          # a save_pretrained directory (transformers)
   tome-export --list-models
 
 --r takes an int (same r in every block), r:inflect (r varying linearly over the blocks,
@@ -42,7 +44,8 @@ def _export_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", help="alias (vit_b16, deit_s, tv_vit_b16, ...), a timm ViT name or a torchvision ViT name")
+    p.add_argument("--model", help="alias (vit_b16, deit_s, tv_vit_b16, ...), a timm or torchvision ViT name, "
+                   "hf:<repo id> (transformers, hub or its cache) or a save_pretrained directory")
     p.add_argument("--r", default="16", help="tokens merged per block: 16 | 16:-1 | 8,8,... (default 16)")
     p.add_argument("--target", help=f"one of {', '.join(sorted(TARGETS))} (default onnx)")
     p.add_argument("--precision", help="fp32 | fp16 | bf16 | int8 ... as the target supports (default fp32)")
@@ -56,8 +59,8 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", type=Path, help="output directory (default tome-out/<model>-r<r>-<target>-<precision>)")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--weights", choices=["pretrained", "random"], default="pretrained",
-                         help="pretrained (timm hub / torchvision download, or their caches) or seeded random "
-                         "(default pretrained)")
+                         help="pretrained (timm / transformers hub, torchvision download, or their caches) or "
+                         "seeded random (default pretrained)")
     weights.add_argument("--checkpoint", type=Path, help="a timm or torchvision state_dict (.pth or .safetensors)")
     p.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
     p.add_argument("--merge-impl", default="auto", choices=["auto", "gather", "onehot"],
@@ -83,8 +86,10 @@ def _export_parser() -> argparse.ArgumentParser:
 
 def _list_models() -> int:
     from .models import FAMILIES, list_models, verified_families
+    from .models.paper import PAPER_CHECKPOINTS, SOURCE, describe
 
-    print("aliases:")
+    print("aliases (vit_t16 ... vit_l16_384 pin the AugReg weights the ToMe paper used, augreg_in21k_ft_in1k; a bare")
+    print("timm name follows timm's default tag, e.g. vit_base_patch16_224 -> augreg2_in21k_ft_in1k):")
     for alias, source, name in list_models():
         print(f"  {alias:18s} {source:12s} {name}")
     print("families:")
@@ -93,7 +98,12 @@ def _list_models() -> int:
     print("verified (tests: see README 'Supported models'):")
     for source, family, names, checked in verified_families():
         print(f"  [{source}] {family}: {names}\n      checked: {checked}")
-    print("any timm model name of a supported family, and torchvision builder[.WEIGHTS] names, also work")
+    print(f"the ToMe paper's checkpoints (ImageNet-1k top-1 as published in {SOURCE};")
+    print("benchmarks/paper_imagenet.yaml measures them with --data IMAGENET_VAL):")
+    for entry in PAPER_CHECKPOINTS:
+        print(f"  {describe(entry)}")
+    print("any timm model name of a supported family, torchvision builder[.WEIGHTS] names, hf:<repo id> and "
+          "save_pretrained directories also work")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -83,7 +84,16 @@ class BuildOptions:
         return replace(self, target=recipe.target, precision=recipe.precision, opset=opset), recipe
 
     def default_output(self) -> Path:
-        return Path("tome-out") / f"{self.model}-{r_label(self.r)}-{self.target}-{self.precision}"
+        return Path("tome-out") / f"{_output_stem(self.model)}-{r_label(self.r)}-{self.target}-{self.precision}"
+
+
+def _output_stem(model: str) -> str:
+    """A model name as one directory name: the repo name of ``hf:<owner>/<name>``, the last part of a path."""
+    if model.startswith("hf:"):
+        return model.rsplit("/", 1)[-1]
+    if "/" in model or "\\" in model or model.startswith((".", "~")):
+        return Path(model).expanduser().resolve().name or "model"
+    return model
 
 
 @dataclass(frozen=True)
@@ -226,9 +236,13 @@ def _versions() -> Dict[str, str]:
     import timm
     import torchvision
 
-    return {"tome_export": __version__, "torch": torch.__version__.split("+")[0], "timm": timm.__version__,
-            "torchvision": torchvision.__version__.split("+")[0],
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    versions = {"tome_export": __version__, "torch": torch.__version__.split("+")[0], "timm": timm.__version__,
+                "torchvision": torchvision.__version__.split("+")[0],
+                "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    transformers = sys.modules.get("transformers")  # imported only when a transformers model was built
+    if transformers is not None:
+        versions["transformers"] = transformers.__version__
+    return versions
 
 
 def prepare(opts: BuildOptions) -> Tuple[BuildOptions, Recipe, Path]:

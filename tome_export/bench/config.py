@@ -9,6 +9,9 @@ Shape of a config (every key but ``models`` is optional; unknown keys are an err
         weights: random               # pretrained | random (seeded) ; or checkpoint: PATH
         seed: 0
         kwargs: {depth: 6}            # timm architecture arguments
+        r: [13]                       # this model's schedules instead of the top-level r (r=0 is added)
+        prop_attn: false              # proportional attention off (default on), e.g. MAE off the shelf
+        published: {top1: 82.60, baseline_top1: 84.57, r: 13, source: ...}   # numbers to compare with (recorded)
       - model: digits_vit             # the embedded accuracy case: trained (seeded, cached) by the harness
         train: {epochs: 40, lr: 3.0e-4, seed: 0}
     r: [0, 8, 13, 16, "16:-1"]        # ints, "r:inflect" or per-block lists; r=0 (the baseline) is always added
@@ -39,7 +42,7 @@ from .matrix import BACKENDS, PRECISIONS
 
 _TOP = ("name", "description", "models", "r", "precisions", "backends", "batches", "threads", "build", "timing",
         "memory", "quality", "budget")
-_MODEL = ("model", "weights", "seed", "checkpoint", "kwargs", "train")
+_MODEL = ("model", "weights", "seed", "checkpoint", "kwargs", "train", "r", "prop_attn", "published")
 _TRAIN = {"epochs": int, "lr": float, "seed": int, "batch": int}
 _BUILD = {"dynamic_batch": bool, "merge_impl": ("auto", "gather", "onehot")}
 _TIMING = {"warmup": int, "rounds": int, "per_round": int, "pause_s": float, "per_batch": dict}
@@ -56,12 +59,17 @@ class ModelConfig:
     checkpoint: Optional[str] = None
     kwargs: Tuple[Tuple[str, Any], ...] = ()  # timm architecture arguments, sorted
     train: Optional[Tuple[Tuple[str, Any], ...]] = None  # train_digits_vit arguments, sorted
+    r: Optional[Tuple[RSpec, ...]] = None  # this model's schedules; None: the config's
+    prop_attn: bool = True
+    published: Tuple[Tuple[str, Any], ...] = ()  # published numbers to compare with, recorded in the results
 
     @property
     def key(self) -> str:
-        """A stable, readable id: the model name plus a short hash of everything that changes its weights."""
+        """A stable, readable id: the model name plus a short hash of everything that changes its outputs."""
         identity = {"weights": self.weights, "seed": self.seed, "checkpoint": _file_identity(self.checkpoint),
                     "kwargs": list(self.kwargs), "train": list(self.train or ())}
+        if not self.prop_attn:  # only when off, so that keys (and resumable results) of earlier configs stay
+            identity["prop_attn"] = False
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
         return f"{self.model}-{digest}"
 
@@ -75,6 +83,8 @@ class ModelConfig:
             parts.append(f"checkpoint {self.checkpoint}")
         else:
             parts.append(f"{self.weights} weights" + (f" (seed {self.seed})" if self.weights == "random" else ""))
+        if not self.prop_attn:
+            parts.append("no proportional attention")
         return "; ".join(parts)
 
 
@@ -129,9 +139,14 @@ class BenchConfig:
         return {
             "name": self.name, "description": self.description, "path": self.path,
             "models": [{"model": m.model, "key": m.key, "weights": m.weights, "seed": m.seed, "checkpoint": m.checkpoint,
-                        "kwargs": dict(m.kwargs), "train": dict(m.train) if m.train is not None else None}
+                        "kwargs": dict(m.kwargs), "train": dict(m.train) if m.train is not None else None,
+                        **({"r": [r_label(r) for r in m.r]} if m.r is not None else {}),
+                        **({"prop_attn": False} if not m.prop_attn else {}),
+                        **({"published": dict(m.published)} if m.published else {})}
                        for m in self.models],
-            "r": [r_label(r) for r in self.r], "precisions": list(self.precisions), "backends": list(self.backends),
+            # every schedule of the matrix (the top-level ones, then models' own), in the order reports use
+            "r": list(dict.fromkeys(r_label(r) for r in self.r + tuple(r for m in self.models for r in m.r or ()))),
+            "precisions": list(self.precisions), "backends": list(self.backends),
             "batches": list(self.batches), "threads": list(self.threads),
             "build": {"dynamic_batch": self.dynamic_batch, "merge_impl": self.merge_impl},
             "timing": {**self.timing.for_batch(-1), "per_batch": {b: dict(s) for b, s in self.timing.per_batch}},
@@ -253,9 +268,17 @@ def _model(where: str, entry: Any) -> ModelConfig:
     seed = entry.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise UserError(f"{where}.seed = {seed!r}: expected an int")
+    prop_attn = entry.get("prop_attn", True)
+    if not isinstance(prop_attn, bool):
+        raise UserError(f"{where}.prop_attn = {prop_attn!r}: expected true or false")
+    published = entry.get("published") or {}
+    if not isinstance(published, dict):
+        raise UserError(f"{where}.published must be a mapping, e.g. {{top1: 82.60, r: 13, source: ...}}")
     return ModelConfig(model=name, weights=weights, seed=seed, checkpoint=checkpoint,
                        kwargs=tuple(sorted(kwargs.items())),
-                       train=tuple(sorted(train.items())) if train is not None else None)
+                       train=tuple(sorted(train.items())) if train is not None else None,
+                       r=_r_values(f"{where}.r", entry["r"]) if "r" in entry else None, prop_attn=prop_attn,
+                       published=tuple(sorted(published.items())))
 
 
 def parse_config(data: Mapping[str, Any], path: Optional[Path] = None) -> BenchConfig:

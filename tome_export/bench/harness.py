@@ -150,7 +150,7 @@ class _Run:
         if mc.key not in self.prepared:
             self.say(f"loading {mc.model}")
             prepared = prepare_model(mc, log=self.say)
-            for r in self.config.r:  # a per-block schedule of the wrong length is a config error: fail now
+            for r in mc.r if mc.r is not None else self.config.r:  # a wrong-length schedule fails now
                 resolve_schedule(r, prepared.info.num_blocks, prepared.info.num_tokens, prepared.info.num_protected)
             self.prepared[mc.key] = prepared
         return self.prepared[mc.key]
@@ -183,13 +183,14 @@ class _Run:
                 "eval_set": ev.name, "reference": "eager PyTorch, fp32, r=0", "reference_accuracy": acc,
                 "tokens": info.num_tokens, "blocks": info.num_blocks, "embed_dim": info.embed_dim,
                 "num_classes": info.num_classes, "input_size": list(prepared.preprocessing.input_size),
+                **({"published": dict(prepared.config.published)} if prepared.config.published else {}),
             }
         return self.references[key]
 
     def reference_decisions(self, prepared: PreparedModel, variant: Variant, x: np.ndarray) -> Dict[str, np.ndarray]:
         key = (prepared.config.key, variant.r_label)
         if key not in self.ref_decisions:
-            ref = TorchSubject(prepared.model, variant.r, "fp32")
+            ref = TorchSubject(prepared.model, variant.r, "fp32", prop_attn=variant.model.prop_attn)
             self.ref_decisions[key] = merge_destinations(ref.model, ref.tensor(x))
         return self.ref_decisions[key]
 
@@ -309,7 +310,7 @@ class _Run:
             record["merge_decisions"] = quality.decision_agreement(
                 reference, merge_destinations(subject.model, subject.tensor(x)))
         else:
-            ref_model = TorchSubject(prepared.model, v.r, "fp32").model
+            ref_model = TorchSubject(prepared.model, v.r, "fp32", prop_attn=v.model.prop_attn).model
             try:
                 record["merge_decisions"] = quality.artifact_decision_agreement(
                     subject.runner.manifest, directory, ref_model, x, subject.static_batch)
@@ -381,7 +382,7 @@ class _Run:
                                     "input_shape": list(prepared.preprocessing.input_size)}
             if directory is None:
                 spec.update(kind="torch", create_args=prepared.create_args, r=matrix.r_text(v.r),
-                            precision=v.precision, device=BACKENDS[v.backend].device)
+                            precision=v.precision, device=BACKENDS[v.backend].device, prop_attn=v.model.prop_attn)
             else:
                 spec.update(kind="artifact", directory=str(directory))
             measured = memory.measure_in_subprocess(spec)
@@ -437,7 +438,8 @@ class _Subjects:
             if self.eager:
                 if v not in self.torch:
                     self.run.say(f"preparing torch {v.precision} {v.r_label}")
-                    self.torch[v] = TorchSubject(self.prepared.model, v.r, v.precision, BACKENDS[self.backend].device)
+                    self.torch[v] = TorchSubject(self.prepared.model, v.r, v.precision, BACKENDS[self.backend].device,
+                                                 prop_attn=v.model.prop_attn)
                 return self.torch[v]
             key = self._key(v, batch)
             if key not in self.dirs:

@@ -92,7 +92,7 @@ def r_text(r: RSpec) -> str:
 
 def variants(config: "BenchConfig") -> List[Variant]:
     return [Variant(m, b, p, r) for m in config.models for b in config.backends for p in config.precisions
-            for r in config.r]
+            for r in (m.r if m.r is not None else config.r)]
 
 
 def cells(config: "BenchConfig") -> List[Cell]:

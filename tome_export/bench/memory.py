@@ -51,7 +51,7 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
         from .subjects import TorchSubject, create_from
 
         subject = TorchSubject(create_from(spec["create_args"]), parse_r_text(spec["r"]), spec["precision"],
-                               spec["device"])
+                               spec["device"], prop_attn=spec.get("prop_attn", True))
         timed = subject.timed
     else:  # only the deployment runtime is imported: no torch in the number
         baseline, _ = _status_mb()

@@ -197,8 +197,10 @@ def report(results: Dict[str, Any], plots: Sequence[str] = ()) -> str:
         extra = f"; fp32 r=0 PyTorch accuracy top-1 {_pct(acc['top1'])}, top-5 {_pct(acc['top5'])}" if acc else ""
         train = info.get("training")
         trained = f"; trained here, fp32 test accuracy {_pct(train['test_accuracy'])}" if train else ""
+        pub = info.get("published")
+        published = ("; published: " + ", ".join(f"{k} {v}" for k, v in pub.items())) if pub else ""
         lines.append(f"- Model `{key}`: {info['description']} ({info['tokens']} tokens, {info['blocks']} blocks); "
-                     f"evaluation images: {info['eval_set']}{extra}{trained}")
+                     f"evaluation images: {info['eval_set']}{extra}{trained}{published}")
     lines.append("")
 
     best = best_within_budget(results)

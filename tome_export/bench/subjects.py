@@ -99,9 +99,10 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class TorchSubject(Subject):
     """Eager PyTorch: a patched copy of the fp32 model, converted to the variant's precision."""
 
-    def __init__(self, base: torch.nn.Module, r: RSpec, precision: str, device: str = "cpu") -> None:
+    def __init__(self, base: torch.nn.Module, r: RSpec, precision: str, device: str = "cpu",
+                 prop_attn: bool = True) -> None:
         started = time.perf_counter()
-        model = patch(copy.deepcopy(base), r)
+        model = patch(copy.deepcopy(base), r, prop_attn=prop_attn)
         self.dtype = _DTYPES.get(precision, torch.float32)
         if precision in _DTYPES:
             model = model.to(self.dtype)
@@ -194,5 +195,6 @@ def ensure_artifact(prepared: PreparedModel, variant: Variant, cache: Path, dyna
         model=args["name"], r=variant.r, target=BACKENDS[variant.backend].target, precision=variant.precision,
         batch=batch, dynamic_batch=dynamic_batch, output=out, weights=weights, checkpoint=args["checkpoint"],
         seed=args["seed"], merge_impl=merge_impl, model_kwargs=dict(args["kwargs"]), force=True,
+        prop_attn=variant.model.prop_attn,
     ), log=lambda msg: log(f"{variant.backend} {variant.precision} {r_label(variant.r)}: {msg}"))
     return out, False

@@ -1,33 +1,39 @@
 """Model registry: aliases, weights, and the per-family ToMe patch.
 
-One module per model family (``timm_vit``, ``torchvision_vit``); each provides ``FAMILY``, ``SOURCE``,
+One module per model family (``timm_vit``, ``torchvision_vit``, ``hf_vit``); each provides ``FAMILY``, ``SOURCE``,
 ``DESCRIPTION``, ``VERIFIED``, ``unsupported_reason(model)``, ``model_info(model)``, ``data_config(model)``
 and ``patch(model, cfg)``.
+
+The AugReg aliases pin ``augreg_in21k_ft_in1k``, the weights the ToMe paper reports on (``vit_b16``: 84.57 top-1 off
+the shelf); a bare timm name such as ``vit_base_patch16_224`` follows timm's default tag (``augreg2_in21k_ft_in1k``
+today). Manifests record the timm tag that was used (``model.pretrained_tag``).
 """
 
 from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from ..errors import UserError
 from ..schedule import RSpec, expand_schedule
-from . import timm_vit, torchvision_vit
+from . import hf_vit, timm_vit, torchvision_vit
 from .base import ModelInfo, ToMeConfig
 from .checkpoint import host_reachable, load_checked, read_state_dict
 
-FAMILIES = (timm_vit, torchvision_vit)
+FAMILIES = (timm_vit, torchvision_vit, hf_vit)
 
 ALIASES: Dict[str, str] = {
-    "vit_t16": "vit_tiny_patch16_224",
-    "vit_s16": "vit_small_patch16_224",
-    "vit_b16": "vit_base_patch16_224",
-    "vit_l16": "vit_large_patch16_224",
+    # AugReg: the ToMe paper's weights, pinned (timm's default tag for ViT-S/B is augreg2 today)
+    "vit_t16": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+    "vit_s16": "vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "vit_b16": "vit_base_patch16_224.augreg_in21k_ft_in1k",
+    "vit_l16": "vit_large_patch16_224.augreg_in21k_ft_in1k",
+    "vit_l16_384": "vit_large_patch16_384.augreg_in21k_ft_in1k",
     "deit_t": "deit_tiny_patch16_224",
     "deit_s": "deit_small_patch16_224",
     "deit_b": "deit_base_patch16_224",
@@ -64,8 +70,8 @@ class ModelName(NamedTuple):
     """A resolved model name: what the user typed (alias), where it comes from and its upstream name."""
 
     alias: str
-    source: str  # timm | torchvision
-    name: str  # timm model name, or torchvision ``builder.WEIGHTS``
+    source: str  # timm | torchvision | transformers
+    name: str  # timm model name, torchvision ``builder.WEIGHTS``, or a transformers repo id / directory
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ class ModelSpec:
     seed: Optional[int] = None
     checkpoint: Optional[str] = None
     source: str = "timm"
+    details: Tuple[Tuple[str, Any], ...] = ()  # family facts for the manifest (timm tag, transformers revision)
 
     @property
     def timm_name(self) -> Optional[str]:
@@ -87,7 +94,8 @@ class ModelSpec:
         entry = {"alias": self.alias, "source": self.source, "name": self.name}
         if self.source == "timm":
             entry["timm_name"] = self.name  # manifests before torchvision support had only this
-        return {**entry, "family": family, "weights": self.weights, "seed": self.seed, "checkpoint": self.checkpoint}
+        return {**entry, "family": family, "weights": self.weights, "seed": self.seed, "checkpoint": self.checkpoint,
+                **dict(self.details)}
 
 
 def all_aliases() -> Dict[str, str]:
@@ -96,11 +104,14 @@ def all_aliases() -> Dict[str, str]:
 
 
 def resolve(name: str) -> ModelName:
-    """The source and upstream name of an alias, a timm model name or a torchvision ViT name."""
+    """The source and upstream name of an alias, a timm or torchvision ViT name, ``hf:<repo id>`` or a directory."""
     import timm
 
     from ..bench import digits  # noqa: F401  (registers tome_digits_vit with timm)
 
+    hf_name = hf_vit.resolve(name)
+    if hf_name is not None:
+        return ModelName(name, hf_vit.SOURCE, hf_name)
     if name in ALIASES:
         return ModelName(name, "timm", ALIASES[name])
     tv_name = torchvision_vit.canonical_name(name)
@@ -108,12 +119,14 @@ def resolve(name: str) -> ModelName:
         return ModelName(name, "torchvision", tv_name)
     if timm.is_model(name) or timm.is_model(name.split(".")[0]):
         return ModelName(name, "timm", name)
+    if Path(name).is_dir():  # a directory named without a path separator
+        return ModelName(name, hf_vit.SOURCE, hf_vit.resolve(os.path.join(".", name)))
     names = list(all_aliases()) + list(torchvision_vit.BUILDERS) + timm.list_models("*vit*") + timm.list_models("deit*")
     close = difflib.get_close_matches(name, names, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise UserError(
-        f"unknown model {name!r}.{hint} Use an alias ({', '.join(all_aliases())}), a timm model name or a "
-        "torchvision ViT name (see `tome-export --list-models`)."
+        f"unknown model {name!r}.{hint} Use an alias ({', '.join(all_aliases())}), a timm model name, a "
+        "torchvision ViT name, hf:<repo id> or a save_pretrained directory (see `tome-export --list-models`)."
     )
 
 
@@ -141,6 +154,9 @@ def create_model(
     offline; it never falls back to random weights.
     """
     ref = resolve(name)
+    if checkpoint is not None and ref.source == hf_vit.SOURCE:
+        raise UserError("--checkpoint takes timm and torchvision state_dicts; a transformers model loads its weights "
+                        "from its directory: pass the save_pretrained directory as --model")
     if checkpoint is not None:
         sd = read_state_dict(Path(checkpoint))
         if ref.source == "torchvision":
@@ -168,12 +184,23 @@ def create_model(
         spec = ModelSpec(ref.alias, ref.name, "pretrained", source=ref.source)
     else:
         raise UserError(f"unknown --weights {weights!r}: use pretrained or random (or --checkpoint PATH)")
-    return model.eval(), spec
+    return model.eval(), replace(spec, details=tuple(_spec_details(model).items()))
+
+
+def _spec_details(model: torch.nn.Module) -> Dict[str, Any]:
+    """What the manifest records beside the name: timm's pretrained tag, a transformers model's class and revision."""
+    details = dict(getattr(model, "tome_source", None) or {})
+    tag = (getattr(model, "pretrained_cfg", None) or {}).get("tag")
+    if tag:
+        details["pretrained_tag"] = tag
+    return details
 
 
 def _build(ref: ModelName, pretrained: bool, **kwargs) -> torch.nn.Module:
     if ref.source == "torchvision":
         return torchvision_vit.build(ref.name, pretrained, **kwargs)
+    if ref.source == hf_vit.SOURCE:
+        return hf_vit.build(ref.name, pretrained, **kwargs)
     import timm
 
     return timm.create_model(ref.name, pretrained=pretrained, **kwargs)
@@ -234,6 +261,7 @@ def patch(
     merge_impl: str = "gather",
     prop_attn: Optional[bool] = None,
     trainable: bool = False,
+    fused: bool = True,
 ) -> torch.nn.Module:
     """Apply ToMe to ``model`` in place and return it.
 
@@ -249,6 +277,10 @@ def patch(
     on for inference on off-the-shelf models, off with ``trainable=True`` — the reference's advice for
     fine-tuning with ToMe (and for MAE models off the shelf). Deploy a model with the ``prop_attn`` it
     was trained with (CLI: ``--no-prop-attn``).
+
+    ``fused``: on CUDA tensors, run each block's matching and merge as one Triton kernel and one batched
+    matmul (same decisions as ``merge_impl``; see :mod:`tome_export.kernels.fused_merge`). Exports and CPU runs
+    always use ``merge_impl``.
     """
     family = _family(model)
     info = family.model_info(model)
@@ -257,7 +289,8 @@ def patch(
     if prop_attn is None:
         prop_attn = not trainable
     requested = expand_schedule(r, info.num_blocks)  # blocks cap r at run time, as the reference does
-    return family.patch(model, ToMeConfig(r=tuple(requested), merge_impl=merge_impl, prop_attn=prop_attn))
+    return family.patch(model, ToMeConfig(r=tuple(requested), merge_impl=merge_impl, prop_attn=prop_attn,
+                                               fused=fused))
 
 
 class ListedModel(NamedTuple):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..kernels import fused_merge
 from ..merge import MERGE_IMPLS, Merge, bipartite_soft_matching, cap_r, merge_wavg
 
 
@@ -17,8 +18,9 @@ class ToMeConfig:
     """The ToMe settings of a patched model. Frozen: changing them means patching again."""
 
     r: Tuple[int, ...]  # requested r per block (the per-block cap applies at run time)
-    merge_impl: str = "gather"
+    merge_impl: str = "gather"  # the lowering traced into exports and run on the CPU
     prop_attn: bool = True
+    fused: bool = True  # on CUDA: matching and merge as one Triton kernel + a batched matmul (same decisions)
 
     def __post_init__(self) -> None:
         if self.merge_impl not in MERGE_IMPLS:
@@ -72,10 +74,11 @@ class TokenMerge(torch.nn.Module):
     Families attach one to each block as ``tome_merge`` (no parameters: state_dict keys are unchanged).
     """
 
-    def __init__(self, r: int, num_protected: int, merge_impl: str, prop_attn: bool) -> None:
+    def __init__(self, r: int, num_protected: int, merge_impl: str, prop_attn: bool, fused: bool = True) -> None:
         super().__init__()
         self.match = TokenMatch(r, num_protected, merge_impl)
         self.prop_attn = prop_attn
+        self.fused = fused
 
     def merges(self, num_tokens: int) -> bool:
         """Whether this block merges anything at this token count (r after the reference's cap)."""
@@ -84,6 +87,9 @@ class TokenMerge(torch.nn.Module):
     def forward(
         self, x: torch.Tensor, keys: torch.Tensor, size: Optional[torch.Tensor], source: Optional[torch.Tensor]
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        if self.fused and source is None and fused_merge.available(x):
+            x, size, bias = fused_merge.merge_weighted(x, keys, size, self.match.r, self.match.num_protected)
+            return x, size, None, bias if self.prop_attn else None
         merge = self.match(keys)
         x, size = merge_wavg(merge, x, size)
         if source is not None:
@@ -98,10 +104,40 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
     """Self-attention of ``(B, heads, T, head_dim)`` q/k/v with ToMe's proportional-attention bias.
 
     ``bias`` is the log-size of each key, ``(B, 1, 1, T)`` (None before the first merge). Every family calls
-    this, so the lowering of proportional attention is chosen in one place.
+    this, so the lowering of proportional attention is chosen in one place: an additive mask, or on a GPU the
+    extra channel of :func:`channel_attention` from ``CHANNEL_MIN_TOKENS`` query tokens per call on.
     """
+    if bias is not None and CHANNEL_MIN_TOKENS is not None and q.is_cuda \
+            and q.shape[0] * q.shape[2] >= CHANNEL_MIN_TOKENS and not torch.compiler.is_exporting():
+        return channel_attention(q, k, v, bias, dropout_p)
     mask = None if bias is None else bias.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+# None: always the mask. On an H200 the mask measured faster than the extra channel at every batch size from 1 to
+# 256 (benchmarks/results/gpu_speedup.md): copying q and k into wider tensors costs more than the mask does.
+CHANNEL_MIN_TOKENS: Optional[int] = None
+
+
+def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                      dropout_p: float = 0.0) -> torch.Tensor:
+    """Proportional attention with the bias folded into q and k: ``scale·[q, 1, 1]·[k, hi, lo] = scale·q·k + log s``.
+
+    Flash attention takes no additive bias; with the bias in q and k it can run. ``log s / scale`` is split into
+    a high part and the remainder so that 16-bit q/k carry it as exactly as an fp32 mask would; the padding
+    keeps the head dim a multiple of 8.
+    """
+    b, h, t, d = q.shape
+    scale = d ** -0.5
+    pad = 8
+    term = (bias.transpose(-1, -2).float() / scale).expand(b, h, t, 1)  # (B, H, T, 1)
+    hi = term.to(k.dtype)
+    lo = (term - hi.float()).to(k.dtype)
+    ones = q.new_ones(1, 1, 1, 1).expand(b, h, t, 2)
+    zeros = q.new_zeros(1, 1, 1, 1).expand(b, h, t, pad - 2)
+    q = torch.cat([q, ones, zeros], dim=-1)
+    k = torch.cat([k, hi, lo, zeros], dim=-1)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
 
 
 # A block's ToMe state between blocks: tokens, sizes, sources, the next attention's log-size bias.
@@ -141,12 +177,18 @@ def merge_destinations(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, np.
 
     handles = [m.register_forward_hook(hook(name.rsplit(".tome_merge", 1)[0]))
                for name, m in model.named_modules() if isinstance(m, TokenMatch)]
+    merges = [m for m in model.modules() if isinstance(m, TokenMerge)]
+    fused = [m.fused for m in merges]
     try:
+        for m in merges:  # the fused kernel bypasses TokenMatch (and so these hooks); its decisions are the same
+            m.fused = False
         with torch.inference_mode():
             model(x)
     finally:
         for h in handles:
             h.remove()
+        for m, was in zip(merges, fused):
+            m.fused = was
     return found
 
 
@@ -184,5 +226,5 @@ def patch_model(model: torch.nn.Module, mixin: type, blocks, num_protected: int,
         model.__class__ = _PATCHED_CLASSES[base]
     model.tome = cfg
     for block, r in zip(blocks, cfg.r):
-        block.tome_merge = TokenMerge(r, num_protected, cfg.merge_impl, cfg.prop_attn)
+        block.tome_merge = TokenMerge(r, num_protected, cfg.merge_impl, cfg.prop_attn, cfg.fused)
     return model
