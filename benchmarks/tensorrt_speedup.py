@@ -95,14 +95,14 @@ def engine_runs(target: str, model: str, r: int, batch: int, precision: str, wei
     """Build static-batch engines for r=0 and r, return {label: (enqueue, sync)} timing the engine only."""
     import numpy as np
 
-    from tome_export import BuildOptions, build
+    from tome_export import BuildRequest, build
     from tome_export.runtime import load
 
     runs, facts = {}, {}
     for label, rr in (("r0", 0), (f"r{r}", r)):
         out = workdir / f"{model}-{label}-b{batch}-{target}-{precision}"
-        result = build(BuildOptions(model=model, r=rr, target=target, precision=precision, batch=batch,
-                                    weights=weights, output=out, force=True, extra={"require_engine": True}))
+        result = build(BuildRequest(model=model, r=rr, target=target, precision=precision, batch=batch,
+                                    weights=weights, output=out, force=True, target_options={"require_engine": True}))
         runner = load(out)
         x = runner.preprocess_batch([str(p) for p in _photos(batch)])
         runner(x.astype(np.float32))  # shapes, buffers and addresses are set; inputs are on the GPU

@@ -14,6 +14,7 @@ from timm.layers import LayerScale
 from tome_export import create_model, patch
 from tome_export.export import export_onnx
 from tome_export.images import sample_photos
+from tome_export.models import preprocessing
 from tome_export.preprocess import Preprocessing
 
 # name -> (timm name, extra kwargs). Small models only: the suite must stay fast on 2 cores.
@@ -55,7 +56,7 @@ def nontrivial(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             param = getattr(model, token, None)
             if param is not None:
                 param.copy_(0.5 * torch.randn(param.shape, generator=gen))
-        head = model.heads.head if hasattr(model, "heads") else model.head
+        head = model.heads.head if hasattr(model, "heads") else getattr(model, "head", getattr(model, "classifier", None))
         if isinstance(head, torch.nn.Linear):
             if head.weight.abs().max() == 0:  # torchvision initialises its classifier to zero
                 head.weight.copy_(0.02 * torch.randn(head.weight.shape, generator=gen))
@@ -68,7 +69,7 @@ def photo_cache():
     cache: Dict[Tuple[int, Preprocessing], np.ndarray] = {}
 
     def get(model: torch.nn.Module, n: int) -> torch.Tensor:
-        pre = Preprocessing.from_model(model)
+        pre = preprocessing(model)
         key = (n, pre)  # size and normalisation
         if key not in cache:
             cache[key] = pre.batch(sample_photos(n))
@@ -87,7 +88,7 @@ def onnx_cache(tmp_path_factory):
         key = (kind, repr(r), impl, batch, dynamic_batch)
         if key not in cache:
             model = patch(make_model(kind), r, merge_impl=impl)
-            pre = Preprocessing.from_model(model)
+            pre = preprocessing(model)
             path = root / f"{len(cache)}.onnx"
             export_onnx(model, path, pre.input_size, batch=batch, dynamic_batch=dynamic_batch)
             cache[key] = (path, model)
@@ -120,3 +121,4 @@ def traced_artifact(tmp_path_factory):
 
 
 from cpu_builds import cpu_build  # noqa: E402,F401  (session fixture: CPU recipe builds on one shared export)
+from serve_builds import vit_t16_build  # noqa: E402,F401  (session fixture: pipeline builds for tests/serve)

@@ -1,37 +1,52 @@
-"""CPU recipe builds (onnxruntime, openvino) shared by the backend and runtime tests.
+"""CPU recipe builds (onnxruntime, openvino) shared by the target and runtime tests.
 
-Each recipe is built once per session by its target's own ``build`` on one cached export of a small ToMe ViT
-(ViT-Tiny, 6 blocks, r=8), so a dozen recipes cost one export; ``tests/backends`` also runs a full pipeline
-build through the CLI.
+Each recipe is built once per session through the pipeline's own steps (:func:`tome_export.pipeline.plan_build`,
+:func:`~tome_export.pipeline.build_into`) on one cached export of a small ToMe ViT (ViT-Tiny, 6 blocks, r=8), so
+a dozen recipes cost one export; ``tests/targets`` also runs full pipeline builds through the CLI.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import pytest
+import yaml
 
-from tome_export.backends import TARGETS, BuildContext
-from tome_export.backends.common import runner_manifest
-from tome_export.manifest import write_manifest
-from tome_export.models import ModelSpec, model_info
-from tome_export.pipeline import BuildOptions
-from tome_export.preprocess import Preprocessing
+from tome_export.models import ModelName, ModelSpec, model_info, preprocessing
+from tome_export.pipeline import BuildRequest, PreparedBuild, PreparedModel, build_into, plan_build
 from tome_export.recipes import parse_recipe, recipe_for
 from tome_export.schedule import resolve_schedule
+from tome_export.targets import TargetResult
 
 CPU_MODEL, CPU_R = "vit_d6", 8
 
 
-def recipe_with(target: str, precision: str, **sections: Dict[str, Any]):
+def recipe_data(target: str, precision: str, **sections: Dict[str, Any]) -> Dict[str, Any]:
     """The built-in recipe with some section keys replaced (the way a user edits a copy for --recipe)."""
     data = recipe_for(target, precision).to_dict()
     data.pop("file")
     for section, values in sections.items():
         data[section] = {**(data.get(section) or {}), **values}
-    return parse_recipe({k: v for k, v in data.items() if v is not None})
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def recipe_with(target: str, precision: str, **sections: Dict[str, Any]):
+    return parse_recipe(recipe_data(target, precision, **sections))
+
+
+def plan_with(directory: Path, target: str, precision: str, options: Dict[str, Any] = {}, merge_impl: str = "auto",
+              **sections: Dict[str, Any]) -> Tuple[BuildRequest, Any, Any]:
+    """``plan_build`` of an edited copy of the built-in recipe, written to ``directory`` as a user would."""
+    path = directory / f"{target}-{precision}-{abs(hash(repr(sorted(sections.items()))))}.yaml"
+    path.write_text(yaml.safe_dump(recipe_data(target, precision, **sections), sort_keys=False))
+    return plan_build(BuildRequest(model="vit_t16", recipe=path, target_options=options, merge_impl=merge_impl))
+
+
+def flat(result: TargetResult) -> Dict[str, Any]:
+    """A target's result as the manifest lays it out (its sections at the top level)."""
+    return {"runtime": result.runtime, "validation": result.validation, "notes": list(result.notes),
+            "merge_decisions": result.merge_decisions, **result.sections}
 
 
 @pytest.fixture(scope="session")
@@ -45,22 +60,16 @@ def cpu_build(onnx_cache, tmp_path_factory):
         if key not in cache:
             onnx_path, model = onnx_cache(CPU_MODEL, CPU_R, impl)
             info = model_info(model)
+            request, target_, plan = plan_with(root, target, precision, merge_impl=impl, **sections)
+            prepared = PreparedBuild(request, target_, plan, ModelName(CPU_MODEL, "timm", "vit_tiny_patch16_224",
+                                                                       "timm-vit"), root / "unused")
+            prepared_model = PreparedModel(
+                model, ModelSpec(CPU_MODEL, "vit_tiny_patch16_224", "random", 0), info,
+                resolve_schedule(CPU_R, info.num_blocks, info.num_tokens, info.num_protected), preprocessing(model))
             workdir = root / f"{len(cache)}-{target}-{precision}"
             workdir.mkdir()
-            shutil.copyfile(onnx_path, workdir / "model.onnx")
-            recipe = recipe_with(target, precision, **sections)
-            ctx = BuildContext(
-                workdir=workdir, onnx_path=workdir / "model.onnx", model=model,
-                spec=ModelSpec(CPU_MODEL, "vit_tiny_patch16_224", "random", 0), info=info,
-                schedule=resolve_schedule(CPU_R, info.num_blocks, info.num_tokens, info.num_protected),
-                preprocessing=Preprocessing.from_model(model), precision=precision, batch=1, dynamic_batch=False,
-                merge_impl=impl, recipe=recipe, options=BuildOptions(model=CPU_MODEL, target=target, precision=precision),
-                log=lambda message: None,
-            )
-            result = TARGETS[target].build(ctx)
-            write_manifest(workdir, {"target": target, "precision": precision, **runner_manifest(ctx, result["runtime"]),
-                                     **result})
-            cache[key] = (workdir, result)
+            result, _ = build_into(prepared, prepared_model, workdir, export_from=onnx_path)
+            cache[key] = (workdir, flat(result))
         return cache[key]
 
     return build

@@ -272,3 +272,8 @@ def reference_forward_hf(model, images: torch.Tensor, r_schedule: List[int], pro
         outputs.append(_hf_head(model, backbone, x, sizes, protected))
         sources.append(groups)
     return torch.stack(outputs), sources
+
+
+# The reference of each model family, by the family's registered name (tests/test_conformance.py).
+REFERENCES = {"timm-vit": reference_forward, "torchvision-vit": reference_forward_torchvision,
+              "transformers-vit": reference_forward_hf}

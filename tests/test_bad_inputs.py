@@ -82,12 +82,15 @@ def test_bad_recipe_key(capsys, tmp_path):
 
 
 def test_backend_not_installed(capsys, tmp_path, monkeypatch):
-    """A target whose Python package is missing: refused before any work, with the install command."""
-    from tome_export.backends import TARGETS
+    """A target whose Python package is missing: refused before any work, with the target's install command."""
+    from tome_export.targets import targets
 
-    monkeypatch.setitem(TARGETS, "onnx", dataclasses.replace(TARGETS["onnx"], requires=("tome_export_no_such_backend",)))
+    registry = targets()
+    monkeypatch.setitem(registry, "onnx", dataclasses.replace(registry["onnx"], requires=("tome_export_no_such_backend",),
+                                                              install_hint="pip install tome-export-no-such-backend"))
     _, err = _one_line_exit_2(["--model", "vit_t16", "--weights", "random", "-o", str(tmp_path / "o")], capsys)
-    assert "needs the Python package 'tome_export_no_such_backend'" in err and "pip install 'tome-export[onnx]'" in err
+    assert "needs the Python package 'tome_export_no_such_backend'" in err
+    assert "pip install tome-export-no-such-backend" in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -200,10 +203,16 @@ def _remove_model(d):
     (d / "model.onnx").unlink()
 
 
-def _foreign_target(d):
+def _foreign_target(d):  # as a manifest written before runtime sections named their runner
+    m = {k: v for k, v in json.loads((d / "manifest.json").read_text()).items()
+         if k not in ("format", "artifacts", "manifest_sha256", "runtime")}
+    write_manifest(d, {**m, "target": "coreml"})
+
+
+def _foreign_runner(d):
     m = {k: v for k, v in json.loads((d / "manifest.json").read_text()).items()
          if k not in ("format", "artifacts", "manifest_sha256")}
-    write_manifest(d, {**m, "target": "coreml"})
+    write_manifest(d, {**m, "runtime": {**m["runtime"], "runner": "coreml_runtime:CoreMLRunner"}})
 
 
 def _old_format(d):
@@ -218,7 +227,8 @@ LOAD_BAD = {
     "manifest not JSON": (_break_json, "is not valid JSON"),
     "missing model.onnx": (_remove_model, "'model.onnx' listed in"),
     "unknown target": (_foreign_target, "no runner for target 'coreml'"),
-    "other format": (_old_format, "is not a tome-export/1 manifest"),
+    "foreign runner": (_foreign_runner, "names the runner 'coreml_runtime:CoreMLRunner', which is not a tome-export"),
+    "other format": (_old_format, "is a tome-export/0 manifest; tome-export .* reads tome-export/1 manifests"),
 }
 
 

@@ -6,7 +6,7 @@ from timm.data import create_transform, resolve_data_config
 from tome_export.errors import UserError
 from tome_export.flops import flops_summary
 from tome_export.images import sample_photos
-from tome_export.models import model_info
+from tome_export.models import model_info, preprocessing
 from tome_export.preprocess import Preprocessing, open_image
 from tome_export.schedule import resolve_schedule
 
@@ -14,7 +14,7 @@ from tome_export.schedule import resolve_schedule
 @pytest.mark.parametrize("name", ["vit_base_patch16_224", "deit_small_patch16_224", "vit_base_patch16_clip_224"])
 def test_matches_timm_eval_transform(name):
     model = timm.create_model(name, pretrained=False, num_classes=0)
-    pre = Preprocessing.from_model(model)
+    pre = preprocessing(model)
     transform = create_transform(**resolve_data_config(model=model))
     for img in sample_photos(3):
         want = transform(img).numpy()
@@ -47,7 +47,7 @@ def test_preprocessing_follows_a_model_built_at_another_size():
     from tome_export.models import create_model
 
     model, _ = create_model("vit_t16", weights="random", img_size=384, depth=1)
-    pre = Preprocessing.from_model(model)
+    pre = preprocessing(model)
     assert pre.input_size == (3, 384, 384) and pre(sample_photos(1)[0]).shape == (3, 384, 384)
     assert model_info(model).num_tokens == 24 * 24 + 1
     assert model(__import__("torch").from_numpy(pre.batch(sample_photos(1)))).shape == (1, 1000)

@@ -22,8 +22,7 @@ from tome_export import patch
 from tome_export.errors import UserError
 from tome_export.export import export_onnx
 from tome_export.merge import bipartite_soft_matching, cap_r, destinations, merge_wavg
-from tome_export.models import model_info
-from tome_export.preprocess import Preprocessing
+from tome_export.models import model_info, preprocessing
 from tome_export.images import sample_photos
 from tome_export.schedule import expand_schedule, parse_r_text, resolve_schedule
 
@@ -206,7 +205,7 @@ def test_export_matches_pytorch_and_the_reference_or_fails_clearly(case):
     event(f"r {type(case['r']).__name__}, {case['impl']}, batch {'dynamic' if case['dynamic'] else case['batch']}")
     model = make_model(case["kind"], seed=case["seed"], **case["overrides"])
     reference_model = make_model(case["kind"], seed=case["seed"], **case["overrides"])
-    pre = Preprocessing.from_model(model)
+    pre = preprocessing(model)
     assert pre.input_size[1:] == (case["overrides"]["img_size"],) * 2
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"

@@ -10,6 +10,7 @@ from ._version import __version__
 from .errors import UserError, ValidationError
 
 _LAZY = {
+    "BuildRequest": "pipeline",
     "BuildOptions": "pipeline",
     "BuildResult": "pipeline",
     "build": "pipeline",

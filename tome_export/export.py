@@ -25,11 +25,9 @@ import onnx
 import torch
 
 from .errors import UserError
+from .graph_names import INPUT_NAME, MATCH_PREFIX, MERGE_PREFIX, OUTPUT_NAME, SOURCE_NAME
 
 MIN_OPSET = 18
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
-SOURCE_NAME = "source"
 
 # Ops that make shapes data-dependent or add control flow; a static ToMe graph has none of them.
 DYNAMIC_OPS = ("NonZero", "Loop", "If", "Scan", "Unique")
@@ -42,10 +40,6 @@ class _WithSource(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.model.forward_with_source(x)
-
-
-MATCH_PREFIX = "tome_match/"  # token-matching path: scores, ranking, index building (keep in fp32)
-MERGE_PREFIX = "tome_merge/"  # applying merges: size weighting, gathers/scatters or one-hot products, log-size
 
 
 def _tome_name(node: onnx.NodeProto) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, Sequence
 
-from .models.base import ModelInfo
+from .info import ModelInfo
 
 
 def vit_macs(info: ModelInfo, r_schedule: Sequence[int]) -> int:

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .errors import UserError
-from .manifest import MANIFEST, read_manifest, sha256_file, unchanged_since_build
-
-MATCH_PREFIX, MERGE_PREFIX = "tome_match/", "tome_merge/"  # node names given by tome_export.export
-NOT_AVAILABLE = "not available in this version"
+from .files import sha256_file
+from .graph_names import MATCH_PREFIX, MERGE_PREFIX, block_of, block_order
+from .manifest import MANIFEST, Manifest, read_manifest, unchanged_since_build
 
 
 # --- graphs -----------------------------------------------------------------------------------------
@@ -35,10 +34,6 @@ def _io(values: Any) -> List[Dict[str, Any]]:
     return [{"name": v.name, "shape": _dims(v),
              "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
              if v.type.tensor_type.elem_type else "?"} for v in values]
-
-
-def _block_of(name: str) -> str:
-    return name.split("/")[1]
 
 
 def tome_blocks(model: Any) -> List[Dict[str, Any]]:
@@ -59,8 +54,8 @@ def tome_blocks(model: Any) -> List[Dict[str, Any]]:
     for node in inferred.graph.node:
         if not node.name.startswith((MATCH_PREFIX, MERGE_PREFIX)):
             continue
-        entry = blocks.setdefault(_block_of(node.name), {"block": _block_of(node.name), "tokens_in": None,
-                                                          "tokens_out": None})
+        entry = blocks.setdefault(block_of(node.name), {"block": block_of(node.name), "tokens_in": None,
+                                                         "tokens_out": None})
         if node.name.startswith(MATCH_PREFIX) and node.op_type == "ReduceMean":
             shape = shapes.get(node.input[0], [])
             if len(shape) == 4 and isinstance(shape[2], int):
@@ -72,17 +67,13 @@ def tome_blocks(model: Any) -> List[Dict[str, Any]]:
     for entry in blocks.values():
         if entry["tokens_in"] is not None and entry["tokens_out"] is not None:
             entry["r"] = entry["tokens_in"] - entry["tokens_out"]
-    return sorted(blocks.values(), key=lambda e: [int(p) if p.isdigit() else p for p in e["block"].split(".")])
+    return sorted(blocks.values(), key=lambda e: block_order(e["block"]))
 
 
 def tensorrt_verdict(model: Any) -> Dict[str, Any]:
     """The TensorRT-compatibility checker's answer, strict and with the ScatterElements plugin allowed."""
-    try:
-        from .backends.tensorrt.compat import tensorrt_problems
-    except ImportError as exc:
-        if (exc.name or "").startswith("tome_export"):
-            return {"available": False, "verdict": NOT_AVAILABLE}
-        return {"available": False, "verdict": f"not available: the checker needs {exc.name!r}"}
+    from .targets.tensorrt.compat import tensorrt_problems
+
     strict = list(tensorrt_problems(model))
     plugin = list(tensorrt_problems(model, allow_scatter_plugin=True))
     if not strict:
@@ -227,19 +218,61 @@ def _graph_lines(name: str, g: Dict[str, Any]) -> List[str]:
 def _validation_line(v: Dict[str, Any], precision: Optional[str]) -> str:
     parts = []
     if isinstance(v.get("max_abs_diff"), (int, float)):
-        limit = v.get("threshold_max_abs_diff")
+        limit = (v.get("thresholds") or {}).get("max_abs_diff", v.get("threshold_max_abs_diff"))
         parts.append(f"max |diff| {v['max_abs_diff']:.2e}" + (f" (allowed {limit:g})" if limit is not None else ""))
     if isinstance(v.get("min_cosine"), (int, float)):
         parts.append(f"min cosine {v['min_cosine']:.6f}")
     if isinstance(v.get("top1_agreement"), (int, float)):
         parts.append(f"top-1 agreement {v['top1_agreement']:.3f}")
     shown = {"backend", "precision_ran", "passed", "max_abs_diff", "threshold_max_abs_diff", "min_cosine",
-             "top1_agreement", "images"}
+             "top1_agreement", "images", "thresholds"}
+    others = {k: val for k, val in (v.get("thresholds") or {}).items() if k != "max_abs_diff"}  # that one: allowed
+    if others:
+        parts.append(f"thresholds {json.dumps(others)}")
     parts += [f"{k} {json.dumps(val)}" for k, val in v.items() if k not in shown]  # what targets add
     images = f" on {v['images']} images" if "images" in v else ""
     verdict = "passed" if v.get("passed") else "FAILED"
     return (f"validation {v.get('backend')} at {v.get('precision_ran', precision)}: {verdict}{images}; "
             + ", ".join(parts))
+
+
+def _model_line(model: Dict[str, Any], upstream: Optional[str]) -> str:
+    seed = f" seed {model['seed']}" if model.get("weights") == "random" else ""
+    checkpoint = f" {model['checkpoint']}" if model.get("checkpoint") else ""
+    return (f"model      {model.get('alias')} ({upstream}, {model.get('family')}), weights {model.get('weights')}"
+            f"{seed}{checkpoint}")
+
+
+def manifest_lines(m: Manifest) -> List[str]:
+    """The manifest's facts as aligned text lines (model, target, input, schedule, FLOPs, validation, what the
+    target added)."""
+    lines = [_model_line(m.model, m.upstream_name),
+             f"target     {m.target} {m.precision}, merge {m.merge_impl}, opset {m.opset}, proportional attention "
+             f"{'on' if m.prop_attn else 'off'}",
+             f"input      {m.input.name} {list(m.input.shape)} {m.input.dtype}; outputs {', '.join(m.outputs)}"]
+    if m.r_schedule:
+        capped = "  (capped: requested " + _runs(list(m.r_requested)) + ")" if m.r_capped else ""
+        lines.append(f"r          {_runs(list(m.r_schedule))}{capped}")
+        lines.append(f"tokens     {m.num_tokens} ({m.num_protected} protected) -> "
+                     f"{' '.join(map(str, m.tokens_per_block))}")
+    fl = m.flops
+    if fl:
+        lines.append(f"FLOPs      {fl.get('gmacs')} GMACs vs {fl.get('gmacs_r0')} at r=0: {fl.get('ratio')}x fewer")
+    if m.validation:
+        lines.append(_validation_line(m.validation, m.precision))
+    added = {**m.sections, "runtime": m.runtime, "notes": list(m.notes)}
+    if m.merge_decisions is not None:
+        added["merge_decisions"] = m.merge_decisions
+    for key in sorted(k for k, v in added.items() if v):  # what the target added (settings, quantization, ...)
+        lines.append(f"{key:10s} {json.dumps(added[key], sort_keys=True)}")
+    return lines
+
+
+def _checksum_lines(c: Dict[str, Any]) -> List[str]:
+    lines = [f"file       {rel} {_size(f['bytes'])} sha256 {f['status']}" for rel, f in c["files"].items()]
+    lines += [f"file       {rel} not in the manifest" for rel in c["unlisted"]]
+    state = "ok" if c["ok"] else "FAILED" + ("" if c["manifest_unchanged"] else " (manifest.json was edited)")
+    return lines + [f"checksums  {state}"]
 
 
 def format_report(report: Dict[str, Any]) -> str:
@@ -249,42 +282,41 @@ def format_report(report: Dict[str, Any]) -> str:
         lines += [f"file       {report['path']} ({_size(report['bytes'])}, sha256 {report['sha256'][:16]}...)",
                   "manifest   none: r schedule, FLOPs and validation are recorded only in build directories"]
     else:
-        m = report["manifest"]
-        model, v, fl = m.get("model", {}), m.get("validation", {}), m.get("flops", {})
+        m = Manifest.from_dict(report["manifest"])
         lines.append(f"artifact   {report['path']}")
-        upstream = model.get("name", model.get("timm_name"))  # "name" (+ "source") where families other than timm exist
-        lines.append(f"model      {model.get('alias')} ({upstream}, {model.get('family')}), weights "
-                     f"{model.get('weights')}" + (f" seed {model['seed']}" if model.get("weights") == "random" else "")
-                     + (f" {model['checkpoint']}" if model.get("checkpoint") else ""))
-        lines.append(f"target     {m.get('target')} {m.get('precision')}, merge {m.get('merge_impl')}, opset "
-                     f"{m.get('opset')}, proportional attention {'on' if m.get('prop_attn') else 'off'}")
-        shape = m.get("input", {}).get("shape")
-        lines.append(f"input      {m.get('input', {}).get('name')} {shape} {m.get('input', {}).get('dtype')}; "
-                     f"outputs {', '.join(m.get('outputs', []))}")
-        if "r_schedule" in m:
-            capped = "  (capped: requested " + _runs(m["r_requested"]) + ")" if m.get("r_capped") else ""
-            lines.append(f"r          {_runs(m['r_schedule'])}{capped}")
-            lines.append(f"tokens     {m.get('num_tokens')} ({m.get('num_protected')} protected) -> "
-                         f"{' '.join(map(str, m.get('tokens_per_block', [])))}")
-        if fl:
-            lines.append(f"FLOPs      {fl.get('gmacs')} GMACs vs {fl.get('gmacs_r0')} at r=0: {fl.get('ratio')}x fewer")
-        if v:
-            lines.append(_validation_line(v, m.get("precision")))
-        known = {"format", "tool_version", "versions", "model", "target", "precision", "r", "r_requested",
-                 "r_schedule", "r_capped", "tokens_per_block", "num_tokens", "num_protected", "merge_impl",
-                 "prop_attn", "opset", "recipe", "input", "outputs", "num_classes", "preprocessing", "flops",
-                 "validation", "artifacts", "manifest_sha256", "build_seconds", "patch_size"}
-        for key in sorted(set(m) - known):  # what targets add (build settings, quantization...)
-            lines.append(f"{key:10s} {json.dumps(m[key], sort_keys=True)}")
-        c = report["checksums"]
-        for rel, f in c["files"].items():
-            lines.append(f"file       {rel} {_size(f['bytes'])} sha256 {f['status']}")
-        for rel in c["unlisted"]:
-            lines.append(f"file       {rel} not in the manifest")
-        state = "ok" if c["ok"] else "FAILED" + ("" if c["manifest_unchanged"] else " (manifest.json was edited)")
-        lines.append(f"checksums  {state}")
-        lines.append("built by   " + ", ".join(f"{k} {val}" for k, val in m.get("versions", {}).items())
-                     + (f" in {m['build_seconds']} s" if "build_seconds" in m else ""))
+        lines += manifest_lines(m)
+        lines += _checksum_lines(report["checksums"])
+        lines.append("built by   " + ", ".join(f"{k} {val}" for k, val in m.versions.items())
+                     + (f" in {m.build_seconds} s" if m.build_seconds is not None else ""))
     for name, g in report["graphs"].items():
         lines += _graph_lines(name, g)
     return "\n".join(lines)
+
+
+def checksum_failures(report: Dict[str, Any]) -> Optional[str]:
+    """What does not verify in an artifact's report (None when everything does, or for a bare graph)."""
+    checks = report.get("checksums")
+    if checks is None or checks["ok"]:
+        return None
+    bad = [f"{rel} {f['status']}" for rel, f in checks["files"].items() if f["status"] != "ok"]
+    return ", ".join(bad) or "manifest.json edited"
+
+
+def build_summary(path: Path, m: Manifest) -> List[str]:
+    """What the command line prints after a build."""
+    from .quality.decisions import summary_line
+
+    v, fl, model = m.validation, m.flops, m.model
+    lines = [f"wrote {path}",
+             f"  model      {model['alias']} ({model['source']} {model['name']}, weights {model['weights']})",
+             f"  r          {list(m.r_schedule)}{'  (capped)' if m.r_capped else ''}",
+             f"  tokens     {m.num_tokens} -> {list(m.tokens_per_block)}",
+             f"  GMACs      {fl['gmacs']} vs {fl['gmacs_r0']} at r=0 ({fl['ratio']}x fewer)",
+             f"  validation {v['backend']}: max |diff| {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.5f}, "
+             f"top-1 agreement {v['top1_agreement']:.3f} on {v['images']} photos"]
+    if "precision_ran" in v:
+        lines.append(f"  ran        {v['precision_ran']}")
+    merges = summary_line(m.merge_decisions or {})
+    if merges:
+        lines.append(f"  merges     {merges}")
+    return lines + [f"  note       {note}" for note in m.notes]

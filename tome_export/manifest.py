@@ -1,27 +1,144 @@
-"""manifest.json: what an artifact directory holds, how it was built, how it validated, and checksums."""
+"""manifest.json: what an artifact directory holds, how it was built, how it validated, and checksums.
+
+:class:`Manifest` is the typed view every reader uses; the JSON keeps the layout of ``tome-export/1`` manifests
+(core fields, then each target's own sections at the top level), so manifests written before this model
+existed still load.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+from ._version import __version__
 from .errors import UserError
+from .files import atomic_write, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "tome-export/1"
 SELF_DIGEST = "manifest_sha256"  # digest of the manifest's own content: edits are detected
 
+__all__ = ["MANIFEST", "FORMAT", "InputSpec", "Manifest", "artifact_table", "dumps", "load_manifest",
+           "read_manifest", "sha256_file", "unchanged_since_build", "write_manifest"]
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The artifact's one input: name, shape (batch first; ``"batch"`` when dynamic), dtype."""
+
+    name: str
+    shape: Tuple[Any, ...]
+    dtype: str = "float32"
+    dynamic_batch: bool = False
+
+    @property
+    def batch(self) -> Optional[int]:
+        """The static batch size; None for a dynamic batch."""
+        return None if self.dynamic_batch else int(self.shape[0])
+
+    @property
+    def image_shape(self) -> Tuple[int, ...]:
+        return tuple(int(v) for v in self.shape[1:])
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "InputSpec":
+        return cls(d.get("name", "images"), tuple(d["shape"]), d.get("dtype", "float32"), bool(d.get("dynamic_batch")))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "dynamic_batch": self.dynamic_batch}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A build's record. Core fields are typed; what a target adds (its ``sections``) stays as it wrote it."""
+
+    target: str
+    precision: str
+    input: InputSpec
+    preprocessing: Dict[str, Any]
+    model: Dict[str, Any] = field(default_factory=dict)  # alias, source, name, family, weights, seed, checkpoint
+    outputs: Tuple[str, ...] = ("logits",)
+    runtime: Dict[str, Any] = field(default_factory=dict)  # the runner ("module:Class") and its settings
+    validation: Dict[str, Any] = field(default_factory=dict)
+    notes: Tuple[str, ...] = ()
+    merge_decisions: Optional[Dict[str, Any]] = None
+    r: Any = None
+    r_requested: Tuple[int, ...] = ()
+    r_schedule: Tuple[int, ...] = ()
+    r_capped: bool = False
+    tokens_per_block: Tuple[int, ...] = ()
+    num_tokens: Optional[int] = None
+    num_protected: Optional[int] = None
+    patch_size: Optional[Tuple[int, int]] = None
+    merge_impl: Optional[str] = None
+    prop_attn: Optional[bool] = None
+    opset: Optional[int] = None
+    num_classes: Optional[int] = None
+    flops: Dict[str, Any] = field(default_factory=dict)
+    recipe: Dict[str, Any] = field(default_factory=dict)
+    versions: Dict[str, str] = field(default_factory=dict)
+    tool_version: str = __version__
+    build_seconds: Optional[float] = None
+    sections: Dict[str, Any] = field(default_factory=dict)  # target-specific: precision_step, tensorrt, ...
+    artifacts: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # filled in by write_manifest
+    format: str = FORMAT
+
+    @property
+    def upstream_name(self) -> Optional[str]:
+        """The model's upstream name (manifests before torchvision support recorded only ``timm_name``)."""
+        return self.model.get("name", self.model.get("timm_name"))
+
+    @property
+    def identity(self) -> Tuple[Any, ...]:
+        """(alias, source, upstream name, target, precision): what makes two builds the same build."""
+        return (self.model.get("alias"), self.model.get("source", "timm"), self.upstream_name, self.target,
+                self.precision)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON layout: core fields, the target's sections at the top level, then the build time."""
+        data: Dict[str, Any] = {"tool_version": self.tool_version, "versions": dict(self.versions)}
+        for name in _CORE:
+            value = getattr(self, name)
+            data[name] = value.to_dict() if name == "input" else _plain(value)
+        for key, value in self.sections.items():
+            if key in data or key in _FIELDS:
+                raise ValueError(f"a target section may not replace the manifest's {key!r}")
+            data[key] = value
+        data.update(runtime=dict(self.runtime), validation=dict(self.validation), notes=list(self.notes))
+        if self.merge_decisions is not None:
+            data["merge_decisions"] = self.merge_decisions
+        data["build_seconds"] = self.build_seconds
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Manifest":
+        known = {k: v for k, v in data.items() if k in _FIELDS}
+        sections = {k: v for k, v in data.items() if k not in _FIELDS and k != SELF_DIGEST}
+        known["input"] = InputSpec.from_dict(known["input"])
+        for name in ("outputs", "notes", "r_requested", "r_schedule", "tokens_per_block", "patch_size"):
+            if known.get(name) is not None:
+                known[name] = tuple(known[name])
+        return cls(**known, sections=sections)
+
+    def section(self, key: str, default: Any = None) -> Any:
+        """A target-specific section (``precision_step``, ``tensorrt``, ...)."""
+        return self.sections.get(key, default)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(Manifest)} - {"sections"}
+# Written first, in this order (the layout manifests always had).
+_CORE = ("model", "target", "precision", "r", "r_requested", "r_schedule", "r_capped", "tokens_per_block",
+         "num_tokens", "num_protected", "patch_size", "merge_impl", "prop_attn", "opset", "recipe", "input",
+         "outputs", "num_classes", "preprocessing", "flops")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def artifact_table(directory: Path) -> Dict[str, Dict[str, Any]]:
@@ -46,25 +163,27 @@ def _self_digest(data: Dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def unchanged_since_build(data: Dict[str, Any]) -> bool:
+def unchanged_since_build(data: Mapping[str, Any]) -> bool:
     """Whether a loaded manifest still matches its own digest (manifests from before the digest: True)."""
-    return SELF_DIGEST not in data or data[SELF_DIGEST] == _self_digest(data)
+    return SELF_DIGEST not in data or data[SELF_DIGEST] == _self_digest(dict(data))
 
 
-def write_manifest(directory: Path, manifest: Dict[str, Any]) -> Path:
-    """Write the manifest last, with the checksums of everything else in the directory and of itself."""
-    data = {"format": FORMAT, **manifest, "artifacts": artifact_table(directory)}
+def write_manifest(directory: Path, manifest: Union[Manifest, Mapping[str, Any]]) -> Dict[str, Any]:
+    """Write the manifest last, with the checksums of everything else in the directory and of itself.
+
+    ``manifest``: a :class:`Manifest`, or its JSON content (without format, artifacts and digest). Returns the
+    JSON content written.
+    """
+    content = manifest.to_dict() if isinstance(manifest, Manifest) else dict(manifest)
+    data = {"format": FORMAT, **content, "artifacts": artifact_table(directory)}
     data = json.loads(json.dumps(data))  # the digest is of what a reader will load (tuples, int keys)
     data[SELF_DIGEST] = _self_digest(data)
-    path = directory / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(dumps(data) + "\n")
-    os.replace(tmp, path)
-    return path
+    atomic_write(Path(directory) / MANIFEST, dumps(data) + "\n")
+    return data
 
 
 def read_manifest(directory: Path, verify: bool = True) -> Dict[str, Any]:
-    """Load a manifest; with ``verify``, check every artifact against its sha256."""
+    """The manifest's JSON content; with ``verify``, every artifact checked against its sha256."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
@@ -73,17 +192,37 @@ def read_manifest(directory: Path, verify: bool = True) -> Dict[str, Any]:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is not valid JSON: the artifact directory is corrupted; rebuild it") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("artifacts"), dict):
-        raise UserError(f"{path} is not a {FORMAT} manifest: rebuild the artifact with this version of tome-export")
+    _check_format(path, data)
     if verify:
-        if not unchanged_since_build(data):
-            raise UserError(f"{path} was edited after the build ({SELF_DIGEST} does not match): rebuild the artifact")
-        for rel, entry in data["artifacts"].items():
-            if not isinstance(entry, dict):
-                raise UserError(f"{path} lists {rel!r} without a checksum: the manifest is corrupted; rebuild it")
-            file = directory / rel
-            if not file.is_file():
-                raise UserError(f"artifact {rel!r} listed in {path} is missing: the directory is incomplete; rebuild it")
-            if sha256_file(file) != entry.get("sha256"):
-                raise UserError(f"artifact {rel!r} does not match its sha256 in {path}: it was modified; rebuild it")
+        _verify(directory, path, data)
     return data
+
+
+def _check_format(path: Path, data: Any) -> None:
+    found = data.get("format") if isinstance(data, dict) else None
+    if found != FORMAT:
+        what = f"a {found} manifest" if isinstance(found, str) else "not a tome-export manifest"
+        raise UserError(f"{path} is {what}; tome-export {__version__} reads {FORMAT} manifests: rebuild the "
+                        f"artifact with this version of tome-export")
+    required = {"artifacts": dict, "input": dict, "preprocessing": dict, "target": str, "precision": str}
+    if not all(isinstance(data.get(key), kind) for key, kind in required.items()):
+        raise UserError(f"{path} is not a complete {FORMAT} manifest: rebuild the artifact with this version of "
+                        f"tome-export")
+
+
+def _verify(directory: Path, path: Path, data: Dict[str, Any]) -> None:
+    if not unchanged_since_build(data):
+        raise UserError(f"{path} was edited after the build ({SELF_DIGEST} does not match): rebuild the artifact")
+    for rel, entry in data["artifacts"].items():
+        if not isinstance(entry, dict):
+            raise UserError(f"{path} lists {rel!r} without a checksum: the manifest is corrupted; rebuild it")
+        file = directory / rel
+        if not file.is_file():
+            raise UserError(f"artifact {rel!r} listed in {path} is missing: the directory is incomplete; rebuild it")
+        if sha256_file(file) != entry.get("sha256"):
+            raise UserError(f"artifact {rel!r} does not match its sha256 in {path}: it was modified; rebuild it")
+
+
+def load_manifest(directory: Path, verify: bool = True) -> Manifest:
+    """The typed :class:`Manifest` of an artifact directory (see :func:`read_manifest`)."""
+    return Manifest.from_dict(read_manifest(directory, verify))

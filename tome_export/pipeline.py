@@ -1,6 +1,9 @@
-"""The build pipeline behind ``tome-export``: model -> ToMe patch -> ONNX -> target artifacts -> manifest.
+"""The build behind ``tome-export``, as steps: :func:`prepare` (every check that needs no model) ->
+:func:`prepare_model` (create, patch) -> :func:`export` (the fp32 ToMe ONNX, for targets that build from it) ->
+:func:`build_target` -> :func:`manifest_for` and :func:`~tome_export.manifest.write_manifest`. :func:`build`
+composes them; tests and the benchmark call the steps to build several targets from one model and one export.
 
-Everything is written into a hidden temporary directory beside the output and renamed into place at the
+Everything is written into a hidden, locked temporary directory beside the output and renamed into place at the
 end, so an interrupted or failed build never leaves a directory that looks complete.
 """
 
@@ -12,11 +15,10 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
-
-import torch
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 try:
     import fcntl
@@ -24,20 +26,26 @@ except ImportError:  # not POSIX: work directories are not locked, stale ones ar
     fcntl = None
 
 from ._version import __version__
-from .backends import TARGETS, BuildContext
 from .errors import UserError
 from .export import MIN_OPSET, export_onnx
 from .flops import flops_summary
-from .manifest import MANIFEST, read_manifest, write_manifest
+from .info import ModelInfo
+from .manifest import MANIFEST, Manifest, load_manifest, write_manifest
 from .merge import MERGE_IMPLS
-from .models import create_model, model_info, patch, resolve
+from .models import ModelName, ModelSpec, create_model, family_libraries, model_info, patch, preprocessing, resolve
 from .preprocess import Preprocessing
-from .recipes import Recipe, load_recipe, recipe_for
-from .schedule import RSpec, expand_schedule, r_label, resolve_schedule
+from .recipes import load_recipe, recipe_for
+from .schedule import RSpec, Schedule, expand_schedule, r_label, resolve_schedule
+from .targets import BuildContext, BuildPlan, Target, TargetResult, get_target, recipe_settings
+
+Log = Callable[[str], None]
+EXPORT_DIR = ".export"  # inside the work directory: the fp32 export a target builds from, removed before the manifest
 
 
 @dataclass(frozen=True)
-class BuildOptions:
+class BuildRequest:
+    """What a user asks for (CLI flags or Python). :func:`prepare` checks it once."""
+
     model: str
     r: RSpec = 16
     target: Optional[str] = None  # default: the recipe's, else onnx
@@ -55,84 +63,133 @@ class BuildOptions:
     force: bool = False
     trace_source: bool = False
     validation_images: int = 8
-    recipe: Optional[Path] = None  # a recipe file; default: recipes/<target>-<precision>.yaml
-    extra: Dict[str, Any] = field(default_factory=dict)  # target-specific settings from the CLI
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # timm architecture arguments (e.g. depth)
-
-    def resolve(self) -> Tuple["BuildOptions", Recipe]:
-        """Fill target, precision and opset from the recipe (explicit options must agree with a --recipe)."""
-        if self.recipe is not None:
-            recipe = load_recipe(Path(self.recipe))
-            for key in ("target", "precision"):
-                mine = getattr(self, key)
-                if mine is not None and mine != getattr(recipe, key):
-                    raise UserError(
-                        f"--{key} {mine} contradicts the recipe {str(self.recipe)!r} ({key}: {getattr(recipe, key)}); "
-                        f"drop --{key} or edit the recipe"
-                    )
-        else:
-            target, precision = self.target or "onnx", self.precision or "fp32"
-            if target not in TARGETS:
-                raise UserError(f"unknown --target {target!r}; available: {', '.join(sorted(TARGETS))}")
-            if precision not in TARGETS[target].precisions:
-                raise UserError(
-                    f"--precision {precision!r} is not available for --target {target}; "
-                    f"choose one of {', '.join(TARGETS[target].precisions)}"
-                )
-            recipe = recipe_for(target, precision)
-        opset = self.opset if self.opset is not None else (recipe.opset or MIN_OPSET)
-        return replace(self, target=recipe.target, precision=recipe.precision, opset=opset), recipe
+    recipe: Optional[Path] = None  # a recipe file; default: the built-in <target>-<precision> recipe
+    target_options: Mapping[str, Any] = field(default_factory=dict)  # the target's own flags (e.g. calib_data)
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # architecture arguments (e.g. depth)
 
     def default_output(self) -> Path:
         return Path("tome-out") / f"{_output_stem(self.model)}-{r_label(self.r)}-{self.target}-{self.precision}"
 
 
 def _output_stem(model: str) -> str:
-    """A model name as one directory name: the repo name of ``hf:<owner>/<name>``, the last part of a path."""
-    if model.startswith("hf:"):
-        return model.rsplit("/", 1)[-1]
+    """A model name as one directory name: the last part of a repo id behind a prefix (``hf:<owner>/<name>``) or
+    of a path."""
+    prefix, colon, rest = model.partition(":")
+    if colon and prefix.isalpha() and len(prefix) > 1:  # a family's prefix, not a Windows drive letter
+        return rest.rsplit("/", 1)[-1]
     if "/" in model or "\\" in model or model.startswith((".", "~")):
         return Path(model).expanduser().resolve().name or "model"
     return model
 
 
+BuildOptions = BuildRequest  # the name of earlier releases
+
+
+@dataclass(frozen=True)
+class PreparedBuild:
+    """A checked request: the target, its plan (recipe settings, options), the model's name and the output."""
+
+    request: BuildRequest
+    target: Target
+    plan: BuildPlan
+    model: ModelName
+    output: Path
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """The patched fp32 PyTorch model a build exports and validates against, and its facts."""
+
+    model: Any
+    spec: ModelSpec
+    info: ModelInfo
+    schedule: Schedule
+    preprocessing: Preprocessing
+
+
 @dataclass(frozen=True)
 class BuildResult:
     path: Path
-    manifest: Dict[str, Any]
+    manifest: Dict[str, Any]  # the JSON written
 
 
-def check_options(opts: BuildOptions) -> None:
-    """Reject bad options (of resolved options, see BuildOptions.resolve) before any slow work."""
-    target = TARGETS[opts.target]
-    for module in target.requires:
-        try:
-            __import__(module)
-        except ImportError:
-            raise UserError(
-                f"--target {opts.target} needs the Python package {module!r}, which is not installed: "
-                f"pip install 'tome-export[{opts.target}]'"
-            ) from None
-    if opts.merge_impl not in ("auto",) + MERGE_IMPLS:
-        raise UserError(f"unknown --merge-impl {opts.merge_impl!r}; choose auto, {', '.join(MERGE_IMPLS)}")
-    if opts.batch < 1:
-        raise UserError(f"--batch must be >= 1, got {opts.batch}")
-    if opts.opset < MIN_OPSET:
+# --- checks that need no model ----------------------------------------------------------------------------------
+
+
+def _recipe_and_target(request: BuildRequest):
+    """The recipe (a --recipe file or the built-in one), its target and typed settings."""
+    if request.recipe is not None:
+        recipe = load_recipe(Path(request.recipe))
+        for key in ("target", "precision"):
+            mine = getattr(request, key)
+            if mine is not None and mine != getattr(recipe, key):
+                raise UserError(
+                    f"--{key} {mine} contradicts the recipe {str(request.recipe)!r} ({key}: {getattr(recipe, key)}); "
+                    f"drop --{key} or edit the recipe")
+    else:
+        target = get_target(request.target or "onnx")
+        precision = request.precision or "fp32"
+        if precision not in target.precisions:
+            raise UserError(f"--precision {precision!r} is not available for --target {target.name}; "
+                            f"choose one of {', '.join(target.precisions)}")
+        recipe = recipe_for(target.name, precision)
+    target, settings = recipe_settings(recipe)
+    return recipe, target, settings
+
+
+def _check_request(request: BuildRequest, target: Target) -> None:
+    missing = target.missing_module()
+    if missing is not None:
+        raise UserError(f"--target {target.name} needs the Python package {missing!r}, which is not installed: "
+                        f"{target.install_hint}")
+    if request.merge_impl not in ("auto",) + MERGE_IMPLS:
+        raise UserError(f"unknown --merge-impl {request.merge_impl!r}; choose auto, {', '.join(MERGE_IMPLS)}")
+    if request.batch < 1:
+        raise UserError(f"--batch must be >= 1, got {request.batch}")
+    if request.opset < MIN_OPSET:
         raise UserError(
-            f"--opset {opts.opset} is too low: ToMe's scatter-add needs opset >= 16 (lower opsets silently drop "
-            f"merges) and the exporter needs >= {MIN_OPSET}; use --opset {MIN_OPSET} or higher"
-        )
-    if opts.img_size is not None and opts.img_size < 16:
-        raise UserError(f"--img-size must be a positive image side in pixels, got {opts.img_size}")
-    if opts.checkpoint is not None and not Path(opts.checkpoint).is_file():
-        raise UserError(f"checkpoint {str(opts.checkpoint)!r} does not exist: pass the path of a .pth or .safetensors file")
-    for key, value in opts.extra.items():  # keys are named as the CLI flags that set them
-        if key not in target.options:
-            shown = f" {value}" if isinstance(value, str) else ""
-            raise UserError(f"--{key.replace('_', '-')}{shown} does not apply to --target {opts.target}")
+            f"--opset {request.opset} is too low: ToMe's scatter-add needs opset >= 16 (lower opsets silently drop "
+            f"merges) and the exporter needs >= {MIN_OPSET}; use --opset {MIN_OPSET} or higher")
+    if request.img_size is not None and request.img_size < 16:
+        raise UserError(f"--img-size must be a positive image side in pixels, got {request.img_size}")
+    if request.checkpoint is not None and not Path(request.checkpoint).is_file():
+        raise UserError(f"checkpoint {str(request.checkpoint)!r} does not exist: pass the path of a .pth or "
+                        f".safetensors file")
+    # The form of r (type, sign, inflect range) needs no model; only a list's length waits for the model.
+    expand_schedule(request.r, len(request.r) if isinstance(request.r, list) else 2)
 
 
-def _check_output(out: Path, identity: Dict[str, Any], force: bool) -> None:
+def plan_build(request: BuildRequest) -> Tuple[BuildRequest, Target, BuildPlan]:
+    """The request with target, precision and opset filled in, its target, and the target's plan (checked)."""
+    recipe, target, settings = _recipe_and_target(request)
+    opset = request.opset if request.opset is not None else (recipe.opset or MIN_OPSET)
+    request = replace(request, target=recipe.target, precision=recipe.precision, opset=opset)
+    _check_request(request, target)
+    merge_impl = request.merge_impl
+    if merge_impl == "auto":
+        merge_impl = recipe.merge_impl if recipe.merge_impl not in (None, "auto") else target.default_merge_impl
+    plan = BuildPlan(
+        target=target.name, precision=recipe.precision, recipe=recipe, settings=settings,
+        options=target.options.from_values(request.target_options, target.name), batch=request.batch,
+        dynamic_batch=request.dynamic_batch, opset=opset, merge_impl=merge_impl, trace_source=request.trace_source,
+        validation_images=settings.validation.images or request.validation_images)
+    if target.check is not None:
+        target.check(plan)
+    return request, target, plan
+
+
+def prepare(request: BuildRequest) -> PreparedBuild:
+    """Every check that needs no model: options, recipe, target, model name, output directory."""
+    if isinstance(request, PreparedBuild):
+        return request
+    request, target, plan = plan_build(request)
+    name = resolve(request.model)
+    out = Path(request.output) if request.output is not None else request.default_output()
+    _check_output(out, (name.alias, name.source, name.name, target.name, plan.precision), request.force)
+    return PreparedBuild(request, target, plan, name, out)
+
+
+def _check_output(out: Path, identity: Tuple[Any, ...], force: bool) -> None:
     """Refuse to overwrite anything but an earlier build of the same model, target and precision."""
     parent = out.parent if str(out.parent) else Path(".")
     probe = parent
@@ -149,26 +206,143 @@ def _check_output(out: Path, identity: Dict[str, Any], force: bool) -> None:
     if not any(out.iterdir()):
         return
     if not (out / MANIFEST).is_file():
-        raise UserError(
-            f"--output {str(out)!r} already holds files that tome-export did not write: choose another --output"
-        )
+        raise UserError(f"--output {str(out)!r} already holds files that tome-export did not write: choose another "
+                        f"--output")
     try:
-        existing = read_manifest(out, verify=False)
+        existing: Optional[Manifest] = load_manifest(out, verify=False)
     except UserError:
-        existing = {}
-    same = _model_identity(existing.get("model", {})) == _model_identity(identity["model"]) and \
-        existing.get("target") == identity["target"] and existing.get("precision") == identity["precision"]
-    if not same and not force:
-        old = existing.get("model", {}).get("alias", "another model")
-        raise UserError(
-            f"--output {str(out)!r} already holds artifacts of {old} ({existing.get('target')}, "
-            f"{existing.get('precision')}): choose another --output or pass --force to replace them"
-        )
+        existing = None
+    if (existing is None or existing.identity != identity) and not force:
+        old = existing.model.get("alias", "another model") if existing else "another model"
+        what = f" ({existing.target}, {existing.precision})" if existing else ""
+        raise UserError(f"--output {str(out)!r} already holds artifacts of {old}{what}: choose another --output or "
+                        f"pass --force to replace them")
 
 
-def _model_identity(model: Dict[str, Any]) -> Tuple[Any, ...]:
-    """(alias, source, upstream name); manifests written before torchvision support had only timm_name."""
-    return model.get("alias"), model.get("source", "timm"), model.get("name", model.get("timm_name"))
+# --- the steps --------------------------------------------------------------------------------------------------
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def prepare_model(prepared: PreparedBuild, log: Log = lambda msg: None, warn: Log = _warn) -> PreparedModel:
+    """Create the model with its weights and patch it as the plan says."""
+    request = prepared.request
+    log("loading model")
+    kwargs = {**request.model_kwargs, **({"img_size": request.img_size} if request.img_size else {})}
+    model, spec = create_model(request.model, weights=request.weights, checkpoint=request.checkpoint,
+                               seed=request.seed, **kwargs)
+    info = model_info(model)
+    schedule = resolve_schedule(request.r, info.num_blocks, info.num_tokens, info.num_protected)
+    if schedule.capped:
+        warn(schedule.cap_message())
+    patch(model, list(schedule.requested), merge_impl=prepared.plan.merge_impl, prop_attn=request.prop_attn)
+    return PreparedModel(model, spec, info, schedule, preprocessing(model))
+
+
+def export(prepared: PreparedBuild, model: PreparedModel, path: Path, log: Log = lambda msg: None) -> Path:
+    """The fp32 static-shape ToMe ONNX a target builds from."""
+    plan = prepared.plan
+    log(f"exporting ONNX (opset {plan.opset}, merge {plan.merge_impl})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return export_onnx(model.model, path, model.preprocessing.input_size, batch=plan.batch,
+                       dynamic_batch=plan.dynamic_batch, opset=plan.opset, trace_source=plan.trace_source,
+                       metadata=[("tome_export.version", __version__),
+                                 ("tome_export.r_schedule", str(list(model.schedule.r)))])
+
+
+def build_target(prepared: PreparedBuild, model: PreparedModel, workdir: Path, onnx_path: Optional[Path],
+                 log: Log = lambda msg: None) -> TargetResult:
+    """The target's artifacts in ``workdir`` from the model and (targets that need it) the export."""
+    plan = prepared.plan
+    log(f"building {plan.target} {plan.precision} and validating against PyTorch")
+    ctx = BuildContext(plan=plan, workdir=workdir, model=model.model, spec=model.spec, info=model.info,
+                       schedule=model.schedule, preprocessing=model.preprocessing, onnx_path=onnx_path, log=log)
+    return prepared.target.build(ctx)
+
+
+def _versions() -> Dict[str, str]:
+    """Versions of torch, the ONNX tools and every family library in use (imported: a family imports its library
+    when it builds a model)."""
+    import onnx
+    import onnxruntime
+    import torch
+
+    versions = {"tome_export": __version__, "torch": torch.__version__.split("+")[0]}
+    for name in family_libraries():
+        if name in sys.modules:
+            versions[name] = sys.modules[name].__version__.split("+")[0]
+    return {**versions, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def manifest_for(prepared: PreparedBuild, model: PreparedModel, result: TargetResult,
+                 seconds: Optional[float] = None) -> Manifest:
+    """The manifest of a finished target build (``write_manifest`` adds the checksums)."""
+    request, plan, schedule, info = prepared.request, prepared.plan, model.schedule, model.info
+    entry = model.spec.manifest_entry(info.family)
+    if request.model_kwargs:
+        entry["model_kwargs"] = dict(request.model_kwargs)
+    r = request.r if not isinstance(request.r, tuple) else {"r": request.r[0], "inflect": request.r[1]}
+    return Manifest(
+        target=plan.target, precision=plan.precision, input=plan.input_spec(model.preprocessing.input_size),
+        preprocessing=model.preprocessing.to_dict(), model=entry, outputs=plan.outputs,
+        runtime=prepared.target.runtime_section(result.runtime), validation=dict(result.validation),
+        notes=tuple(result.notes), merge_decisions=result.merge_decisions, r=r, r_requested=schedule.requested,
+        r_schedule=schedule.r, r_capped=schedule.capped, tokens_per_block=schedule.tokens,
+        num_tokens=schedule.num_tokens, num_protected=schedule.num_protected, patch_size=tuple(info.patch_size),
+        merge_impl=plan.merge_impl, prop_attn=request.prop_attn, opset=plan.opset, num_classes=info.num_classes,
+        flops=flops_summary(info, schedule.r), recipe=plan.recipe.to_dict(), versions=_versions(),
+        build_seconds=round(seconds, 1) if seconds is not None else None, sections=dict(result.sections))
+
+
+def build_into(prepared: PreparedBuild, model: PreparedModel, workdir: Path, log: Log = lambda msg: None,
+               export_from: Optional[Path] = None, started: Optional[float] = None
+               ) -> Tuple[TargetResult, Dict[str, Any]]:
+    """Export (where the target needs it; ``export_from``: a copy of this export instead), build the target and
+    write the manifest into ``workdir``; returns the target's result and the manifest written."""
+    started = time.perf_counter() if started is None else started
+    scratch = workdir / EXPORT_DIR
+    onnx_path = None
+    if prepared.target.needs_onnx:
+        onnx_path = scratch / "model.onnx"
+        if export_from is not None:
+            scratch.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(export_from, onnx_path)
+        else:
+            export(prepared, model, onnx_path, log)
+    result = build_target(prepared, model, workdir, onnx_path, log)
+    shutil.rmtree(scratch, ignore_errors=True)
+    manifest = manifest_for(prepared, model, result, time.perf_counter() - started)
+    return result, write_manifest(workdir, manifest)
+
+
+def build(request: BuildRequest, log: Log = lambda msg: None, warn: Log = _warn) -> BuildResult:
+    """Run the whole build; returns the output directory and its manifest. ``request`` may be a
+    :class:`PreparedBuild` (the checks already done by :func:`prepare`)."""
+    started = time.perf_counter()
+    prepared = prepare(request)
+    model = prepare_model(prepared, log, warn)
+    out = prepared.output
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_workdirs(out.parent, out.name)
+    tmp, lock = _locked_workdir(out.parent, f".{out.name}.tmp-")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should not be
+        _, manifest = build_into(prepared, model, tmp, log, started=started)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+    return BuildResult(out, manifest)
+
+
+# --- work directories -------------------------------------------------------------------------------------------
 
 
 def _locked_workdir(parent: Path, prefix: str) -> Tuple[Path, Optional[int]]:
@@ -228,113 +402,3 @@ def _replace_dir(tmp: Path, out: Path) -> None:
                 os.close(fd)
     else:
         os.replace(tmp, out)
-
-
-def _versions() -> Dict[str, str]:
-    import onnx
-    import onnxruntime
-    import timm
-    import torchvision
-
-    versions = {"tome_export": __version__, "torch": torch.__version__.split("+")[0], "timm": timm.__version__,
-                "torchvision": torchvision.__version__.split("+")[0],
-                "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-    transformers = sys.modules.get("transformers")  # imported only when a transformers model was built
-    if transformers is not None:
-        versions["transformers"] = transformers.__version__
-    return versions
-
-
-def prepare(opts: BuildOptions) -> Tuple[BuildOptions, Recipe, Path]:
-    """All checks that need no model: options, recipe, model name, output directory."""
-    opts, recipe = opts.resolve()
-    check_options(opts)
-    if TARGETS[opts.target].check is not None:
-        TARGETS[opts.target].check(opts, recipe)
-    # The form of r (type, sign, inflect range) needs no model; only a list's length waits for the model.
-    expand_schedule(opts.r, len(opts.r) if isinstance(opts.r, list) else 2)
-    out = Path(opts.output) if opts.output is not None else opts.default_output()
-    ref = resolve(opts.model)
-    identity = {"model": {"alias": ref.alias, "source": ref.source, "name": ref.name},
-                "target": opts.target, "precision": opts.precision}
-    _check_output(out, identity, opts.force)
-    return opts, recipe, out
-
-
-def build(opts: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> BuildResult:
-    """Run the whole build; returns the output directory and its manifest."""
-    started = time.perf_counter()
-    opts, recipe, out = prepare(opts)
-    target = TARGETS[opts.target]
-
-    log("loading model")
-    kwargs = {**opts.model_kwargs, **({"img_size": opts.img_size} if opts.img_size else {})}
-    model, spec = create_model(opts.model, weights=opts.weights, checkpoint=opts.checkpoint, seed=opts.seed, **kwargs)
-    info = model_info(model)
-    schedule = resolve_schedule(opts.r, info.num_blocks, info.num_tokens, info.num_protected)
-    if schedule.capped:
-        log(f"warning: {schedule.cap_message()}")
-    merge_impl = opts.merge_impl
-    if merge_impl == "auto":
-        merge_impl = recipe.merge_impl if recipe.merge_impl not in (None, "auto") else target.default_merge_impl
-    patch(model, list(schedule.requested), merge_impl=merge_impl, prop_attn=opts.prop_attn)
-    pre = Preprocessing.from_model(model)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_workdirs(out.parent, out.name)
-    tmp, lock = _locked_workdir(out.parent, f".{out.name}.tmp-")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should not be
-        log(f"exporting ONNX (opset {opts.opset}, merge {merge_impl})")
-        onnx_path = export_onnx(
-            model, tmp / "model.onnx", pre.input_size, batch=opts.batch, dynamic_batch=opts.dynamic_batch,
-            opset=opts.opset, trace_source=opts.trace_source,
-            metadata=[("tome_export.version", __version__), ("tome_export.r_schedule", str(list(schedule.r)))],
-        )
-        ctx = BuildContext(
-            workdir=tmp, onnx_path=onnx_path, model=model, spec=spec, info=info, schedule=schedule,
-            preprocessing=pre, precision=opts.precision, batch=opts.batch, dynamic_batch=opts.dynamic_batch,
-            merge_impl=merge_impl, recipe=recipe, options=opts, log=log,
-        )
-        log(f"building {opts.target} {opts.precision} and validating against PyTorch")
-        target_result = target.build(ctx)
-        batch_dim: Any = "batch" if opts.dynamic_batch else opts.batch
-        manifest = {
-            "tool_version": __version__,
-            "versions": _versions(),
-            "model": {**spec.manifest_entry(info.family),
-                      **({"model_kwargs": dict(opts.model_kwargs)} if opts.model_kwargs else {})},
-            "target": opts.target,
-            "precision": opts.precision,
-            "r": opts.r if not isinstance(opts.r, tuple) else {"r": opts.r[0], "inflect": opts.r[1]},
-            "r_requested": list(schedule.requested),
-            "r_schedule": list(schedule.r),
-            "r_capped": schedule.capped,
-            "tokens_per_block": list(schedule.tokens),
-            "num_tokens": schedule.num_tokens,
-            "num_protected": schedule.num_protected,
-            "patch_size": list(info.patch_size),
-            "merge_impl": merge_impl,
-            "prop_attn": opts.prop_attn,
-            "opset": opts.opset,
-            "recipe": recipe.to_dict(),
-            "input": {"name": "images", "shape": [batch_dim, *pre.input_size], "dtype": "float32",
-                      "dynamic_batch": opts.dynamic_batch},
-            "outputs": ["logits", "source"] if opts.trace_source else ["logits"],
-            "num_classes": info.num_classes,
-            "preprocessing": pre.to_dict(),
-            "flops": flops_summary(info, schedule.r),
-            **target_result,
-            "build_seconds": round(time.perf_counter() - started, 1),
-        }
-        write_manifest(tmp, manifest)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if lock is not None:
-            os.close(lock)
-    return BuildResult(out, read_manifest(out, verify=False))

@@ -1,5 +1,8 @@
 """Image preprocessing from a model's pretrained config, in NumPy and PIL only (no torch at deploy time).
 
+Model families hand a :class:`Preprocessing` down (:func:`tome_export.models.preprocessing`); this module knows no
+model.
+
 Mirrors timm's eval transform and torchvision's ``ImageClassification`` (the same steps): resize (shorter
 edge to ``size / crop_pct``), centre crop, scale to [0, 1], normalise with mean/std, CHW float32.
 """
@@ -36,13 +39,6 @@ class Preprocessing:
     interpolation: str
 
     @classmethod
-    def from_model(cls, model: Any) -> "Preprocessing":
-        """The eval preprocessing of a supported model (timm's pretrained config, torchvision's weights transforms)."""
-        from .models import data_config
-
-        return cls.from_config(data_config(model))
-
-    @classmethod
     def from_config(cls, cfg: Dict[str, Any]) -> "Preprocessing":
         """From a timm-style data config (input_size, mean, std, crop_pct, crop_mode, interpolation)."""
         input_size = tuple(int(v) for v in cfg["input_size"])
@@ -71,10 +67,6 @@ class Preprocessing:
         d["input_size"] = list(self.input_size)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
-
-    def with_size(self, height: int, width: int) -> "Preprocessing":
-        return Preprocessing((self.input_size[0], height, width), self.mean, self.std, self.crop_pct,
-                             self.crop_mode, self.interpolation)
 
     def __call__(self, image: Union[Image.Image, str, os.PathLike]) -> np.ndarray:
         """One image (PIL or path) as a ``(C, H, W)`` float32 array."""

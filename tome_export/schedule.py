@@ -11,14 +11,17 @@ Every token count is a Python int, so exported graphs have static shapes.
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple, Union
 
 from .errors import UserError
-from .merge import cap_r
 
 RSpec = Union[int, Tuple[int, float], Sequence[int]]
+
+
+def cap_r(r: int, num_tokens: int, num_protected: int) -> int:
+    """The number of merges a block can really make (the reference's cap; :func:`tome_export.merge.cap_r`)."""
+    return max(0, min(r, (num_tokens - num_protected) // 2))
 
 
 def expand_schedule(r: RSpec, num_blocks: int) -> List[int]:
@@ -77,8 +80,8 @@ class Schedule:
         return f"r capped where too few tokens are left to merge ({', '.join(blocks)})"
 
 
-def resolve_schedule(r: RSpec, num_blocks: int, num_tokens: int, num_protected: int, warn: bool = False) -> Schedule:
-    """Apply the reference's per-block cap to a schedule (optionally warning when it bites)."""
+def resolve_schedule(r: RSpec, num_blocks: int, num_tokens: int, num_protected: int) -> Schedule:
+    """Apply the reference's per-block cap to a schedule."""
     requested = expand_schedule(r, num_blocks)
     effective, tokens, t = [], [], num_tokens
     for want in requested:
@@ -86,10 +89,7 @@ def resolve_schedule(r: RSpec, num_blocks: int, num_tokens: int, num_protected: 
         t -= got
         effective.append(got)
         tokens.append(t)
-    sched = Schedule(tuple(requested), tuple(effective), tuple(tokens), num_tokens, num_protected)
-    if warn and sched.capped:
-        warnings.warn(sched.cap_message(), stacklevel=2)
-    return sched
+    return Schedule(tuple(requested), tuple(effective), tuple(tokens), num_tokens, num_protected)
 
 
 _LIST = re.compile(r"^\[?\s*-?\d+(\s*,\s*-?\d+)*\s*,?\s*\]?$")

@@ -16,14 +16,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import UserError, ValidationError
+from .files import atomic_path
+from .graph_names import SOURCE_NAME
 from .images import SAMPLE_PHOTOS, sample_photo_paths
+from .manifest import Manifest
 from .preprocess import Preprocessing
+
+if TYPE_CHECKING:
+    from .runtime import Artifact
 
 FILLS = ("mean", "palette")
 
@@ -230,10 +236,10 @@ def model_merge_states(model: Any, image: Union[Image.Image, str, os.PathLike],
 
     ``blocks``: states after those blocks (1-based); default: after the last block.
     """
-    from .models import model_info
+    from .models import model_info, preprocessing
 
     info = model_info(model)
-    pre = Preprocessing.from_model(model)
+    pre = preprocessing(model)
     chw = pre(image)
     grid = grid_shape(pre, info.patch_size)
     blocks = list(blocks) if blocks is not None else [info.num_blocks]
@@ -247,56 +253,50 @@ def model_merge_states(model: Any, image: Union[Image.Image, str, os.PathLike],
     return display_image(chw, pre), tuple(info.patch_size), states
 
 
-def artifact_patch_size(manifest: Dict[str, Any]) -> Tuple[int, int]:
+def artifact_patch_size(manifest: Manifest) -> Tuple[int, int]:
     """The patch size of a built artifact (recorded, or derived from the token count and the input size)."""
-    if manifest.get("patch_size"):
-        return tuple(int(v) for v in manifest["patch_size"])
-    _, h, w = (int(v) for v in manifest["input"]["shape"][1:])
-    n = int(manifest["num_tokens"]) - int(manifest["num_protected"])
+    if manifest.patch_size:
+        return tuple(int(v) for v in manifest.patch_size)
+    _, h, w = manifest.input.image_shape
+    n = int(manifest.num_tokens) - int(manifest.num_protected)
     gh = int(round((n * h / w) ** 0.5))
     if gh < 1 or n % gh:
         raise UserError("cannot tell the artifact's patch grid from its manifest: rebuild it with this version")
     return h // gh, w // (n // gh)
 
 
-def artifact_source_map(directory: os.PathLike, chw: np.ndarray) -> np.ndarray:
-    """The ``source`` output ``(T, T0)`` of an artifact's ``model.onnx`` for one preprocessed image, in ONNX Runtime."""
-    import onnxruntime as ort
-
-    from .manifest import read_manifest
-
-    directory = Path(directory)
-    manifest = read_manifest(directory, verify=True)
-    onnx_path = directory / "model.onnx"
-    if "source" not in manifest.get("outputs", ()) or not onnx_path.is_file():
-        raise UserError(f"{str(directory)!r} has no graph with a 'source' output: rebuild it with --trace-source")
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    if "source" not in names:
-        raise UserError(f"{onnx_path} has no 'source' output although its manifest lists one: rebuild it")
-    dims = manifest["input"]["shape"]
-    batch = 1 if manifest["input"].get("dynamic_batch") else int(dims[0])
-    x = np.repeat(chw[None].astype(manifest["input"].get("dtype", "float32")), batch, axis=0)
-    source = session.run(["source"], {session.get_inputs()[0].name: x})[0]
+def artifact_source_map(artifact: Artifact, chw: np.ndarray) -> np.ndarray:
+    """The ``source`` output ``(T, T0)`` of an artifact for one preprocessed image, run by its own runner."""
+    if SOURCE_NAME not in artifact.manifest.outputs:
+        raise UserError(f"{str(artifact.directory)!r} has no graph with a 'source' output: rebuild it with "
+                        f"--trace-source")
+    with artifact.load() as runner:
+        if SOURCE_NAME not in runner.output_names:
+            raise UserError(f"{str(artifact.directory)!r} has no 'source' output although its manifest lists one: "
+                            f"rebuild it")
+        batch = runner.batch_size or 1
+        x = np.repeat(chw[None].astype(runner.dtype), batch, axis=0)
+        source = runner.infer(x, [SOURCE_NAME])[SOURCE_NAME]
     return np.asarray(source[0], dtype=np.float32)
 
 
 def artifact_merge_state(directory: os.PathLike,
                          image: Union[Image.Image, str, os.PathLike]) -> Tuple[np.ndarray, Tuple[int, int], MergeState]:
-    """(display image, patch size, final merge state) of one image through a built artifact's graph."""
-    from .manifest import read_manifest
+    """(display image, patch size, final merge state) of one image through a built artifact (checksums verified)."""
+    from .runtime import open_artifact
 
-    manifest = read_manifest(Path(directory), verify=False)  # checked in artifact_source_map
-    pre = Preprocessing.from_dict(manifest["preprocessing"])
+    artifact = open_artifact(directory)
+    manifest = artifact.manifest
+    pre = Preprocessing.from_dict(manifest.preprocessing)
     patch = artifact_patch_size(manifest)
     chw = pre(image)
-    source = artifact_source_map(directory, chw)
-    protected = int(manifest["num_protected"])
+    source = artifact_source_map(artifact, chw)
+    protected = int(manifest.num_protected)
     try:
         labels = source_labels(source, protected, grid_shape(pre, patch))
     except ValueError as exc:
         raise ValidationError(f"the artifact's source output is not a ToMe merge ({exc}): rebuild it") from None
-    title = f"{manifest['model']['alias']} {manifest['target']} graph: {source.shape[0]} tokens"
+    title = f"{manifest.model['alias']} {manifest.target} graph: {source.shape[0]} tokens"
     return display_image(chw, pre), patch, MergeState(title, labels, source.shape[0], protected)
 
 
@@ -315,13 +315,8 @@ def save_picture(img: Image.Image, path: os.PathLike) -> Path:
     """Write atomically (a temporary file renamed into place): an interrupted save leaves nothing."""
     path = Path(path)
     check_output_file(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         img.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -335,3 +330,41 @@ def check_output_file(path: os.PathLike) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {str(path)!r}: {str(parent)!r} is not a writable directory")
+
+
+# --- the whole job, as the command line runs it ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Which PyTorch model to picture, built and patched as ``tome-export`` would."""
+
+    model: str
+    r: Any = 16  # an RSpec
+    weights: str = "pretrained"
+    checkpoint: Optional[Path] = None
+    seed: int = 0
+    img_size: Optional[int] = None
+    merge_impl: str = "gather"
+    prop_attn: bool = True
+
+
+def visualize_model(image: Union[Image.Image, str, os.PathLike], source: ModelSource, blocks_text: Optional[str] = None,
+                    warn: Any = lambda message: None) -> Tuple[np.ndarray, Tuple[int, int], List[MergeState]]:
+    """(display image, patch size, merge states) of ``image`` through the model ``source`` names, patched with its
+    schedule; ``blocks_text`` (``"1,6,12"``) picks states after those blocks; ``warn`` hears a capped schedule."""
+    from .models import create_model, model_info, patch
+    from .schedule import resolve_schedule
+
+    if source.img_size is not None and source.img_size < 16:
+        raise UserError(f"--img-size must be a positive image side in pixels, got {source.img_size}")
+    kwargs = {"img_size": source.img_size} if source.img_size else {}
+    model, _ = create_model(source.model, weights=source.weights, checkpoint=source.checkpoint, seed=source.seed,
+                            **kwargs)
+    info = model_info(model)
+    schedule = resolve_schedule(source.r, info.num_blocks, info.num_tokens, info.num_protected)
+    blocks = parse_blocks(blocks_text, info.num_blocks) if blocks_text else None
+    if schedule.capped:
+        warn(schedule.cap_message())
+    patch(model, source.r, merge_impl=source.merge_impl, prop_attn=source.prop_attn)
+    return model_merge_states(model, image, blocks)

@@ -19,7 +19,7 @@ def test_small_digits_vit_trains_above_chance_and_tome_keeps_it(small_digits):
     again, metrics2 = train_digits_vit(cache=path.parent, **small_digits.training, **kwargs)  # cached: same file and number
     assert again == path and metrics2 == metrics
     model, spec = create_model("digits_vit", checkpoint=path, **kwargs)
-    assert spec.timm_name == "tome_digits_vit"
+    assert spec.name == spec.manifest_entry("timm-vit")["timm_name"] == "tome_digits_vit"
     split = load_digits_split(0)
     import torch
 

@@ -13,10 +13,12 @@ from PIL import Image
 from tome_export.bench import quality
 from tome_export.bench.config import load_config, parse_config
 from tome_export.bench.harness import run_bench
-from tome_export.bench.matrix import gpu_available
-from tome_export.bench.report import derive
+from tome_export.bench.matrix import backends, skip_reason
+from tome_export.bench.report import _losses, derive
 from tome_export.cli import main
+from tome_export.devices import gpu_available
 from tome_export.errors import UserError
+from tome_export.quality.decisions import merge_decision_agreement
 
 TINY = {
     "name": "tiny",
@@ -114,13 +116,8 @@ def test_quality_against_fp32_pytorch(tiny_run):
     assert variants["torch/fp32/r8"]["merge_decisions"]["agreement"] == 1.0  # its own decisions
     assert variants["torch/bf16/r8"]["merge_decisions"]["decisions"] == 12 * 2  # blocks x images
     assert variants["torch/fp32/r0"]["merge_decisions"]["agreement"] is None
-    onnx_r8 = variants["onnx/fp32/r8"]["merge_decisions"]
-    try:
-        import tome_export.quantize  # noqa: F401  (where it exists, the graph's decisions are read and compared)
-    except ImportError:
-        assert onnx_r8["agreement"] is None and "tome_export.quantize" in onnx_r8["reason"]
-    else:
-        assert onnx_r8["agreement"] == 1.0
+    onnx_r8 = variants["onnx/fp32/r8"]["merge_decisions"]  # read from the graph's decision tensors
+    assert onnx_r8["agreement"] == 1.0 and onnx_r8["pair_agreement"] == onnx_r8["group_agreement"] == 1.0
 
 
 def test_skipped_cells_carry_reasons(tiny_run):
@@ -195,12 +192,40 @@ def test_derive_stacking_efficiency_from_records():
     assert cells["int8r8"]["derived"]["speedup_precision"] is None and cells["int8r8"]["derived"]["stacking_efficiency"] is None
 
 
+def test_report_states_where_tome_is_slower():
+    def cell(backend, batch, p, r, ips):
+        return {"id": f"{backend}{batch}{p}{r}", "model": "m", "model_name": "vit", "backend": backend, "device": "cuda",
+                "batch": batch, "threads": 1, "precision": p, "r": r, "status": "measured", "throughput_ips": ips,
+                "group": f"{backend}{batch}"}
+
+    cells = [cell("torch-cuda-graph", 1, "fp32", "r0", 10.0), cell("torch-cuda-graph", 1, "fp32", "r16", 7.0),
+             cell("torch-cuda-graph", 1, "fp16", "r0", 20.0), cell("torch-cuda-graph", 1, "fp16", "r16", 19.0),
+             cell("torch-cuda-graph", 64, "fp32", "r0", 10.0), cell("torch-cuda-graph", 64, "fp32", "r16", 14.0),
+             cell("torch-cuda-graph", 64, "fp16", "r0", 20.0), cell("torch-cuda-graph", 64, "fp16", "r16", 30.0)]
+    derive({c["id"]: c for c in cells})
+    text = "\n".join(_losses(cells))
+    assert "fp32, r16, batch 1, 1 thread(s): 0.70x" in text and "fp16, r16, batch 1, 1 thread(s): 0.95x" in text
+    assert "batch 64" not in text.split("in these cells:")[1].split("On **")[0]
+    assert "On **torch-cuda-graph**, ToMe loses at batch size(s) 1." in text
+    faster = [c for c in cells if c["batch"] == 64]
+    assert "Nowhere" in "\n".join(_losses(faster))
+
+
+def test_cuda_graph_backend_is_a_gpu_backend():
+    spec = backends()["torch-cuda-graph"]
+    assert spec.device == "cuda" and spec.cuda_graph and spec.target is None
+    assert "needs an NVIDIA GPU" in skip_reason("torch-cuda-graph", "fp16", gpu=False)
+    assert skip_reason("torch-cuda-graph", "fp16", gpu=True) is None
+    assert "CPU only" in skip_reason("torch-cuda-graph", "int8", gpu=True)
+
+
 def test_decision_agreement_counts_identical_decisions_and_groups():
-    ref = {"blocks.0": np.array([[0, 1, 1, 2], [0, 1, 2, 2]]), "blocks.1": np.array([[0, 1, 1], [0, 0, 1]])}
-    same = quality.decision_agreement(ref, ref)
+    # (A index, B index) pairs per block and image: one merge each, so every pair is one merged group
+    ref = {"blocks.0": np.array([[[0, 0]], [[1, 1]]]), "blocks.1": np.array([[[0, 0]], [[1, 0]]])}
+    same = merge_decision_agreement(ref, ref)
     assert (same["agreement"], same["first_block"], same["group_agreement"]) == (1.0, 1.0, 1.0)
-    other = {"blocks.0": np.array([[0, 1, 1, 2], [0, 1, 1, 2]]), "blocks.1": ref["blocks.1"]}
-    result = quality.decision_agreement(ref, other)
+    other = {"blocks.0": np.array([[[0, 0]], [[0, 0]]]), "blocks.1": ref["blocks.1"]}
+    result = merge_decision_agreement(ref, other)
     assert result["agreement"] == 0.75 and result["first_block"] == 0.5 and result["group_agreement"] == 0.75
 
 

@@ -2,6 +2,7 @@
 from the image processor config, bad directories, and CLI builds of each family member."""
 
 import copy
+import dataclasses
 import json
 import re
 import shutil
@@ -15,10 +16,15 @@ from tome_export.cli import main
 from tome_export.errors import UserError
 from tome_export.images import sample_photos
 from tome_export.manifest import read_manifest
-from tome_export.models import create_model, data_config, model_info, patch, resolve
+from tome_export.models import create_model, model_info, patch, preprocessing, resolve
 from tome_export.models.hf_vit import processor_data_config
 from tome_export.preprocess import Preprocessing
 from tome_export.schedule import resolve_schedule
+
+
+def data_config(model):
+    """The model's preprocessing as a timm-style data config."""
+    return dataclasses.asdict(preprocessing(model))
 
 from hf_models import SMALL, TEXT, make_hf, save_model_dir, unpatched_output
 from reference_tome import reference_forward_hf

@@ -12,8 +12,7 @@ import transformers
 
 from tome_export.errors import UserError
 from tome_export.export import export_onnx, tome_nodes
-from tome_export.models import model_info, patch
-from tome_export.preprocess import Preprocessing
+from tome_export.models import model_info, patch, preprocessing
 from tome_export.schedule import resolve_schedule
 
 from hf_models import HF_MODELS, make_config, make_hf, num_protected, unpatched_output
@@ -113,7 +112,7 @@ LAYERS = {"ViTForImageClassification": "vit.layers", "DeiTForImageClassification
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_onnx_runtime_matches_pytorch(name, hf, photo_cache, tmp_path):
     model = patch(copy.deepcopy(hf(name)), 12)
-    pre = Preprocessing.from_model(model)
+    pre = preprocessing(model)
     path = export_onnx(model, tmp_path / "m.onnx", pre.input_size, batch=2)
     import onnx
 

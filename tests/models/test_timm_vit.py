@@ -160,9 +160,9 @@ def test_checkpoint_errors(tmp_path):
 
 
 def test_pretrained_offline_fails_loudly(tmp_path, monkeypatch):
-    import tome_export.models as models
+    from tome_export.models import timm_vit
 
-    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(timm_vit, "_hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     import huggingface_hub.constants as hub
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))

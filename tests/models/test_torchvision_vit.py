@@ -13,7 +13,7 @@ from torchvision.models import get_model_weights
 from tome_export.errors import UserError
 from tome_export.export import export_onnx, tome_nodes
 from tome_export.images import sample_photos
-from tome_export.models import create_model, model_info, patch, resolve, torchvision_vit
+from tome_export.models import create_model, model_info, patch, preprocessing, resolve, torchvision_vit
 from tome_export.preprocess import Preprocessing
 from tome_export.schedule import resolve_schedule
 
@@ -39,7 +39,7 @@ def photos():
     cache = {}
 
     def get(model, n):
-        pre = Preprocessing.from_model(model)
+        pre = preprocessing(model)
         key = (pre.input_size, n)
         if key not in cache:
             cache[key] = torch.from_numpy(pre.batch(sample_photos(n)))
@@ -118,7 +118,8 @@ def test_tome_nodes_are_named_by_encoder_block(exported):
 
 
 def test_names_resolve_to_torchvision_weights():
-    assert resolve("tv_vit_b16") == ("tv_vit_b16", "torchvision", "vit_b_16.IMAGENET1K_SWAG_E2E_V1")
+    assert resolve("tv_vit_b16")[:3] == ("tv_vit_b16", "torchvision", "vit_b_16.IMAGENET1K_SWAG_E2E_V1")
+    assert resolve("tv_vit_b16").family == "torchvision-vit"
     assert resolve("tv_vit_l16").name == "vit_l_16.IMAGENET1K_SWAG_E2E_V1"
     assert resolve("tv_vit_h14").name == "vit_h_14.IMAGENET1K_SWAG_E2E_V1"
     assert resolve("vit_b_16").name == "vit_b_16.IMAGENET1K_V1"  # torchvision's DEFAULT
@@ -143,14 +144,15 @@ def test_preprocessing_matches_the_weights_transforms(builder):
 
 def test_random_swag_model_from_the_registry():
     model, spec = create_model("tv_vit_b16", weights="random", seed=1)
-    assert spec.source == "torchvision" and spec.name == "vit_b_16.IMAGENET1K_SWAG_E2E_V1" and spec.timm_name is None
+    assert spec.source == "torchvision" and spec.name == "vit_b_16.IMAGENET1K_SWAG_E2E_V1"
+    assert "timm_name" not in spec.manifest_entry("torchvision-vit")
     info = model_info(model)
     assert (info.num_tokens, info.num_blocks, info.embed_dim, info.num_classes) == (577, 12, 768, 1000)
-    pre = Preprocessing.from_model(model)
+    pre = preprocessing(model)
     assert pre.input_size == (3, 384, 384) and pre.interpolation == "bicubic" and pre.crop_pct == 1.0
     assert model.heads.head.weight.abs().max() > 0  # not torchvision's all-zero classifier
     small, _ = create_model("tv_vit_b16", weights="random", img_size=224)
-    assert model_info(small).num_tokens == 197 and Preprocessing.from_model(small).input_size == (3, 224, 224)
+    assert model_info(small).num_tokens == 197 and preprocessing(small).input_size == (3, 224, 224)
     # a torchvision model built without the registry gets the preprocessing of the weights made for it
     bare = torchvision.models.vit_b_16(image_size=384)
     assert torchvision_vit.data_config(bare) == torchvision_vit.data_config(model)
@@ -210,7 +212,11 @@ def test_cli_builds_a_torchvision_model_and_guards_its_output(tmp_path, capsys):
     # a timm model may not overwrite it; the old manifest format (timm_name only) is still recognised
     assert main(["--model", "vit_t16", "--weights", "random", "--output", str(out)]) == 2
     assert "already holds artifacts of vit_b_32" in capsys.readouterr().err
-    from tome_export.pipeline import _model_identity
-    assert _model_identity({"alias": "vit_t16", "timm_name": "vit_tiny_patch16_224"}) == \
-        _model_identity({"alias": "vit_t16", "source": "timm", "name": "vit_tiny_patch16_224"})
+    from tome_export.manifest import InputSpec, Manifest
+
+    def identity(model):
+        return Manifest("onnx", "fp32", InputSpec("images", (1, 3, 224, 224)), {}, model=model).identity
+
+    assert identity({"alias": "vit_t16", "timm_name": "vit_tiny_patch16_224"}) == \
+        identity({"alias": "vit_t16", "source": "timm", "name": "vit_tiny_patch16_224"})
     assert json.loads((out / "manifest.json").read_text())["model"]["alias"] == "vit_b_32"

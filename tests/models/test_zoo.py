@@ -14,8 +14,7 @@ import torch
 from tome_export import patch
 from tome_export.errors import UserError
 from tome_export.export import export_onnx
-from tome_export.models import model_info
-from tome_export.preprocess import Preprocessing
+from tome_export.models import model_info, preprocessing
 from tome_export.schedule import resolve_schedule
 
 from conftest import make_named
@@ -111,7 +110,7 @@ def exported(zoo, tmp_path_factory):
         if family not in cache:
             _, _, r, prop_attn = ZOO[family]
             model = patch(copy.deepcopy(zoo(family)), r, prop_attn=prop_attn)
-            size = Preprocessing.from_model(model).input_size
+            size = preprocessing(model).input_size
             cache[family] = (export_onnx(model, root / f"{family}.onnx", size, batch=2), model)
         return cache[family]
 

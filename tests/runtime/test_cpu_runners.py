@@ -7,14 +7,18 @@ import numpy as np
 import pytest
 
 from tome_export.errors import UserError
-from tome_export.runtime import RUNNERS, load
+from tome_export.runtime import load, runner_class
+from tome_export.targets import targets
 
 
-def test_cpu_runners_are_registered_and_import_without_torch():
-    assert RUNNERS["onnxruntime"].endswith(":OnnxRuntimeRunner") and RUNNERS["openvino"].endswith(":OpenVINORunner")
-    code = ("import sys, tome_export.runtime.onnxruntime, tome_export.runtime.openvino; "
+def test_every_target_names_a_runner_that_imports_without_torch():
+    runners = {t.name: t.runner for t in targets().values()}
+    assert runners["onnxruntime"].endswith(":OnnxRuntimeRunner") and runners["openvino"].endswith(":OpenVINORunner")
+    code = ("import sys; from tome_export.runtime import runner_class; "
+            f"[runner_class(path) for path in {sorted(set(runners.values()))!r}]; "
             "assert 'torch' not in sys.modules and 'timm' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert all(isinstance(runner_class(path), type) for path in runners.values())
 
 
 @pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
@@ -28,7 +32,13 @@ def test_runner_checks_inputs_and_serves_batches(cpu_build, target):
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((1, 3, 224, 224)).astype(np.float32) for _ in range(3)]
     latency = [runner(b) for b in batches]
-    served = load(directory, threads=2, throughput=True).run_many(batches)
+    with load(directory, threads=2, throughput=True) as server:
+        served = server.run_many(batches)
     assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(latency, served))
     with pytest.raises(UserError, match="expected input shape"):
         runner.run_many([batches[0], np.zeros((1, 3, 64, 64), np.float32)])
+    named = runner.infer(batches[0])
+    assert list(named) == ["logits"] and np.array_equal(named["logits"], runner(batches[0]))
+    runner.close()
+    with pytest.raises(UserError, match="was closed"):
+        runner(batches[0])

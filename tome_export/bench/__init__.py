@@ -1,1 +1,7 @@
-"""Benchmarking: careful timing and environment capture (the harness of issue 5 builds on these)."""
+"""``tome-export bench``: ToMe x precision x backend x batch size, timed side by side, with quality and a report.
+
+:mod:`.config` reads a matrix (no torch), :mod:`.matrix` names its backends (eager PyTorch and every registered
+target), :mod:`.harness` runs it through :mod:`.subjects` (models and artifacts), :mod:`.timing`, :mod:`.memory`
+and :mod:`.quality`, and :mod:`.report` / :mod:`.plots` write what people read. :mod:`.digits` is the embedded
+accuracy case; importing it registers its model.
+"""

@@ -37,8 +37,12 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import yaml
 
 from ..errors import UserError
+from ..files import sha256_file
 from ..schedule import RSpec, parse_r_text, r_label
-from .matrix import BACKENDS, PRECISIONS
+from .matrix import backends, precisions
+
+# The embedded accuracy case (:mod:`.digits`): the only model the harness trains itself.
+DIGITS_ALIAS, DIGITS_MODEL = "digits_vit", "tome_digits_vit"
 
 _TOP = ("name", "description", "models", "r", "precisions", "backends", "batches", "threads", "build", "timing",
         "memory", "quality", "budget")
@@ -92,11 +96,7 @@ def _file_identity(path: Optional[str]) -> Optional[str]:
     """A checkpoint is identified by its content, so replacing the file re-measures its cells."""
     if path is None or not Path(path).is_file():
         return path
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 @dataclass(frozen=True)
@@ -253,9 +253,7 @@ def _model(where: str, entry: Any) -> ModelConfig:
     train = entry.get("train")
     checkpoint = entry.get("checkpoint")
     if train is not None:
-        from ..models import resolve_name
-
-        if resolve_name(name)[1] != "tome_digits_vit":
+        if name not in (DIGITS_ALIAS, DIGITS_MODEL):
             raise UserError(f"{where}.train: only the embedded accuracy case (model: digits_vit) is trained by the harness")
         if checkpoint is not None:
             raise UserError(f"{where}: give either train or checkpoint, not both")
@@ -294,9 +292,9 @@ def parse_config(data: Mapping[str, Any], path: Optional[Path] = None) -> BenchC
     parsed = tuple(_model(_where(path, f"models[{i}]"), m) for i, m in enumerate(models))
     if len({m.key for m in parsed}) != len(parsed):
         raise UserError(f"{_where(path, 'models')}: the same model is listed twice")
-    precisions = list(_names(_where(path, "precisions"), data.get("precisions", ["fp32"]), PRECISIONS))
-    if "fp32" not in precisions:
-        precisions.insert(0, "fp32")  # the baseline every speedup is measured against
+    chosen = list(_names(_where(path, "precisions"), data.get("precisions", ["fp32"]), precisions()))
+    if "fp32" not in chosen:
+        chosen.insert(0, "fp32")  # the baseline every speedup is measured against
     timing = _typed(_where(path, "timing"), data.get("timing") or {}, _TIMING)
     per_batch = []
     for batch, settings in (timing.pop("per_batch", None) or {}).items():
@@ -318,8 +316,8 @@ def parse_config(data: Mapping[str, Any], path: Optional[Path] = None) -> BenchC
         raise UserError(f"{_where(path, 'name')} = {name!r}: use letters, digits, '-', '_' and '.' only")
     return BenchConfig(
         name=name, description=str(data.get("description", "")), models=parsed,
-        r=_r_values(_where(path, "r"), data.get("r", [0])), precisions=tuple(precisions),
-        backends=_names(_where(path, "backends"), data.get("backends", ["torch"]), tuple(BACKENDS)),
+        r=_r_values(_where(path, "r"), data.get("r", [0])), precisions=tuple(chosen),
+        backends=_names(_where(path, "backends"), data.get("backends", ["torch"]), tuple(backends())),
         batches=_int_list(_where(path, "batches"), data.get("batches", [1])),
         threads=_int_list(_where(path, "threads"), data.get("threads", [1])),
         dynamic_batch=build.get("dynamic_batch", True), merge_impl=build.get("merge_impl", "auto"),

@@ -2,8 +2,9 @@
 
 The data ship inside scikit-learn (1797 labelled 8x8 images), so accuracy vs r vs precision is a real
 measurement offline, without ImageNet. Images are upscaled to 32x32 (patch 4: 64 patch tokens + class
-token). The model is a timm VisionTransformer registered as ``tome_digits_vit``, so the whole toolchain
-(patch, export, every backend) treats it like any other timm ViT. Training is seeded and cached.
+token). The model is a timm VisionTransformer registered with timm as ``tome_digits_vit`` (and with tome-export as
+the alias ``digits_vit``) when this module is imported, so the whole toolchain (patch, export, every backend) treats
+it like any other timm ViT. Training is seeded and cached.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ import torch.nn.functional as F
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-MODEL_NAME = "tome_digits_vit"
+from ..files import atomic_path
+from ..models import register_alias
+from .config import DIGITS_ALIAS, DIGITS_MODEL
+
+MODEL_NAME = DIGITS_MODEL
 IMG_SIZE = 32
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -35,6 +40,9 @@ def tome_digits_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
     model.pretrained_cfg = {"input_size": (3, IMG_SIZE, IMG_SIZE), "mean": MEAN, "std": STD, "crop_pct": 1.0,
                             "crop_mode": "center", "interpolation": "bilinear", "num_classes": 10}
     return model
+
+
+register_alias(DIGITS_ALIAS, "timm-vit", MODEL_NAME)
 
 
 @dataclass(frozen=True)
@@ -94,10 +102,8 @@ def train_digits_vit(epochs: int = 40, seed: int = 0, lr: float = 3e-4, batch: i
                 loss.backward()
                 opt.step()
             log(f"digits ViT epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}")
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)  # a half-trained or half-written checkpoint never lands in the cache
+        with atomic_path(path) as tmp:  # a half-trained or half-written checkpoint never lands in the cache
+            torch.save(model.state_dict(), tmp)
         log(f"trained in {time.perf_counter() - started:.0f} s")
     model = tome_digits_vit(**model_kwargs)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -17,27 +17,43 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set
 
 import numpy as np
 import torch
 
 from .._version import __version__
+from ..devices import gpu_available
 from ..errors import UserError, ValidationError
+from ..files import atomic_write
 from ..flops import flops_summary
-from ..models.base import merge_destinations
+from ..models import family_libraries
+from ..quality.decisions import Decisions, torch_merge_decisions
 from ..schedule import resolve_schedule
 from . import matrix, memory, quality
-from .config import BenchConfig, ModelConfig
-from .matrix import BACKENDS, Cell, Variant
-from .report import atomic_write, write_outputs
-from .subjects import ArtifactSubject, PreparedModel, Subject, TorchSubject, ensure_artifact, prepare_model
+from .config import DIGITS_ALIAS, DIGITS_MODEL, BenchConfig, ModelConfig
+from .matrix import Cell, Variant, backends
+from .report import write_outputs
+from .subjects import ArtifactSubject, LoadedModel, Subject, TorchSubject, ensure_artifact, load_model
 from .timing import machine, measure_interleaved, versions
 
 RESULTS = "results.json"
 FORMAT = "tome-export-bench/1"
-MODULES = ("tome_export", "torch", "timm", "numpy", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt",
-           "tensorrt_rtx")
+CORE_MODULES = ("tome_export", "torch", "numpy", "onnx")
+
+
+class Failure(NamedTuple):
+    """Why a variant or cell has no measurement: ``skipped`` (cannot run here) or ``failed`` (ran and broke)."""
+
+    status: str
+    reason: str
+
+
+class GroupKey(NamedTuple):
+    """Cells timed side by side: one thread count and batch size (of one model and backend)."""
+
+    threads: int
+    batch: int
 
 
 @dataclass
@@ -50,12 +66,20 @@ class BenchResult:
     failed: int
 
 
+def modules() -> tuple:
+    """The libraries whose versions a benchmark records: the core, every family's and every target's."""
+    from ..targets import targets
+
+    return tuple(dict.fromkeys(CORE_MODULES + family_libraries()
+                               + tuple(m for t in targets().values() for m in t.version_modules)))
+
+
 def environment() -> Dict[str, Any]:
     gpu = None
-    if matrix.gpu_available():
+    if gpu_available():
         gpu = {"devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                "cuda": torch.version.cuda}
-    return {"machine": machine(), "gpu": gpu, "versions": versions(MODULES), "tool_version": __version__}
+    return {"machine": machine(), "gpu": gpu, "versions": versions(modules()), "tool_version": __version__}
 
 
 def _now() -> str:
@@ -94,16 +118,35 @@ def _check_requirements(config: BenchConfig) -> None:
             raise UserError(f"{why} need the Python package {module!r}: pip install 'tome-export[bench]'")
 
 
-def _failure(exc: BaseException) -> tuple:
-    """(status, reason) of an exception raised while building, loading or running a variant."""
+def _failure(exc: BaseException) -> Failure:
+    """Why building, loading or running a variant raised ``exc``."""
     if isinstance(exc, UserError):
-        return "skipped", str(exc)
+        return Failure("skipped", str(exc))
     if isinstance(exc, ValidationError):
-        return "failed", f"validation failed: {exc}"
-    return "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+        return Failure("failed", f"validation failed: {exc}")
+    return Failure("failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "))
+
+
+@dataclass
+class _BackendPlan:
+    """What one (model, backend) still needs this run, from the matrix and the previous results."""
+
+    cells: List[Cell]
+    live: List[Cell]  # cells that can run here
+    final: Dict[str, Dict[str, Any]]  # previous records kept as they are (measured, or failed: --force retries)
+    groups: Dict[GroupKey, List[Cell]]
+    to_time: Set[GroupKey]  # a group is timed again as a whole when any member is new
+    needs_quality: List[Variant]
+    needs_memory: bool
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not self.to_time and not self.needs_quality and not self.needs_memory
 
 
 class _Run:
+    """One run of a benchmark matrix: previous results to resume from, the results being written, counters."""
+
     def __init__(self, config: BenchConfig, out: Path, cache: Path, data: Optional[Path], force: bool,
                  progress: bool, log: Callable[[str], None]) -> None:
         from tqdm import tqdm
@@ -117,24 +160,21 @@ class _Run:
         same_images = previous.get("quality_key") == quality_key
         self.prev_variants: Dict[str, Dict] = previous.get("variants", {}) if same_images else {}
         self.run_id = uuid.uuid4().hex[:12]
-        env = environment()
-        self.results: Dict[str, Any] = {
-            "format": FORMAT, "config": config.to_dict(), "data": str(data) if data else None,
-            "quality_key": quality_key, "environment": env,
-            "runs": previous.get("runs", []) + [{
-                "run_id": self.run_id, "started_at": _now(), "force": force, "load_average": list(os.getloadavg()),
-                "machine": env["machine"].get("cpu_model"), "gpu": env["gpu"]}],
-            "models": previous.get("models", {}) if same_images else {}, "variants": {}, "cells": {},
-        }
-        self.gpu = matrix.gpu_available()
+        self.results = self._results(previous, quality_key, same_images)
+        self.gpu = gpu_available()
         self.counts = {"measured": 0, "resumed": 0, "skipped": 0, "failed": 0}
         self.bar = tqdm(total=len(matrix.cells(config)), unit="cell", disable=not progress or not sys.stderr.isatty(),
                         file=sys.stderr, dynamic_ncols=True)
         self.log = log
-        self.prepared: Dict[str, PreparedModel] = {}
-        self.eval_sets: Dict[str, quality.EvalSet] = {}
-        self.references: Dict[str, Dict[str, Any]] = {}
-        self.ref_decisions: Dict[tuple, Dict[str, np.ndarray]] = {}
+        self.models = _Models(config, data, self.say)
+
+    def _results(self, previous: Dict[str, Any], quality_key: Dict[str, Any], same_images: bool) -> Dict[str, Any]:
+        env = environment()
+        run = {"run_id": self.run_id, "started_at": _now(), "force": self.force, "load_average": list(os.getloadavg()),
+               "machine": env["machine"].get("cpu_model"), "gpu": env["gpu"]}
+        return {"format": FORMAT, "config": self.config.to_dict(), "data": str(self.data) if self.data else None,
+                "quality_key": quality_key, "environment": env, "runs": previous.get("runs", []) + [run],
+                "models": previous.get("models", {}) if same_images else {}, "variants": {}, "cells": {}}
 
     def say(self, message: str) -> None:
         self.bar.set_description_str(message[:70])
@@ -144,79 +184,29 @@ class _Run:
     def save(self) -> None:
         atomic_write(self.out / RESULTS, json.dumps(self.results, indent=1, default=str) + "\n")
 
-    # --- models, evaluation images, the fp32 r=0 reference ---------------------------------------------------
-
-    def model(self, mc: ModelConfig) -> PreparedModel:
-        if mc.key not in self.prepared:
-            self.say(f"loading {mc.model}")
-            prepared = prepare_model(mc, log=self.say)
-            for r in mc.r if mc.r is not None else self.config.r:  # a wrong-length schedule fails now
-                resolve_schedule(r, prepared.info.num_blocks, prepared.info.num_tokens, prepared.info.num_protected)
-            self.prepared[mc.key] = prepared
-        return self.prepared[mc.key]
-
-    def eval_set(self, prepared: PreparedModel) -> quality.EvalSet:
-        key = prepared.config.key
-        if key not in self.eval_sets:
-            if self.data is not None:
-                ev = quality.imagefolder_set(self.data, prepared.preprocessing, prepared.info.num_classes,
-                                             self.config.max_images)
-            elif prepared.training is not None or prepared.create_args["name"] in ("digits_vit", "tome_digits_vit"):
-                ev = quality.digits_set(dict(prepared.config.train or ()).get("seed", 0))
-            else:
-                ev = quality.photo_set(prepared.preprocessing, self.config.photos)
-            self.eval_sets[key] = ev
-        return self.eval_sets[key]
-
-    def reference(self, prepared: PreparedModel) -> Dict[str, Any]:
-        """fp32 r=0 eager PyTorch on the evaluation images: what every variant's fidelity is measured against."""
-        key = prepared.config.key
-        if key not in self.references:
-            ev = self.eval_set(prepared)
-            logits = TorchSubject(prepared.model, 0, "fp32").predict(ev.images)
-            acc = quality.accuracy(logits, ev.labels) if ev.labels is not None else None
-            self.references[key] = {"logits": logits, "accuracy": acc}
-            info = prepared.info
-            self.results["models"][key] = {
-                "model": prepared.config.model, "description": prepared.config.describe(),
-                "create_args": {k: v for k, v in prepared.create_args.items()}, "training": prepared.training,
-                "eval_set": ev.name, "reference": "eager PyTorch, fp32, r=0", "reference_accuracy": acc,
-                "tokens": info.num_tokens, "blocks": info.num_blocks, "embed_dim": info.embed_dim,
-                "num_classes": info.num_classes, "input_size": list(prepared.preprocessing.input_size),
-                **({"published": dict(prepared.config.published)} if prepared.config.published else {}),
-            }
-        return self.references[key]
-
-    def reference_decisions(self, prepared: PreparedModel, variant: Variant, x: np.ndarray) -> Dict[str, np.ndarray]:
-        key = (prepared.config.key, variant.r_label)
-        if key not in self.ref_decisions:
-            ref = TorchSubject(prepared.model, variant.r, "fp32", prop_attn=variant.model.prop_attn)
-            self.ref_decisions[key] = merge_destinations(ref.model, ref.tensor(x))
-        return self.ref_decisions[key]
-
     # --- records ---------------------------------------------------------------------------------------------
 
     def base_record(self, cell: Cell) -> Dict[str, Any]:
-        v = cell.variant
+        v, backend = cell.variant, backends()[cell.variant.backend]
         return {"id": cell.id, "variant": v.id, "model": v.model.key, "model_name": v.model.model,
-                "backend": v.backend, "target": BACKENDS[v.backend].target or "eager torch",
-                "device": BACKENDS[v.backend].device, "precision": v.precision, "r": v.r_label,
-                "batch": cell.batch, "threads": cell.threads}
+                "backend": v.backend, "target": backend.target or "eager torch", "device": backend.device,
+                "precision": v.precision, "r": v.r_label, "batch": cell.batch, "threads": cell.threads}
 
     def finish(self, cell: Cell, record: Dict[str, Any], counter: str) -> None:
         self.results["cells"][cell.id] = record
         self.counts[counter] += 1
         self.bar.update(1)
 
-    def static_facts(self, prepared: PreparedModel, variant: Variant) -> Dict[str, Any]:
-        info = prepared.info
+    def static_facts(self, loaded: LoadedModel, variant: Variant) -> Dict[str, Any]:
+        info = loaded.info
         sched = resolve_schedule(variant.r, info.num_blocks, info.num_tokens, info.num_protected)
         return {"r_schedule": list(sched.r), "tokens_per_block": list(sched.tokens),
                 "flops": flops_summary(info, sched.r)}
 
     # --- one model on one backend ----------------------------------------------------------------------------
 
-    def run_backend(self, mc: ModelConfig, backend: str, cells: List[Cell]) -> None:
+    def plan_backend(self, backend: str, cells: List[Cell]) -> _BackendPlan:
+        """Skip what cannot run here (recorded at once); find what the previous results already hold."""
         variants = list(dict.fromkeys(c.variant for c in cells))
         reasons = {v: matrix.skip_reason(backend, v.precision, self.gpu) for v in variants}
         for cell in cells:
@@ -227,142 +217,154 @@ class _Run:
         # measured and failed cells are final (--force retries failures); skipped ones are tried again every run
         final = {c.id: self.prev_cells[c.id] for c in live
                  if self.prev_cells.get(c.id, {}).get("status") in ("measured", "failed")}
-        groups: Dict[tuple, List[Cell]] = {}
+        groups: Dict[GroupKey, List[Cell]] = {}
         for c in live:
-            groups.setdefault((c.threads, c.batch), []).append(c)
-        # a group is timed again as a whole when any member is new, so its speedups stay side by side
-        to_time = {g for g, members in groups.items() if any(c.id not in final for c in members)}
+            groups.setdefault(GroupKey(c.threads, c.batch), []).append(c)
         gave_up = {v for v in variants if reasons[v] is None
                    and all(final.get(c.id, {}).get("status") == "failed" for c in live if c.variant == v)}
-        needs_quality = [v for v in variants if reasons[v] is None and v not in gave_up
-                         and v.id not in self.prev_variants]
-        needs_memory = self.config.memory and any(
-            final.get(c.id, {}).get("status") == "measured" and "memory" not in final[c.id] for c in live)
         for v in variants:
             if v.id in self.prev_variants:
                 self.results["variants"][v.id] = self.prev_variants[v.id]
-        if not to_time and not needs_quality and not needs_memory:
-            for c in live:
-                self.finish(c, final[c.id], "resumed")
-            return
+        return _BackendPlan(
+            cells=cells, live=live, final=final, groups=groups,
+            to_time={g for g, members in groups.items() if any(c.id not in final for c in members)},
+            needs_quality=[v for v in variants if reasons[v] is None and v not in gave_up
+                           and v.id not in self.prev_variants],
+            needs_memory=self.config.memory and any(
+                final.get(c.id, {}).get("status") == "measured" and "memory" not in final[c.id] for c in live))
 
-        prepared = self.model(mc)
-        self.reference(prepared)
-        subjects = _Subjects(self, prepared, backend)
+    def run_backend(self, mc: ModelConfig, backend: str, cells: List[Cell]) -> None:
+        plan = self.plan_backend(backend, cells)
+        if plan.nothing_to_do:
+            for c in plan.live:
+                self.finish(c, plan.final[c.id], "resumed")
+            return
+        loaded = self.models.get(mc, mc.r if mc.r is not None else self.config.r)
+        self.models.reference(loaded, self.results)
+        subjects = _Subjects(self.config, self.cache, loaded, backend, self.say)
         timed: Dict[str, Dict[str, Any]] = {}
-        cell_failures: Dict[str, tuple] = {}
+        failures: Dict[str, Failure] = {}
         for threads in self.config.threads:
             if threads == self.config.threads[0]:
-                for v in needs_quality:
-                    subject = subjects.get(v, self.config.batches[-1], threads)
-                    if subject is not None:
-                        self.measure_quality(prepared, v, subject, subjects.dir_of(v, self.config.batches[-1]))
+                self.measure_qualities(loaded, plan.needs_quality, subjects, threads)
             for batch in self.config.batches:
-                if (threads, batch) not in to_time:
-                    continue
-                members = [c for c in groups[(threads, batch)] if final.get(c.id, {}).get("status") != "failed"]
-                group_subjects = {c.variant: subjects.get(c.variant, batch, threads) for c in members}
-                members = [c for c in members if group_subjects[c.variant] is not None]
-                new = self.time_group(prepared, members, group_subjects, cell_failures)
-                timed.update(new)
-                self.results["cells"].update(new)
-                self.save()  # an interrupted run keeps every finished group
+                if GroupKey(threads, batch) in plan.to_time:
+                    timed.update(self.time_group(loaded, plan, GroupKey(threads, batch), subjects, failures))
             subjects.release()
+        self.record_backend(loaded, plan, subjects, timed, failures)
 
-        for c in live:
+    def record_backend(self, loaded: LoadedModel, plan: _BackendPlan, subjects: "_Subjects",
+                       timed: Dict[str, Dict[str, Any]], failures: Dict[str, Failure]) -> None:
+        """Every live cell's record (timed now, failed now, or kept from before), its memory, its counter."""
+        kept = set()
+        for c in plan.live:
             if c.id in timed:
                 record = timed[c.id]
-            elif c.id in cell_failures or c.variant in subjects.failed:
-                status, reason = cell_failures.get(c.id) or subjects.failed[c.variant]
+            elif c.id in failures or c.variant in subjects.failed:
+                status, reason = failures.get(c.id) or subjects.failed[c.variant]
                 record = {**self.base_record(c), "status": status, "reason": reason}
-            elif c.id in final:
-                record = final[c.id]
+            elif c.id in plan.final:
+                record = plan.final[c.id]
+                kept.add(c.id)
             else:  # cannot happen: every live cell is timed, failed or final
                 raise AssertionError(f"cell {c.id} was neither measured nor resumed")
             self.results["cells"][c.id] = record
         if self.config.memory:
-            self.measure_memory(prepared, live, subjects)
-        for c in live:
+            self.measure_memory(loaded, plan.live, subjects)
+        for c in plan.live:
             record = self.results["cells"][c.id]
-            self.finish(c, record, "resumed" if c.id in final and c.id not in timed and record is final[c.id]
-                        else record["status"])
+            self.finish(c, record, "resumed" if c.id in kept else record["status"])
 
     # --- measurements ----------------------------------------------------------------------------------------
 
-    def measure_quality(self, prepared: PreparedModel, v: Variant, subject: Subject, directory: Optional[Path]) -> None:
+    def measure_qualities(self, loaded: LoadedModel, variants: List[Variant], subjects: "_Subjects",
+                          threads: int) -> None:
+        batch = self.config.batches[-1]
+        for v in variants:
+            subject = subjects.get(v, batch, threads)
+            if subject is not None:
+                self.measure_quality(loaded, v, subject)
+
+    def measure_quality(self, loaded: LoadedModel, v: Variant, subject: Subject) -> None:
         self.say(f"quality {v.backend} {v.precision} {v.r_label}")
-        ev, ref = self.eval_set(prepared), self.reference(prepared)
+        ev, ref = self.models.eval_set(loaded), self.models.reference(loaded, self.results)
         try:
             logits = subject.predict(ev.images)
         except Exception as exc:
-            self.results["variants"][v.id] = {"variant": v.id, "error": _failure(exc)[1]}
+            self.results["variants"][v.id] = {"variant": v.id, "error": _failure(exc).reason}
             return
         record: Dict[str, Any] = {"variant": v.id, "eval_set": ev.name,
                                   "fidelity": quality.fidelity(ref["logits"], logits)}
         if ev.labels is not None:
             record["accuracy"] = quality.accuracy(logits, ev.labels)
             record["accuracy_drop"] = ref["accuracy"]["top1"] - record["accuracy"]["top1"]
-        x = ev.images[: self.config.decision_images]
-        if v.r_label == "r0":
-            record["merge_decisions"] = {"agreement": None, "reason": "r=0 merges nothing"}
-        elif isinstance(subject, TorchSubject):
-            reference = self.reference_decisions(prepared, v, x)
-            record["merge_decisions"] = quality.decision_agreement(
-                reference, merge_destinations(subject.model, subject.tensor(x)))
-        else:
-            ref_model = TorchSubject(prepared.model, v.r, "fp32", prop_attn=v.model.prop_attn).model
-            try:
-                record["merge_decisions"] = quality.artifact_decision_agreement(
-                    subject.runner.manifest, directory, ref_model, x, subject.static_batch)
-            except Exception as exc:  # a graph the decision reader does not understand: say so, keep the rest
-                record["merge_decisions"] = {"agreement": None, "reason": _failure(exc)[1]}
+        record["merge_decisions"] = self.merge_decisions(loaded, v, subject, ev.images[: self.config.decision_images])
         self.results["variants"][v.id] = record
 
-    def time_group(self, prepared: PreparedModel, members: List[Cell], subjects: Dict[Variant, Subject],
-                   failures: Dict[str, tuple]) -> Dict[str, Dict[str, Any]]:
-        """Time every member of one (model, backend, batch, threads) group side by side."""
-        if not members:
-            return {}
-        batch, threads = members[0].batch, members[0].threads
-        ev = self.eval_set(prepared)
-        x = np.ascontiguousarray(ev.images[np.arange(batch) % len(ev.images)])
-        torch_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)  # eager cells; artifact runners got their threads when loaded
+    def merge_decisions(self, loaded: LoadedModel, v: Variant, subject: Subject, x: np.ndarray) -> Dict[str, Any]:
+        if v.r_label == "r0":
+            return {"agreement": None, "reason": "r=0 merges nothing"}
+        if isinstance(subject, TorchSubject):
+            reference = self.models.reference_decisions(loaded, v, x)
+            return quality.decision_agreement(reference, subject.model, x, subject.tensor)
         try:
-            runs, clocks, ok = {}, {}, []
-            for c in members:
-                try:
-                    run = subjects[c.variant].timed(x)
-                    run()  # a variant that cannot run this batch fails alone, before the clock starts
-                except Exception as exc:
-                    failures[c.id] = _failure(exc)
-                    continue
-                runs[c.id] = run
-                if subjects[c.variant].clock is not None:
-                    clocks[c.id] = subjects[c.variant].clock
-                ok.append(c)
-            settings = self.config.timing.for_batch(batch)
-            self.say(f"timing {members[0].variant.backend} batch {batch}, {threads} thread(s): {len(runs)} variants")
+            reference_model = TorchSubject(loaded.model, v.r, "fp32", prop_attn=v.model.prop_attn).model
+            return quality.artifact_decision_agreement(subject.artifact, reference_model, x)
+        except Exception as exc:  # a graph the decision reader does not understand: say so, keep the rest
+            return {"agreement": None, "reason": _failure(exc).reason}
+
+    def time_group(self, loaded: LoadedModel, plan: _BackendPlan, key: GroupKey, subjects: "_Subjects",
+                   failures: Dict[str, Failure]) -> Dict[str, Dict[str, Any]]:
+        """Time every member of one (model, backend, batch, threads) group side by side; saves the results."""
+        members = [c for c in plan.groups[key] if plan.final.get(c.id, {}).get("status") != "failed"]
+        found = {c.variant: subjects.get(c.variant, key.batch, key.threads) for c in members}
+        ready = {c: found[c.variant] for c in members if found[c.variant] is not None}
+        if not ready:
+            return {}
+        ev = self.models.eval_set(loaded)
+        x = np.ascontiguousarray(ev.images[np.arange(key.batch) % len(ev.images)])
+        runs, clocks = {}, {}
+        for c, subject in ready.items():
+            try:
+                runs[c.id] = subject.timed(x)
+                runs[c.id]()  # a variant that cannot run this batch fails alone, before the clock starts
+            except Exception as exc:
+                runs.pop(c.id, None)
+                failures[c.id] = _failure(exc)
+                continue
+            if subject.clock is not None:
+                clocks[c.id] = subject.clock
+        ok = [c for c in ready if c.id in runs]
+        timings, context = self._measure(runs, clocks, key, ok)
+        new = {c.id: {**self.base_record(c), "status": "measured", **timings[c.id].summary(key.batch), **context,
+                      "timer": ready[c].timer, "threads_ran": context["threads_ran"]
+                      if isinstance(ready[c], TorchSubject) else key.threads,
+                      "artifact": ready[c].details, **self.static_facts(loaded, c.variant)} for c in ok}
+        self.results["cells"].update(new)
+        self.save()  # an interrupted run keeps every finished group
+        return new
+
+    def _measure(self, runs: Dict[str, Callable], clocks: Dict[str, Callable], key: GroupKey,
+                 ok: List[Cell]) -> tuple:
+        """The interleaved timings of a group, and what every record of it shares."""
+        settings = self.config.timing.for_batch(key.batch)
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(key.threads)  # eager cells; artifact runners got their threads when loaded
+        try:
+            backend = ok[0].variant.backend if ok else "?"
+            self.say(f"timing {backend} batch {key.batch}, {key.threads} thread(s): {len(runs)} variants")
             load_before = list(os.getloadavg())
             timings = measure_interleaved(runs, clocks=clocks, **settings)
             load_after = list(os.getloadavg())
             threads_ran = torch.get_num_threads()
         finally:
             torch.set_num_threads(torch_threads)
-        group = f"{self.run_id}:{members[0].variant.model.key}/{members[0].variant.backend}/b{batch}/t{threads}"
-        out = {}
-        for c in ok:
-            subject = subjects[c.variant]
-            out[c.id] = {
-                **self.base_record(c), "status": "measured", **timings[c.id].summary(batch),
-                "timer": subject.timer, "timing": settings, "group": group, "interleaved_with": len(ok),
-                "run_id": self.run_id, "measured_at": _now(), "load_average": {"before": load_before, "after": load_after},
-                "threads_ran": threads_ran if isinstance(subject, TorchSubject) else threads,
-                "artifact": subject.details, **self.static_facts(prepared, c.variant),
-            }
-        return out
+        group = f"{self.run_id}:{ok[0].variant.model.key}/{backend}/b{key.batch}/t{key.threads}" if ok else ""
+        return timings, {"timing": settings, "group": group, "interleaved_with": len(ok), "run_id": self.run_id,
+                         "measured_at": _now(), "load_average": {"before": load_before, "after": load_after},
+                         "threads_ran": threads_ran}
 
-    def measure_memory(self, prepared: PreparedModel, live: List[Cell], subjects: "_Subjects") -> None:
+    def measure_memory(self, loaded: LoadedModel, live: List[Cell], subjects: "_Subjects") -> None:
         """Peak memory per (variant, threads) in a fresh subprocess; attached to the measured cells."""
         supported = memory.supported()
         todo: Dict[tuple, List[Cell]] = {}
@@ -378,18 +380,23 @@ class _Run:
                 todo.setdefault((c.variant, c.threads, directory), []).append(c)
         for (v, threads, directory), members in todo.items():
             self.say(f"memory {v.backend} {v.precision} {v.r_label}, {threads} thread(s)")
-            spec: Dict[str, Any] = {"threads": threads, "batches": sorted(c.batch for c in members),
-                                    "input_shape": list(prepared.preprocessing.input_size)}
-            if directory is None:
-                spec.update(kind="torch", create_args=prepared.create_args, r=matrix.r_text(v.r),
-                            precision=v.precision, device=BACKENDS[v.backend].device, prop_attn=v.model.prop_attn)
-            else:
-                spec.update(kind="artifact", directory=str(directory))
-            measured = memory.measure_in_subprocess(spec)
+            measured = memory.measure_in_subprocess(self._memory_spec(loaded, v, threads, directory, members))
             for c in members:
                 entry = measured.get(str(c.batch)) if "error" not in measured else None
                 self.results["cells"][c.id]["memory"] = (
                     {**entry, "method": memory.METHOD} if entry else {"peak_rss_mb": None, "reason": measured.get("error")})
+
+    @staticmethod
+    def _memory_spec(loaded: LoadedModel, v: Variant, threads: int, directory: Optional[Path],
+                     members: List[Cell]) -> Dict[str, Any]:
+        spec: Dict[str, Any] = {"threads": threads, "batches": sorted(c.batch for c in members),
+                                "input_shape": list(loaded.preprocessing.input_size)}
+        if directory is None:
+            spec.update(kind="torch", create_args=loaded.create_args, r=matrix.r_text(v.r),
+                        precision=v.precision, device=backends()[v.backend].device, prop_attn=v.model.prop_attn)
+        else:
+            spec.update(kind="artifact", directory=str(directory))
+        return spec
 
     # --- the whole matrix ------------------------------------------------------------------------------------
 
@@ -412,19 +419,80 @@ class _Run:
         return BenchResult(self.out, self.results, **self.counts)
 
 
+class _Models:
+    """The config's models, loaded once; their evaluation images and fp32 r=0 reference outputs."""
+
+    def __init__(self, config: BenchConfig, data: Optional[Path], say: Callable[[str], None]) -> None:
+        self.config, self.data, self.say = config, data, say
+        self.loaded: Dict[str, LoadedModel] = {}
+        self.eval_sets: Dict[str, quality.EvalSet] = {}
+        self.references: Dict[str, Dict[str, Any]] = {}
+        self.decisions: Dict[tuple, Decisions] = {}
+
+    def get(self, mc: ModelConfig, schedules: tuple) -> LoadedModel:
+        if mc.key not in self.loaded:
+            self.say(f"loading {mc.model}")
+            loaded = load_model(mc, log=self.say)
+            for r in schedules:  # a per-block schedule of the wrong length is a config error: fail now
+                resolve_schedule(r, loaded.info.num_blocks, loaded.info.num_tokens, loaded.info.num_protected)
+            self.loaded[mc.key] = loaded
+        return self.loaded[mc.key]
+
+    def eval_set(self, loaded: LoadedModel) -> quality.EvalSet:
+        key = loaded.config.key
+        if key not in self.eval_sets:
+            if self.data is not None:
+                ev = quality.imagefolder_set(self.data, loaded.preprocessing, loaded.info.num_classes,
+                                             self.config.max_images)
+            elif loaded.training is not None or loaded.create_args["name"] in (DIGITS_ALIAS, DIGITS_MODEL):
+                ev = quality.digits_set(dict(loaded.config.train or ()).get("seed", 0))
+            else:
+                ev = quality.photo_set(loaded.preprocessing, self.config.photos)
+            self.eval_sets[key] = ev
+        return self.eval_sets[key]
+
+    def reference(self, loaded: LoadedModel, results: Dict[str, Any]) -> Dict[str, Any]:
+        """fp32 r=0 eager PyTorch on the evaluation images: what every variant's fidelity is measured against."""
+        key = loaded.config.key
+        if key not in self.references:
+            ev = self.eval_set(loaded)
+            logits = TorchSubject(loaded.model, 0, "fp32").predict(ev.images)
+            acc = quality.accuracy(logits, ev.labels) if ev.labels is not None else None
+            self.references[key] = {"logits": logits, "accuracy": acc}
+            info = loaded.info
+            results["models"][key] = {
+                "model": loaded.config.model, "description": loaded.config.describe(),
+                "create_args": dict(loaded.create_args), "training": loaded.training,
+                "eval_set": ev.name, "reference": "eager PyTorch, fp32, r=0", "reference_accuracy": acc,
+                "tokens": info.num_tokens, "blocks": info.num_blocks, "embed_dim": info.embed_dim,
+                "num_classes": info.num_classes, "input_size": list(loaded.preprocessing.input_size),
+                **({"published": dict(loaded.config.published)} if loaded.config.published else {}),
+            }
+        return self.references[key]
+
+    def reference_decisions(self, loaded: LoadedModel, variant: Variant, x: np.ndarray) -> Decisions:
+        """The merge decisions of fp32 PyTorch at the variant's r (what every backend's are compared with)."""
+        key = (loaded.config.key, variant.r_label)
+        if key not in self.decisions:
+            ref = TorchSubject(loaded.model, variant.r, "fp32", prop_attn=variant.model.prop_attn)
+            self.decisions[key] = torch_merge_decisions(ref.model, [x], ref.tensor)
+        return self.decisions[key]
+
+
 class _Subjects:
     """The variants of one (model, backend): built once, loaded once per thread count, on demand."""
 
-    def __init__(self, run: _Run, prepared: PreparedModel, backend: str) -> None:
-        self.run, self.prepared, self.backend = run, prepared, backend
-        self.eager = BACKENDS[backend].target is None
+    def __init__(self, config: BenchConfig, cache: Path, loaded: LoadedModel, backend: str,
+                 say: Callable[[str], None]) -> None:
+        self.config, self.cache, self.loaded, self.backend, self.say = config, cache, loaded, backend, say
+        self.eager = backends()[backend].target is None
         self.torch: Dict[Variant, TorchSubject] = {}
         self.dirs: Dict[tuple, tuple] = {}  # (variant, batch or None) -> (directory, built by this run)
-        self.loaded: Dict[tuple, ArtifactSubject] = {}
-        self.failed: Dict[Variant, tuple] = {}
+        self.artifacts: Dict[tuple, ArtifactSubject] = {}  # (directory, threads) -> the loaded artifact
+        self.failed: Dict[Variant, Failure] = {}
 
     def _key(self, v: Variant, batch: int) -> tuple:
-        return (v, None if self.run.config.dynamic_batch else batch)
+        return (v, None if self.config.dynamic_batch else batch)
 
     def dir_of(self, v: Variant, batch: int) -> Optional[Path]:
         entry = self.dirs.get(self._key(v, batch))
@@ -435,29 +503,35 @@ class _Subjects:
         if v in self.failed:
             return None
         try:
-            if self.eager:
-                if v not in self.torch:
-                    self.run.say(f"preparing torch {v.precision} {v.r_label}")
-                    self.torch[v] = TorchSubject(self.prepared.model, v.r, v.precision, BACKENDS[self.backend].device,
-                                                 prop_attn=v.model.prop_attn)
-                return self.torch[v]
-            key = self._key(v, batch)
-            if key not in self.dirs:
-                cfg = self.run.config
-                directory, cached = ensure_artifact(self.prepared, v, self.run.cache, cfg.dynamic_batch, batch,
-                                                    cfg.merge_impl, self.run.say)
-                self.dirs[key] = (directory, not cached)
-            directory, fresh = self.dirs[key]
-            if (directory, threads) not in self.loaded:
-                self.loaded[(directory, threads)] = ArtifactSubject(directory, threads, cached=not fresh)
-            return self.loaded[(directory, threads)]
+            return self._eager(v) if self.eager else self._artifact(v, batch, threads)
         except Exception as exc:  # one variant that cannot be built or loaded must not stop the others
             self.failed[v] = _failure(exc)
             return None
 
+    def _eager(self, v: Variant) -> TorchSubject:
+        if v not in self.torch:
+            self.say(f"preparing torch {v.precision} {v.r_label}")
+            spec = backends()[self.backend]
+            self.torch[v] = TorchSubject(self.loaded.model, v.r, v.precision, spec.device,
+                                         prop_attn=v.model.prop_attn, graph=spec.cuda_graph)
+        return self.torch[v]
+
+    def _artifact(self, v: Variant, batch: int, threads: int) -> ArtifactSubject:
+        key = self._key(v, batch)
+        if key not in self.dirs:
+            directory, cached = ensure_artifact(self.loaded, v, self.cache, self.config.dynamic_batch, batch,
+                                                self.config.merge_impl, self.say)
+            self.dirs[key] = (directory, not cached)
+        directory, fresh = self.dirs[key]
+        if (directory, threads) not in self.artifacts:
+            self.artifacts[(directory, threads)] = ArtifactSubject(directory, threads, cached=not fresh)
+        return self.artifacts[(directory, threads)]
+
     def release(self) -> None:
-        """Drop the loaded runners (their thread count is fixed); eager models serve every thread count."""
-        self.loaded.clear()
+        """Close the loaded runners (their thread count is fixed); eager models serve every thread count."""
+        for subject in self.artifacts.values():
+            subject.close()
+        self.artifacts.clear()
         gc.collect()
 
 

@@ -1,14 +1,12 @@
 """What a benchmark matrix is made of: backends, precisions, variants (built once) and cells (timed).
 
-A backend of the config is either eager PyTorch or a build target of :mod:`tome_export.backends`, run through
-:func:`tome_export.runtime.load`. The mapping is explicit and never substitutes one target for another: when a
-target is not registered in this installation, its cells are skipped with that reason, and they light up as soon
-as the target exists.
+A backend is PyTorch (eager on the CPU or an NVIDIA GPU, or CUDA-graph replays) or a registered build target, whose artifacts run through
+:func:`tome_export.runtime.load`; the list follows the target registry. A target is never substituted for
+another: a cell that cannot run here is skipped with the reason.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
@@ -21,26 +19,35 @@ if TYPE_CHECKING:  # config imports this module
 @dataclass(frozen=True)
 class Backend:
     name: str
-    target: Optional[str]  # a build target in tome_export.backends.TARGETS; None: eager PyTorch
+    target: Optional[str]  # a registered build target; None: PyTorch
     device: str  # cpu | cuda
     description: str
+    cuda_graph: bool = False  # PyTorch: time replays of a captured CUDA graph rather than eager calls
 
 
-BACKENDS: Dict[str, Backend] = {b.name: b for b in (
-    Backend("torch", None, "cpu", "eager PyTorch on the CPU, ToMe patched in place"),
-    Backend("torch-cuda", None, "cuda", "eager PyTorch on an NVIDIA GPU"),
-    Backend("onnx", "onnx", "cpu", "the exported fp32 ONNX graph in ONNX Runtime's CPU provider"),
-    Backend("onnxruntime", "onnxruntime", "cpu", "ONNX Runtime CPU recipes"),
-    Backend("openvino", "openvino", "cpu", "OpenVINO CPU recipes"),
-    Backend("tensorrt", "tensorrt", "cuda", "TensorRT engines"),
-    Backend("tensorrt-rtx", "tensorrt-rtx", "cuda", "TensorRT-RTX engines"),
-)}
-
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "fp8")
+EAGER = (Backend("torch", None, "cpu", "eager PyTorch on the CPU, ToMe patched in place"),
+         Backend("torch-cuda", None, "cuda", "eager PyTorch on an NVIDIA GPU"),
+         Backend("torch-cuda-graph", None, "cuda", "PyTorch on an NVIDIA GPU, each batch size's forward captured "
+                 "once as a CUDA graph and replayed (no launch overhead)", cuda_graph=True))
 
 # Eager PyTorch precisions: bf16/fp16 convert weights and activations (``model.to(dtype)``); int8 is dynamic
 # quantization of the Linear layers (int8 weights, activations quantized per batch), which runs on the CPU only.
 TORCH_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+
+
+def backends() -> Dict[str, Backend]:
+    """Eager PyTorch, then every registered build target (named as the target)."""
+    from ..targets import targets
+
+    built = [Backend(t.name, t.name, t.device, t.description) for t in targets().values()]
+    return {b.name: b for b in (*EAGER, *built)}
+
+
+def precisions() -> Tuple[str, ...]:
+    """Every precision a backend offers: eager PyTorch's, then the targets'."""
+    from ..targets import targets
+
+    return tuple(dict.fromkeys(TORCH_PRECISIONS + tuple(p for t in targets().values() for p in t.precisions)))
 
 
 @dataclass(frozen=True)
@@ -99,21 +106,11 @@ def cells(config: "BenchConfig") -> List[Cell]:
     return [Cell(v, batch, t) for v in variants(config) for t in config.threads for batch in config.batches]
 
 
-def gpu_available() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:  # a broken CUDA install is the same as no GPU here
-        return False
-
-
 def skip_reason(backend: str, precision: str, gpu: bool) -> Optional[str]:
     """Why a (backend, precision) cannot run in this installation, or None when it can be tried."""
-    from ..backends import TARGETS
-    from ..runtime import RUNNERS
+    from ..targets import targets
 
-    spec = BACKENDS[backend]
+    spec = backends()[backend]
     if spec.device == "cuda" and not gpu:
         return f"{backend} needs an NVIDIA GPU; none is available here (torch.cuda.is_available() is False)"
     if spec.target is None:
@@ -122,15 +119,10 @@ def skip_reason(backend: str, precision: str, gpu: bool) -> Optional[str]:
         if precision == "int8" and spec.device == "cuda":
             return "eager PyTorch int8 (dynamic quantization) runs on the CPU only"
         return None
-    target = TARGETS.get(spec.target)
-    if target is None:
-        return (f"build target {spec.target!r} is not part of this installation "
-                f"(registered targets: {', '.join(sorted(TARGETS))})")
+    target = targets()[spec.target]
     if precision not in target.precisions:
         return f"target {spec.target} offers {', '.join(target.precisions)}, not {precision}"
-    for module in target.requires:
-        if importlib.util.find_spec(module) is None:
-            return f"target {spec.target} needs the Python package {module!r}: pip install 'tome-export[{spec.target}]'"
-    if spec.target not in RUNNERS:
-        return f"target {spec.target} builds artifacts but this installation has no runner to time them"
+    missing = target.missing_module()
+    if missing is not None:
+        return f"target {spec.target} needs the Python package {missing!r}: {target.install_hint}"
     return None

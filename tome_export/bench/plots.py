@@ -6,7 +6,10 @@ from __future__ import annotations
 import io
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Tuple
+
+from ..files import atomic_write
+from .report import ordered
 
 PLOTS_DIR = "plots"
 
@@ -22,21 +25,14 @@ def _figure(rows: int, cols: int, width: float, height: float):
 
 
 def _save(fig, path: Path) -> Path:
-    from .report import atomic_write
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     atomic_write(path, buf.getvalue())
     return path
 
 
-def _order(values, order: Sequence[Any]) -> List[Any]:
-    values = set(values)
-    return [v for v in order if v in values]
-
-
 def throughput_vs_batch(cells: List[Dict], cfg: Dict, title: str, path: Path) -> Path:
-    backends = _order({c["backend"] for c in cells}, cfg["backends"])
+    backends = ordered({c["backend"] for c in cells}, cfg["backends"])
     fig, axes = _figure(1, len(backends), 5.0, 3.8)
     styles = ["-", "--", ":", "-."]
     for ax, backend in zip(axes[0], backends):
@@ -64,8 +60,8 @@ def throughput_vs_batch(cells: List[Dict], cfg: Dict, title: str, path: Path) ->
 def speedup_bars(cells: List[Dict], cfg: Dict, title: str, path: Path) -> Path:
     threads = min(c["threads"] for c in cells)
     cells = [c for c in cells if c["threads"] == threads and c.get("derived", {}).get("speedup") is not None]
-    backends = _order({c["backend"] for c in cells}, cfg["backends"])
-    batches = _order({c["batch"] for c in cells}, cfg["batches"])
+    backends = ordered({c["backend"] for c in cells}, cfg["backends"])
+    batches = ordered({c["batch"] for c in cells}, cfg["batches"])
     fig, axes = _figure(max(1, len(backends)), max(1, len(batches)), 4.6, 3.4)
     for i, backend in enumerate(backends):
         for j, batch in enumerate(batches):
@@ -98,7 +94,7 @@ def speedup_bars(cells: List[Dict], cfg: Dict, title: str, path: Path) -> Path:
 def pareto(cells: List[Dict], variants: Dict[str, Dict], cfg: Dict, title: str, path: Path) -> Path:
     threads = min(c["threads"] for c in cells)
     cells = [c for c in cells if c["threads"] == threads and "fidelity" in (variants.get(c["variant"]) or {})]
-    batches = _order({c["batch"] for c in cells}, cfg["batches"])
+    batches = ordered({c["batch"] for c in cells}, cfg["batches"])
     use_accuracy = all("accuracy" in variants[c["variant"]] for c in cells) and bool(cells)
     fig, axes = _figure(1, max(1, len(batches)), 4.8, 3.8)
     markers = "osD^vP*X"

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
 
 from ..errors import UserError
 from ..images import sample_photos
 from ..preprocess import Preprocessing
-from ..quantize import block_order
-from ..validate import compare_logits
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+from ..quality.calibration import IMAGE_SUFFIXES
+from ..quality.decisions import (Decisions, artifact_merge_decisions, decision_output_names, decision_tensors,
+                                 merge_decision_agreement, torch_merge_decisions)
+from ..quality.validate import compare_logits, logit_cosines
 
 
 @dataclass
@@ -80,9 +79,7 @@ def imagefolder_set(directory: Path, pre: Preprocessing, num_classes: int, max_i
 def fidelity(reference: np.ndarray, logits: np.ndarray) -> Dict[str, float]:
     """Top-1 agreement and logit cosine of a variant against the fp32 r=0 PyTorch logits."""
     metrics = compare_logits(reference, logits)
-    ref, cand = reference.astype(np.float64), logits.astype(np.float64)
-    cos = (ref * cand).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1) + 1e-30)
-    return {"top1_agreement": metrics["top1_agreement"], "mean_cosine": float(cos.mean()),
+    return {"top1_agreement": metrics["top1_agreement"], "mean_cosine": float(logit_cosines(reference, logits).mean()),
             "min_cosine": metrics["min_cosine"], "max_abs_diff": metrics["max_abs_diff"], "images": metrics["images"]}
 
 
@@ -92,76 +89,47 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
             "images": int(len(labels))}
 
 
-def _merged_groups(rows: np.ndarray) -> set:
-    """The sets of input tokens that one block merged together (output rows holding more than one input)."""
-    groups: Dict[int, list] = {}
-    for token, row in enumerate(rows.tolist()):
-        groups.setdefault(row, []).append(token)
-    return {frozenset(g) for g in groups.values() if len(g) > 1}
+AGREEMENT = ("agreement", "first_block", "pair_agreement", "group_agreement", "decisions")
 
 
-def decision_agreement(reference: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray]) -> Dict[str, object]:
-    """How often a candidate merges exactly as the reference.
-
-    ``agreement``: fraction of (block, image) decisions that are identical; ``first_block``: the same for the first
-    merging block (later blocks see tokens that earlier differences already changed); ``group_agreement``: fraction
-    of the reference's merged token groups that the candidate merges identically.
-    """
-    if set(reference) != set(candidate):
-        raise ValueError(f"merging blocks differ: {sorted(reference)} vs {sorted(candidate)}")
+def decision_agreement(reference: Decisions, candidate_model: Any, x: np.ndarray,
+                       to_tensor: Optional[Callable[[np.ndarray], Any]] = None) -> Dict[str, object]:
+    """How often an eager candidate (another precision of the same patched model) merges as the fp32 reference
+    decisions on ``x`` (at the same r): every measure of
+    :func:`~tome_export.quality.decisions.merge_decision_agreement`."""
     if not reference:
         return {"agreement": None, "reason": "no block merges at this r"}
-    blocks = sorted(reference, key=block_order)
-    same = [(reference[k] == candidate[k]).all(axis=1) for k in blocks]
-    kept = total = 0
-    for k in blocks:
-        for ref_rows, cand_rows in zip(reference[k], candidate[k]):
-            ref_groups = _merged_groups(ref_rows)
-            kept += len(ref_groups & _merged_groups(cand_rows))
-            total += len(ref_groups)
-    return {"agreement": float(np.concatenate(same).mean()), "first_block": float(same[0].mean()),
-            "group_agreement": kept / total if total else 1.0,
-            "decisions": int(sum(len(s) for s in same)), "images": int(len(same[0])),
+    result = merge_decision_agreement(reference, torch_merge_decisions(candidate_model, [x], to_tensor))
+    return {**{k: result[k] for k in AGREEMENT}, "images": int(len(x)),
             "source": "block merge functions of the eager model vs fp32 PyTorch at the same r"}
 
 
-def artifact_decision_agreement(manifest: Dict, directory: Path, reference_model: torch.nn.Module,
-                                x: np.ndarray, batch: Optional[int]) -> Dict[str, object]:
+def artifact_decision_agreement(artifact: Any, reference_model: Any, x: np.ndarray) -> Dict[str, object]:
     """Merge-decision agreement of a built artifact with fp32 PyTorch at the same r, or why it is not measured.
 
-    Targets that quantize record it at build time (manifest ``merge_decisions``); for the plain fp32 ``onnx`` target
-    it is read from the graph's decision tensors with :mod:`tome_export.quantize` where that module exists.
+    Targets that quantize record it at build time (manifest ``merge_decisions``); otherwise it is read from the
+    decision tensors of the artifact's graph, run by its own runner with those tensors as extra outputs.
     """
-    recorded = manifest.get("merge_decisions")
+    manifest = artifact.manifest
+    recorded = manifest.merge_decisions
     if isinstance(recorded, dict) and isinstance(recorded.get("as_built"), dict):
         built = recorded["as_built"]
-        return {"agreement": built.get("agreement"), "first_block": built.get("first_block"),
-                "group_agreement": built.get("pair_agreement"), "decisions": built.get("decisions"),
+        return {**{k: built.get(k) for k in AGREEMENT},
                 "source": "measured by the build against fp32 PyTorch at the same r (manifest merge_decisions)"}
-    if manifest.get("r_schedule") and not any(manifest["r_schedule"]):
+    if manifest.r_schedule and not any(manifest.r_schedule):
         return {"agreement": None, "reason": "no block merges at this r"}
-    if manifest.get("target") != "onnx":
-        return {"agreement": None, "reason": f"the {manifest.get('target')} build recorded no merge decisions"}
-    try:
-        from .. import quantize
-    except ImportError:
-        return {"agreement": None, "reason": "reading decisions from a graph needs tome_export.quantize, "
-                                             "which this installation lacks"}
+    graph = artifact.directory / str(artifact.io.runtime.get("file", ""))
+    if graph.suffix != ".onnx" or not graph.is_file():
+        return {"agreement": None, "reason": f"the {manifest.target} build recorded no merge decisions"}
     import onnx
-    import onnxruntime as ort
 
-    proto = onnx.load(str(directory / "model.onnx"))
-    tensors = quantize.decision_tensors(proto)
-    session = ort.InferenceSession(quantize.with_decision_outputs(proto, tensors).SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    size = batch or len(x)
-    if len(x) < size:  # a static batch larger than the decision images: repeat the last image
-        x = np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
-    batches = [x[i:i + size] for i in range(0, len(x) - size + 1, size)]
-    run = lambda b: dict(zip(names, session.run(None, {session.get_inputs()[0].name: b})))  # noqa: E731
-    candidate = quantize.artifact_merge_decisions(run, tensors, batches)
-    result = quantize.merge_decision_agreement(quantize.torch_merge_decisions(reference_model, batches), candidate)
-    return {"agreement": result["agreement"], "first_block": result["first_block"],
-            "group_agreement": result.get("pair_agreement"), "decisions": result["decisions"],
-            "source": "graph decision tensors in ONNX Runtime vs fp32 PyTorch at the same r (tome_export.quantize)"}
+    tensors = decision_tensors(onnx.load(str(graph)))
+    with artifact.load(extra_outputs=decision_output_names(tensors)) as runner:
+        size = runner.batch_size or len(x)
+        if len(x) < size:  # a static batch larger than the decision images: repeat the last image
+            x = np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
+        batches = [x[i:i + size] for i in range(0, len(x) - size + 1, size)]
+        candidate = artifact_merge_decisions(runner.infer, tensors, batches)
+    result = merge_decision_agreement(torch_merge_decisions(reference_model, batches), candidate)
+    return {**{k: result[k] for k in AGREEMENT},
+            "source": "graph decision tensors run by the artifact's runner vs fp32 PyTorch at the same r"}

@@ -8,29 +8,14 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from ..files import atomic_write
 
 CSV_NAME = "results.csv"
 REPORT_NAME = "report.md"
-
-
-def atomic_write(path: Path, data: Union[str, bytes]) -> None:
-    """Write a file so that readers see the old content or the new one, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- derived ratios ------------------------------------------------------------------------------------------
@@ -126,7 +111,8 @@ def _pct(v: Optional[float]) -> str:
     return "–" if v is None else f"{100 * v:.1f}%"
 
 
-def _ordered(values: Iterable[Any], order: Sequence[Any]) -> List[Any]:
+def ordered(values: Iterable[Any], order: Sequence[Any]) -> List[Any]:
+    """The ``values`` that appear in ``order``, in that order."""
     values = set(values)
     return [v for v in order if v in values]
 
@@ -153,12 +139,9 @@ def best_within_budget(results: Dict[str, Any]) -> List[Dict[str, Any]]:
     return [best[k] for k in sorted(best)]
 
 
-def report(results: Dict[str, Any], plots: Sequence[str] = ()) -> str:
+def _header(results: Dict[str, Any], measured: List[Dict[str, Any]]) -> List[str]:
+    """Title, machine, versions, runs, config and how the numbers were measured."""
     cfg, env = results["config"], results["environment"]
-    cells = list(results["cells"].values())
-    measured = [c for c in cells if c["status"] == "measured"]
-    variants = results["variants"]
-    r_order, p_order, b_order = cfg["r"], cfg["precisions"], cfg["batches"]
     m = env["machine"]
     run = results["runs"][-1]
     lines = [f"# Benchmark `{cfg['name']}`: ToMe x precision x backend x batch", ""]
@@ -190,8 +173,11 @@ def report(results: Dict[str, Any], plots: Sequence[str] = ()) -> str:
         "the per-block token counts. Peak memory: " + (_method(measured) or "not measured") + ".",
         "",
     ]
-    if not measured:
-        lines += ["No cell was measured.", ""]
+    return lines + (["No cell was measured.", ""] if not measured else [])
+
+
+def _models(results: Dict[str, Any]) -> List[str]:
+    lines = []
     for key, info in results["models"].items():
         acc = info.get("reference_accuracy")
         extra = f"; fp32 r=0 PyTorch accuracy top-1 {_pct(acc['top1'])}, top-5 {_pct(acc['top5'])}" if acc else ""
@@ -201,110 +187,166 @@ def report(results: Dict[str, Any], plots: Sequence[str] = ()) -> str:
         published = ("; published: " + ", ".join(f"{k} {v}" for k, v in pub.items())) if pub else ""
         lines.append(f"- Model `{key}`: {info['description']} ({info['tokens']} tokens, {info['blocks']} blocks); "
                      f"evaluation images: {info['eval_set']}{extra}{trained}{published}")
-    lines.append("")
+    return lines + [""]
 
+
+def _best(results: Dict[str, Any]) -> List[str]:
     best = best_within_budget(results)
-    if best:
-        b = cfg["budget"]
-        lines += ["## Best stack within the accuracy budget",
-                  "",
-                  f"Highest throughput whose accuracy drop vs fp32 r=0 PyTorch is at most {100 * b['accuracy_drop']:.1f} "
-                  f"points (where accuracy was measured), else whose top-1 agreement with it is at least "
-                  f"{b['top1_agreement']:.2f}.", ""]
-        lines += _table(
-            ["model", "batch", "threads", "backend", "precision", "r", "images/s", "speedup vs its fp32 r=0", "quality"],
-            [(e["cell"]["model_name"], e["cell"]["batch"], e["cell"]["threads"], e["cell"]["backend"],
-              e["cell"]["precision"], e["cell"]["r"], _f(e["cell"]["throughput_ips"]),
-              _x((e["cell"].get("derived") or {}).get("speedup")), e["metric"]) for e in best])
+    if not best:
+        return []
+    b = results["config"]["budget"]
+    lines = ["## Best stack within the accuracy budget", "",
+             f"Highest throughput whose accuracy drop vs fp32 r=0 PyTorch is at most {100 * b['accuracy_drop']:.1f} "
+             f"points (where accuracy was measured), else whose top-1 agreement with it is at least "
+             f"{b['top1_agreement']:.2f}.", ""]
+    return lines + _table(
+        ["model", "batch", "threads", "backend", "precision", "r", "images/s", "speedup vs its fp32 r=0", "quality"],
+        [(e["cell"]["model_name"], e["cell"]["batch"], e["cell"]["threads"], e["cell"]["backend"],
+          e["cell"]["precision"], e["cell"]["r"], _f(e["cell"]["throughput_ips"]),
+          _x((e["cell"].get("derived") or {}).get("speedup")), e["metric"]) for e in best])
 
-    groups: Dict[Tuple, List[Dict]] = defaultdict(list)
-    for c in measured:
-        groups[(c["model"], c["backend"], c["threads"])].append(c)
-    if groups:
-        lines += ["## Stacked speedup (rows r, columns precision)", "",
-                  "Speedup vs fp32 r=0 on the same backend, batch and threads; in brackets the stacking efficiency.", ""]
+
+def tome_alone(cell: Dict[str, Any]) -> Optional[float]:
+    """ToMe's own effect in a cell: its throughput over r=0 at the same precision, timed side by side."""
+    d = cell.get("derived") or {}
+    if cell["r"] == "r0" or d.get("speedup") is None or not d.get("speedup_precision"):
+        return None
+    return d["speedup"] / d["speedup_precision"]
+
+
+def _losses(measured: List[Dict[str, Any]]) -> List[str]:
+    """Where ToMe made things slower than r=0 at the same precision: stated, not left for the reader to find."""
+    slower = [c for c in measured if (tome_alone(c) or 1.0) < 1.0]
+    tried = [c for c in measured if tome_alone(c) is not None]
+    if not tried:
+        return []
+    lines = ["## Where ToMe is slower than no ToMe", ""]
+    if not slower:
+        return lines + ["Nowhere: in every measured cell ToMe was at least as fast as r=0 at the same precision.", ""]
+    lines += ["ToMe is slower than r=0 at the same precision (same backend, batch and threads) in these cells:", ""]
+    lines += [f"- {c['backend']} ({c['device']}), {c['model_name']}, {c['precision']}, {c['r']}, batch {c['batch']}, "
+              f"{c['threads']} thread(s): {tome_alone(c):.2f}x" for c in slower]
+    by_backend: Dict[str, List[int]] = defaultdict(list)
+    for c in slower:
+        by_backend[c["backend"]].append(c["batch"])
+    return lines + [""] + [f"On **{b}**, ToMe loses at batch size(s) {', '.join(map(str, sorted(set(v))))}."
+                           for b, v in by_backend.items()] + [""]
+
+
+def _stacked_cell(c: Optional[Dict[str, Any]], r: str, p: str) -> str:
+    if c is None:
+        return "–"
+    d = c.get("derived") or {}
+    text = _x(d.get("speedup"))
+    if d.get("stacking_efficiency") is not None:
+        text += f" ({d['stacking_efficiency']:.2f})"
+    if r == "r0" and p == "fp32":
+        text += f" = {_f(c['throughput_ips'])} im/s"
+    return text
+
+
+def _stacked(groups: Dict[Tuple, List[Dict]], cfg: Dict[str, Any]) -> List[str]:
+    """Per backend and batch: speedup vs fp32 r=0, rows r, columns precision."""
+    if not groups:
+        return []
+    lines = ["## Stacked speedup (rows r, columns precision)", "",
+             "Speedup vs fp32 r=0 on the same backend, batch and threads; in brackets the stacking efficiency.", ""]
     for (model, backend, threads), members in groups.items():
-        for batch in _ordered({c["batch"] for c in members}, b_order):
+        for batch in ordered({c["batch"] for c in members}, cfg["batches"]):
             at = {(c["r"], c["precision"]): c for c in members if c["batch"] == batch}
-            precisions = _ordered({p for _, p in at}, p_order)
+            precisions = ordered({p for _, p in at}, cfg["precisions"])
             lines += [f"**{backend}** — {members[0]['model_name']}, batch {batch}, {threads} thread(s)", ""]
-            rows = []
-            for r in _ordered({r for r, _ in at}, r_order):
-                row = [r]
-                for p in precisions:
-                    c = at.get((r, p))
-                    if c is None:
-                        row.append("–")
-                        continue
-                    d = c.get("derived") or {}
-                    text = _x(d.get("speedup"))
-                    if d.get("stacking_efficiency") is not None:
-                        text += f" ({d['stacking_efficiency']:.2f})"
-                    if r == "r0" and p == "fp32":
-                        text += f" = {_f(c['throughput_ips'])} im/s"
-                    row.append(text)
-                rows.append(row)
+            rows = [[r] + [_stacked_cell(at.get((r, p)), r, p) for p in precisions]
+                    for r in ordered({r for r, _ in at}, cfg["r"])]
             lines += _table(["r"] + precisions, rows)
+    return lines
 
-    if groups:
-        lines += ["## Throughput by batch size (images/s, speedup vs fp32 r=0 in brackets)", ""]
+
+def _throughput(groups: Dict[Tuple, List[Dict]], cfg: Dict[str, Any]) -> List[str]:
+    if not groups:
+        return []
+    lines = ["## Throughput by batch size (images/s, speedup vs fp32 r=0 in brackets)", ""]
     for (model, backend, threads), members in groups.items():
-        batches = _ordered({c["batch"] for c in members}, b_order)
+        batches = ordered({c["batch"] for c in members}, cfg["batches"])
         at = {(c["r"], c["precision"], c["batch"]): c for c in members}
         lines += [f"**{backend}** — {members[0]['model_name']}, {threads} thread(s)", ""]
         rows = []
-        for p in _ordered({c["precision"] for c in members}, p_order):
-            for r in _ordered({c["r"] for c in members}, r_order):
+        for p in ordered({c["precision"] for c in members}, cfg["precisions"]):
+            for r in ordered({c["r"] for c in members}, cfg["r"]):
                 row = [p, r]
                 for b in batches:
                     c = at.get((r, p, b))
                     row.append("–" if c is None else f"{_f(c['throughput_ips'])} ({_x((c.get('derived') or {}).get('speedup'))})")
                 rows.append(row)
         lines += _table(["precision", "r"] + [f"batch {b}" for b in batches], rows)
+    return lines
 
-    if variants:
-        lines += ["## Fidelity and accuracy (vs fp32 r=0 eager PyTorch)", ""]
-        gmacs = {c["variant"]: c.get("flops") for c in measured}
-        rows = []
-        for vid, q in variants.items():
-            cell = next((c for c in cells if c["variant"] == vid), None)
-            if cell is None:
-                continue
-            fid, acc, dec = q.get("fidelity") or {}, q.get("accuracy") or {}, q.get("merge_decisions") or {}
-            fl = gmacs.get(vid) or {}
-            rows.append((cell["model_name"], cell["backend"], cell["precision"], cell["r"],
-                         f"{fl.get('gmacs', '–')} ({_x(fl.get('ratio'))} fewer)" if fl else "–",
-                         _f(fid.get("top1_agreement"), 3), _f(fid.get("mean_cosine"), 5), _f(fid.get("min_cosine"), 5),
-                         _pct(acc.get("top1")) if acc else "–", _pct(acc.get("top5")) if acc else "–",
-                         f"{100 * q['accuracy_drop']:+.2f} pts" if q.get("accuracy_drop") is not None else "–",
-                         _decisions(dec, q)))
-        lines += _table(["model", "backend", "precision", "r", "GMACs/image", "top-1 agreement", "mean cosine",
-                         "min cosine", "top-1", "top-5", "accuracy drop", "merge decisions identical (merged groups kept)"], rows)
 
-    if measured:
-        lines += ["## All measured cells", ""]
-        rows = []
-        for c in measured:
-            art, mem = c.get("artifact") or {}, c.get("memory") or {}
-            rows.append((c["backend"], c["precision"], c["r"], c["batch"], c["threads"], _f(c["median_ms"], 2),
-                         _f(c["p90_ms"], 2), _f(c["p99_ms"], 2), _f(c["throughput_ips"]),
-                         _x((c.get("derived") or {}).get("speedup")), _f(mem.get("peak_rss_mb"), 0),
-                         _f(art["artifact_bytes"] / 2**20, 1) if art.get("artifact_bytes") else "–",
-                         _f(art.get("build_seconds"), 1) + (" (cached)" if art.get("cached") else ""),
-                         c["runs"], _loads(c.get("load_average", {}).get("before"))))
-        lines += _table(["backend", "precision", "r", "batch", "threads", "median ms", "p90 ms", "p99 ms", "images/s",
-                         "speedup", "peak RSS MiB", "artifact MiB", "build s", "runs", "load avg before"], rows)
+def _fidelity(results: Dict[str, Any], cells: List[Dict[str, Any]], measured: List[Dict[str, Any]]) -> List[str]:
+    variants = results["variants"]
+    if not variants:
+        return []
+    gmacs = {c["variant"]: c.get("flops") for c in measured}
+    rows = []
+    for vid, q in variants.items():
+        cell = next((c for c in cells if c["variant"] == vid), None)
+        if cell is None:
+            continue
+        fid, acc, dec = q.get("fidelity") or {}, q.get("accuracy") or {}, q.get("merge_decisions") or {}
+        fl = gmacs.get(vid) or {}
+        rows.append((cell["model_name"], cell["backend"], cell["precision"], cell["r"],
+                     f"{fl.get('gmacs', '–')} ({_x(fl.get('ratio'))} fewer)" if fl else "–",
+                     _f(fid.get("top1_agreement"), 3), _f(fid.get("mean_cosine"), 5), _f(fid.get("min_cosine"), 5),
+                     _pct(acc.get("top1")) if acc else "–", _pct(acc.get("top5")) if acc else "–",
+                     f"{100 * q['accuracy_drop']:+.2f} pts" if q.get("accuracy_drop") is not None else "–",
+                     _decisions(dec, q)))
+    return ["## Fidelity and accuracy (vs fp32 r=0 eager PyTorch)", ""] + _table(
+        ["model", "backend", "precision", "r", "GMACs/image", "top-1 agreement", "mean cosine", "min cosine", "top-1",
+         "top-5", "accuracy drop", "merge decisions identical (merged groups kept)"], rows)
 
+
+def _all_cells(measured: List[Dict[str, Any]]) -> List[str]:
+    if not measured:
+        return []
+    rows = []
+    for c in measured:
+        art, mem = c.get("artifact") or {}, c.get("memory") or {}
+        rows.append((c["backend"], c["precision"], c["r"], c["batch"], c["threads"], _f(c["median_ms"], 2),
+                     _f(c["p90_ms"], 2), _f(c["p99_ms"], 2), _f(c["throughput_ips"]),
+                     _x((c.get("derived") or {}).get("speedup")), _f(mem.get("peak_rss_mb"), 0),
+                     _f(art["artifact_bytes"] / 2**20, 1) if art.get("artifact_bytes") else "–",
+                     _f(art.get("build_seconds"), 1) + (" (cached)" if art.get("cached") else ""),
+                     c["runs"], _loads(c.get("load_average", {}).get("before"))))
+    return ["## All measured cells", ""] + _table(
+        ["backend", "precision", "r", "batch", "threads", "median ms", "p90 ms", "p99 ms", "images/s", "speedup",
+         "peak RSS MiB", "artifact MiB", "build s", "runs", "load avg before"], rows)
+
+
+def _not_run(cells: List[Dict[str, Any]]) -> List[str]:
     not_run = [c for c in cells if c["status"] != "measured"]
-    if not_run:
-        lines += ["## Skipped and failed cells", ""]
-        by_reason: Dict[Tuple[str, str], List[str]] = defaultdict(list)
-        for c in not_run:
-            label = f"{c['backend']} {c['precision']}"
-            if label not in by_reason[(c["status"], c["reason"])]:
-                by_reason[(c["status"], c["reason"])].append(label)
-        lines += _table(["status", "backend / precision", "reason"],
-                        [(status, ", ".join(labels), reason) for (status, reason), labels in by_reason.items()])
+    if not not_run:
+        return []
+    by_reason: Dict[Tuple[str, str], List[str]] = defaultdict(list)
+    for c in not_run:
+        label = f"{c['backend']} {c['precision']}"
+        if label not in by_reason[(c["status"], c["reason"])]:
+            by_reason[(c["status"], c["reason"])].append(label)
+    return ["## Skipped and failed cells", ""] + _table(
+        ["status", "backend / precision", "reason"],
+        [(status, ", ".join(labels), reason) for (status, reason), labels in by_reason.items()])
+
+
+def report(results: Dict[str, Any], plots: Sequence[str] = ()) -> str:
+    """report.md: what was measured, how, and the tables a reader needs."""
+    cfg = results["config"]
+    cells = list(results["cells"].values())
+    measured = [c for c in cells if c["status"] == "measured"]
+    groups: Dict[Tuple, List[Dict]] = defaultdict(list)
+    for c in measured:
+        groups[(c["model"], c["backend"], c["threads"])].append(c)
+    lines = (_header(results, measured) + _models(results) + _best(results) + _losses(measured) + _stacked(groups, cfg)
+             + _throughput(groups, cfg) + _fidelity(results, cells, measured) + _all_cells(measured)
+             + _not_run(cells))
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     return "\n".join(lines)

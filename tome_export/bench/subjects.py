@@ -16,21 +16,22 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 
-from .timing import cuda_clock_ms
 from ..errors import UserError
-from ..models import create_model, model_info, patch
-from ..models.base import ModelInfo
-from ..pipeline import BuildOptions, build
+from ..info import ModelInfo
+from ..models import create_model, model_info, patch, preprocessing
+from ..pipeline import BuildRequest, build
 from ..preprocess import Preprocessing
 from ..schedule import RSpec, r_label
+from . import digits  # noqa: F401  (registers the digits model and its alias)
 from .config import ModelConfig
-from .matrix import BACKENDS, Variant
+from .matrix import Variant, backends
+from .timing import cuda_clock_ms, cuda_graph
 
 PREDICT_BATCH = 64  # quality passes only; timing uses the cell's batch
 
 
 @dataclass
-class PreparedModel:
+class LoadedModel:
     """A config model, ready: the fp32 eval model (unpatched), how to rebuild it, and its shape facts."""
 
     config: ModelConfig
@@ -41,7 +42,7 @@ class PreparedModel:
     training: Optional[Dict[str, Any]] = None  # the digits case: checkpoint and fp32 test accuracy
 
 
-def prepare_model(mc: ModelConfig, log: Callable[[str], None] = lambda msg: None) -> PreparedModel:
+def load_model(mc: ModelConfig, log: Callable[[str], None] = lambda msg: None) -> LoadedModel:
     """Create (and for the digits case train, seeded and cached) the model of a config entry."""
     kwargs = dict(mc.kwargs)
     training = None
@@ -57,7 +58,7 @@ def prepare_model(mc: ModelConfig, log: Callable[[str], None] = lambda msg: None
     args = {"name": mc.model, "weights": "random" if mc.weights in ("checkpoint", "trained") else mc.weights,
             "checkpoint": checkpoint, "seed": mc.seed, "kwargs": kwargs}
     model = create_from(args)
-    return PreparedModel(mc, model, model_info(model), Preprocessing.from_model(model), args, training)
+    return LoadedModel(mc, model, model_info(model), preprocessing(model), args, training)
 
 
 def create_from(args: Dict[str, Any]) -> torch.nn.Module:
@@ -92,6 +93,9 @@ class Subject:
     def _run(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Free what the subject holds (an artifact's runner); eager models are shared and stay."""
+
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -100,7 +104,7 @@ class TorchSubject(Subject):
     """Eager PyTorch: a patched copy of the fp32 model, converted to the variant's precision."""
 
     def __init__(self, base: torch.nn.Module, r: RSpec, precision: str, device: str = "cpu",
-                 prop_attn: bool = True) -> None:
+                 prop_attn: bool = True, graph: bool = False) -> None:
         started = time.perf_counter()
         model = patch(copy.deepcopy(base), r, prop_attn=prop_attn)
         self.dtype = _DTYPES.get(precision, torch.float32)
@@ -115,9 +119,9 @@ class TorchSubject(Subject):
         elif precision != "fp32":
             raise UserError(f"eager PyTorch has no {precision} mode")
         self.model = model.to(device).eval()
-        self.device = device
+        self.device, self.graph = device, graph
         if device == "cuda":
-            self.clock, self.timer = cuda_clock_ms, "CUDA events"
+            self.clock, self.timer = cuda_clock_ms, "CUDA events" + (" around CUDA-graph replays" if graph else "")
         buffer = io.BytesIO()
         torch.save(self.model.state_dict(), buffer)
         self.details = {"artifact_bytes": buffer.tell(), "artifact": "state_dict as torch.save writes it",
@@ -142,25 +146,26 @@ class TorchSubject(Subject):
             with torch.inference_mode():
                 return model(xt)
 
-        return run
+        return cuda_graph(run) if self.graph else run
 
 
 class ArtifactSubject(Subject):
-    """A built artifact directory, run by its target's runner (``tome_export.runtime.load``)."""
+    """A built artifact directory, run by its target's runner (``tome_export.runtime``)."""
 
     def __init__(self, directory: Path, threads: int, cached: bool) -> None:
-        from ..runtime import load
+        from ..runtime import open_artifact
 
-        self.runner = load(directory, threads=threads)
+        self.artifact = open_artifact(directory)
+        self.runner = self.artifact.load(threads=threads)
         self.static_batch = self.runner.batch_size
         self.timer = f"wall clock (perf_counter) around the {type(self.runner).__name__} call"
-        m = self.runner.manifest
-        validation = m.get("validation") or {}
+        m = self.artifact.manifest
+        validation = m.validation
         self.details = {
-            "artifact_dir": str(directory), "artifact_bytes": sum(a["bytes"] for a in m["artifacts"].values()),
-            "build_seconds": m.get("build_seconds"), "cached": cached, "merge_impl": m.get("merge_impl"),
-            "dynamic_batch": bool(m["input"].get("dynamic_batch")), "runner": type(self.runner).__name__,
-            "precision_ran": validation.get("precision_ran", m.get("precision")),
+            "artifact_dir": str(directory), "artifact_bytes": sum(a["bytes"] for a in m.artifacts.values()),
+            "build_seconds": m.build_seconds, "cached": cached, "merge_impl": m.merge_impl,
+            "dynamic_batch": m.input.dynamic_batch, "runner": type(self.runner).__name__,
+            "precision_ran": validation.get("precision_ran", m.precision),
             "build_validation": {k: validation[k] for k in ("backend", "max_abs_diff", "min_cosine", "top1_agreement")
                                  if k in validation},
         }
@@ -173,13 +178,16 @@ class ArtifactSubject(Subject):
         runner = self.runner
         return lambda: runner(x)
 
+    def close(self) -> None:
+        self.runner.close()
+
 
 def artifact_dir(cache: Path, variant: Variant, dynamic_batch: bool, batch: int) -> Path:
     shape = "dyn" if dynamic_batch else f"b{batch}"
-    return cache / f"{variant.model.key}-{variant.r_label}-{BACKENDS[variant.backend].target}-{variant.precision}-{shape}"
+    return cache / f"{variant.model.key}-{variant.r_label}-{backends()[variant.backend].target}-{variant.precision}-{shape}"
 
 
-def ensure_artifact(prepared: PreparedModel, variant: Variant, cache: Path, dynamic_batch: bool, batch: int,
+def ensure_artifact(prepared: LoadedModel, variant: Variant, cache: Path, dynamic_batch: bool, batch: int,
                     merge_impl: str, log: Callable[[str], None]) -> tuple:
     """Build the variant's artifact once (through the same pipeline as ``tome-export``); returns (dir, cached)."""
     out = artifact_dir(cache, variant, dynamic_batch, batch)
@@ -191,10 +199,11 @@ def ensure_artifact(prepared: PreparedModel, variant: Variant, cache: Path, dyna
     args = prepared.create_args
     weights = "random" if args["checkpoint"] else args["weights"]
     log(f"building {variant.backend} {variant.precision} {r_label(variant.r)}")
-    build(BuildOptions(
-        model=args["name"], r=variant.r, target=BACKENDS[variant.backend].target, precision=variant.precision,
+    build(BuildRequest(
+        model=args["name"], r=variant.r, target=backends()[variant.backend].target, precision=variant.precision,
         batch=batch, dynamic_batch=dynamic_batch, output=out, weights=weights, checkpoint=args["checkpoint"],
         seed=args["seed"], merge_impl=merge_impl, model_kwargs=dict(args["kwargs"]), force=True,
         prop_attn=variant.model.prop_attn,
-    ), log=lambda msg: log(f"{variant.backend} {variant.precision} {r_label(variant.r)}: {msg}"))
+    ), log=lambda msg: log(f"{variant.backend} {variant.precision} {r_label(variant.r)}: {msg}"),
+        warn=lambda msg: log(f"warning: {msg}"))
     return out, False

@@ -1,77 +1,69 @@
-"""Model registry: aliases, weights, and the per-family ToMe patch.
+"""Model registry: names, weights and the ToMe patch, looked up in the registered families.
 
-One module per model family (``timm_vit``, ``torchvision_vit``, ``hf_vit``); each provides ``FAMILY``, ``SOURCE``,
-``DESCRIPTION``, ``VERIFIED``, ``unsupported_reason(model)``, ``model_info(model)``, ``data_config(model)``
-and ``patch(model, cfg)``.
-
-The AugReg aliases pin ``augreg_in21k_ft_in1k``, the weights the ToMe paper reports on (``vit_b16``: 84.57 top-1 off
-the shelf); a bare timm name such as ``vit_base_patch16_224`` follows timm's default tag (``augreg2_in21k_ft_in1k``
-today). Manifests record the timm tag that was used (``model.pretrained_tag``).
+Every module of this package that defines ``FAMILY`` (a :class:`~.family.Family`) is a model family; the modules
+are found and imported the first time the registry is read, as are families other distributions declare in the
+``tome_export.families`` entry-point group. This module has no knowledge of any particular family.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
-from dataclasses import dataclass, replace
+import pkgutil
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from ..errors import UserError
+from ..info import ModelInfo
+from ..preprocess import Preprocessing
 from ..schedule import RSpec, expand_schedule
-from . import hf_vit, timm_vit, torchvision_vit
-from .base import ModelInfo, ToMeConfig
-from .checkpoint import host_reachable, load_checked, read_state_dict
+from .base import ToMeConfig
+from .checkpoint import load_checked
+from .family import Family
 
-FAMILIES = (timm_vit, torchvision_vit, hf_vit)
-
-ALIASES: Dict[str, str] = {
-    # AugReg: the ToMe paper's weights, pinned (timm's default tag for ViT-S/B is augreg2 today)
-    "vit_t16": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
-    "vit_s16": "vit_small_patch16_224.augreg_in21k_ft_in1k",
-    "vit_b16": "vit_base_patch16_224.augreg_in21k_ft_in1k",
-    "vit_l16": "vit_large_patch16_224.augreg_in21k_ft_in1k",
-    "vit_l16_384": "vit_large_patch16_384.augreg_in21k_ft_in1k",
-    "deit_t": "deit_tiny_patch16_224",
-    "deit_s": "deit_small_patch16_224",
-    "deit_b": "deit_base_patch16_224",
-    "deit_t_distilled": "deit_tiny_distilled_patch16_224",
-    "deit_s_distilled": "deit_small_distilled_patch16_224",
-    "deit_b_distilled": "deit_base_distilled_patch16_224",
-    "deit3_s": "deit3_small_patch16_224",
-    "deit3_b": "deit3_base_patch16_224",
-    "clip_b16": "vit_base_patch16_clip_224",
-    "dinov2_s14_reg": "vit_small_patch14_reg4_dinov2",
-    "digits_vit": "tome_digits_vit",  # the benchmark's embedded accuracy case (tome_export.bench.digits)
-}
-
-# Architectures ToMe cannot merge as defined (matched by class-name prefix), mostly because token positions
-# are baked into their attention: merging would silently change them.
-_UNMERGEABLE = {
-    "Eva": "rotary position embeddings (RoPE) in every block tie each token to its grid position",
-    "Beit": "relative position bias tables in every block are indexed by the token grid",
-    "VisionTransformerRelPos": "relative position bias tables are indexed by the token grid",
-    "VisionTransformerSAM": "windowed attention and relative positions need the full token grid",
-    "SwinTransformer": "windowed attention needs the full token grid",
-    "NaFlexVit": "variable-resolution patch sequences with masks are not supported",
-    "Cait": "talking-heads attention mixes heads and class-attention layers follow the blocks",
-    "Xcit": "cross-covariance attention and local patch interaction convolutions need the token grid",
-    "PoolingVisionTransformer": "pooling layers between stages reshape tokens back into a grid",
-    "MultiScaleVit": "pooling attention works on the token grid",
-    "Hiera": "mask-unit attention works on the token grid",
-}
-
+ENTRY_POINTS = "tome_export.families"
 WEIGHTS = ("pretrained", "random")
+FAMILIES: Dict[str, Family] = {}
+_ALIASES: Dict[str, Tuple[str, str]] = {}  # aliases registered from outside the families: alias -> (family, name)
+_discovered = False
+
+
+def register_family(family: Family) -> Family:
+    FAMILIES[family.name] = family
+    return family
+
+
+def register_alias(alias: str, family: str, name: str) -> None:
+    """A short name for a model of ``family`` (e.g. the benchmark's own model)."""
+    _ALIASES[alias] = (family, name)
+
+
+def families() -> List[Family]:
+    """Every registered family, in the order names are offered to them (priority, then name)."""
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        for module in pkgutil.iter_modules(__path__):
+            imported = importlib.import_module(f"{__name__}.{module.name}")
+            if isinstance(getattr(imported, "FAMILY", None), Family):
+                register_family(imported.FAMILY)
+        for entry in metadata.entry_points(group=ENTRY_POINTS):
+            register_family(entry.load())
+    return sorted(FAMILIES.values(), key=lambda f: (f.priority, f.name))
 
 
 class ModelName(NamedTuple):
     """A resolved model name: what the user typed (alias), where it comes from and its upstream name."""
 
     alias: str
-    source: str  # timm | torchvision | transformers
-    name: str  # timm model name, torchvision ``builder.WEIGHTS``, or a transformers repo id / directory
+    source: str  # the family's source: timm | torchvision | ...
+    name: str  # the upstream name, e.g. a timm model name or torchvision ``builder.WEIGHTS``
+    family: str = ""
 
 
 @dataclass(frozen=True)
@@ -84,136 +76,86 @@ class ModelSpec:
     seed: Optional[int] = None
     checkpoint: Optional[str] = None
     source: str = "timm"
-    details: Tuple[Tuple[str, Any], ...] = ()  # family facts for the manifest (timm tag, transformers revision)
+    details: Dict[str, Any] = field(default_factory=dict)  # what the family records beside the name
 
-    @property
-    def timm_name(self) -> Optional[str]:
-        return self.name if self.source == "timm" else None
-
-    def manifest_entry(self, family: str) -> Dict[str, object]:
-        entry = {"alias": self.alias, "source": self.source, "name": self.name}
-        if self.source == "timm":
-            entry["timm_name"] = self.name  # manifests before torchvision support had only this
-        return {**entry, "family": family, "weights": self.weights, "seed": self.seed, "checkpoint": self.checkpoint,
-                **dict(self.details)}
+    def manifest_entry(self, family: str) -> Dict[str, Any]:
+        timm_name = {"timm_name": self.details["timm_name"]} if "timm_name" in self.details else {}
+        rest = {k: v for k, v in self.details.items() if k != "timm_name"}
+        return {"alias": self.alias, "source": self.source, "name": self.name, **timm_name, "family": family,
+                "weights": self.weights, "seed": self.seed, "checkpoint": self.checkpoint, **rest}
 
 
 def all_aliases() -> Dict[str, str]:
-    """Every alias and the upstream name it stands for (timm first, then torchvision)."""
-    return {**ALIASES, **torchvision_vit.ALIASES}
+    """Every alias and the upstream name it stands for."""
+    aliases = {alias: name for f in families() for alias, name in f.aliases.items()}
+    return {**aliases, **{alias: name for alias, (_, name) in _ALIASES.items()}}
+
+
+def _alias(name: str) -> Optional[ModelName]:
+    known = families()
+    if name in _ALIASES:
+        family, upstream = _ALIASES[name]
+        return ModelName(name, FAMILIES[family].source, upstream, family)
+    for f in known:
+        if name in f.aliases:
+            return ModelName(name, f.source, f.aliases[name], f.name)
+    return None
 
 
 def resolve(name: str) -> ModelName:
-    """The source and upstream name of an alias, a timm or torchvision ViT name, ``hf:<repo id>`` or a directory."""
-    import timm
-
-    from ..bench import digits  # noqa: F401  (registers tome_digits_vit with timm)
-
-    hf_name = hf_vit.resolve(name)
-    if hf_name is not None:
-        return ModelName(name, hf_vit.SOURCE, hf_name)
-    if name in ALIASES:
-        return ModelName(name, "timm", ALIASES[name])
-    tv_name = torchvision_vit.canonical_name(name)
-    if tv_name is not None:
-        return ModelName(name, "torchvision", tv_name)
-    if timm.is_model(name) or timm.is_model(name.split(".")[0]):
-        return ModelName(name, "timm", name)
-    if Path(name).is_dir():  # a directory named without a path separator
-        return ModelName(name, hf_vit.SOURCE, hf_vit.resolve(os.path.join(".", name)))
-    names = list(all_aliases()) + list(torchvision_vit.BUILDERS) + timm.list_models("*vit*") + timm.list_models("deit*")
-    close = difflib.get_close_matches(name, names, n=3)
+    """The family and upstream name of an alias, or of a name the first family (in priority order) recognises."""
+    found = _alias(name)
+    if found is not None:
+        return found
+    for f in families():
+        upstream = f.resolve(name)
+        if upstream is not None:
+            return ModelName(name, f.source, upstream, f.name)
+    candidates = list(all_aliases()) + [n for f in families() for n in f.names()]
+    close = difflib.get_close_matches(name, candidates, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise UserError(
-        f"unknown model {name!r}.{hint} Use an alias ({', '.join(all_aliases())}), a timm model name, a "
-        "torchvision ViT name, hf:<repo id> or a save_pretrained directory (see `tome-export --list-models`)."
-    )
+    raise UserError(f"unknown model {name!r}.{hint} Use an alias ({', '.join(all_aliases())}) or a model name of a "
+                    f"supported family (see `tome-export --list-models`).")
 
 
 def resolve_name(name: str) -> Tuple[str, str]:
-    """``(alias, upstream name)`` for an alias, a timm or a torchvision model name."""
+    """``(alias, upstream name)`` of a model name."""
     ref = resolve(name)
     return ref.alias, ref.name
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    return host_reachable("huggingface.co", timeout)
-
-
-def create_model(
-    name: str,
-    weights: str = "pretrained",
-    checkpoint: Optional[os.PathLike] = None,
-    seed: int = 0,
-    **kwargs,
-) -> Tuple[torch.nn.Module, ModelSpec]:
-    """Build a model by alias, timm or torchvision name, in eval mode, with pretrained, checkpoint or seeded
-    random weights. ``kwargs`` go to the model's constructor (``img_size`` works for both sources).
+def create_model(name: str, weights: str = "pretrained", checkpoint: Optional[os.PathLike] = None, seed: int = 0,
+                 **kwargs: Any) -> Tuple[torch.nn.Module, ModelSpec]:
+    """Build a model by name, in eval mode, with pretrained, checkpoint or seeded random weights. ``kwargs`` go to
+    the model's constructor (``img_size`` works for every family).
 
     Offline without cached pretrained weights this raises a :class:`UserError` naming the flags that work
     offline; it never falls back to random weights.
     """
     ref = resolve(name)
-    if checkpoint is not None and ref.source == hf_vit.SOURCE:
-        raise UserError("--checkpoint takes timm and torchvision state_dicts; a transformers model loads its weights "
-                        "from its directory: pass the save_pretrained directory as --model")
+    family = FAMILIES[ref.family]
     if checkpoint is not None:
-        sd = read_state_dict(Path(checkpoint))
-        if ref.source == "torchvision":
-            sd = torchvision_vit.upgrade_state_dict(sd)
-            inferred = torchvision_vit.kwargs_from_state_dict(ref.name, sd)
-            if "img_size" in kwargs:
-                inferred.pop("image_size", None)
-            kwargs = {**inferred, **kwargs}
-        else:
-            head = sd.get("head.weight")
-            if head is not None and head.ndim == 2 and "num_classes" not in kwargs:
-                kwargs["num_classes"] = head.shape[0]
-            if "fc_norm.weight" in sd and "norm.weight" not in sd and "global_pool" not in kwargs:
-                kwargs["global_pool"] = "avg"  # MAE fine-tuned checkpoints: average pool, then fc_norm
+        sd, kwargs = family.load_checkpoint(ref.name, Path(checkpoint), kwargs)
         torch.manual_seed(seed)
-        model = _build(ref, pretrained=False, **kwargs)
+        model = family.create(ref.name, False, **kwargs)
         load_checked(model, sd, str(checkpoint), f"{ref.alias} ({ref.name})")
-        spec = ModelSpec(ref.alias, ref.name, "checkpoint", seed=None, checkpoint=str(checkpoint), source=ref.source)
+        weighed = dict(weights="checkpoint", checkpoint=str(checkpoint))
     elif weights == "random":
         torch.manual_seed(seed)
-        model = _build(ref, pretrained=False, **kwargs)
-        spec = ModelSpec(ref.alias, ref.name, "random", seed=seed, source=ref.source)
+        model = family.create(ref.name, False, **kwargs)
+        weighed = dict(weights="random", seed=seed)
     elif weights == "pretrained":
-        model = _create_pretrained(ref, **kwargs)
-        spec = ModelSpec(ref.alias, ref.name, "pretrained", source=ref.source)
+        model = _create_pretrained(family, ref, kwargs)
+        weighed = dict(weights="pretrained")
     else:
         raise UserError(f"unknown --weights {weights!r}: use pretrained or random (or --checkpoint PATH)")
-    return model.eval(), replace(spec, details=tuple(_spec_details(model).items()))
+    return model.eval(), ModelSpec(alias=ref.alias, name=ref.name, source=ref.source,
+                                   details=family.manifest_fields(ref.name, model), **weighed)
 
 
-def _spec_details(model: torch.nn.Module) -> Dict[str, Any]:
-    """What the manifest records beside the name: timm's pretrained tag, a transformers model's class and revision."""
-    details = dict(getattr(model, "tome_source", None) or {})
-    tag = (getattr(model, "pretrained_cfg", None) or {}).get("tag")
-    if tag:
-        details["pretrained_tag"] = tag
-    return details
-
-
-def _build(ref: ModelName, pretrained: bool, **kwargs) -> torch.nn.Module:
-    if ref.source == "torchvision":
-        return torchvision_vit.build(ref.name, pretrained, **kwargs)
-    if ref.source == hf_vit.SOURCE:
-        return hf_vit.build(ref.name, pretrained, **kwargs)
-    import timm
-
-    return timm.create_model(ref.name, pretrained=pretrained, **kwargs)
-
-
-def _create_pretrained(ref: ModelName, **kwargs) -> torch.nn.Module:
-    import huggingface_hub.constants as hub
-
-    offline_before = hub.HF_HUB_OFFLINE
-    if ref.source == "timm" and not offline_before and not _hub_reachable():
-        hub.HF_HUB_OFFLINE = True  # cache only: the hub client would otherwise retry for a minute
+def _create_pretrained(family: Family, ref: ModelName, kwargs: Dict[str, Any]) -> torch.nn.Module:
     try:
-        return _build(ref, pretrained=True, **kwargs)
+        return family.create(ref.name, True, **kwargs)
     except UserError:
         raise
     except Exception as exc:
@@ -222,36 +164,29 @@ def _create_pretrained(ref: ModelName, **kwargs) -> torch.nn.Module:
             f"cached? Use --checkpoint PATH for a local {ref.source} state_dict or --weights random for seeded "
             "random weights"
         ) from None
-    finally:
-        hub.HF_HUB_OFFLINE = offline_before
 
 
-def _family(model: torch.nn.Module):
-    reasons = []
-    for family in FAMILIES:
-        reason = family.unsupported_reason(model)
+def family_of(model: torch.nn.Module) -> Family:
+    """The family that can patch ``model``, or a UserError saying why none can."""
+    claimed, others = [], []
+    for f in families():
+        reason = f.unsupported_reason(model)
         if reason is None:
-            return family
-        if isinstance(model, family.MODEL_CLASS):
-            reasons.insert(0, reason)  # the family the model belongs to knows best why
-        else:
-            reasons.append(reason)
-    cls = type(model).__name__
-    specific = next((why for key, why in _UNMERGEABLE.items() if cls.startswith(key)), None)
-    supported = "; ".join(f.DESCRIPTION for f in FAMILIES)
-    raise UserError(
-        f"cannot apply ToMe to {cls}: {specific or reasons[0]}. Supported: {supported}"
-    )
+            return f
+        (claimed if f.claims(model) else others).append(reason)
+    supported = "; ".join(f.description for f in families())
+    why = claimed[0] if claimed else "; ".join(others)
+    raise UserError(f"cannot apply ToMe to {type(model).__name__}: {why}. Supported: {supported}")
 
 
 def model_info(model: torch.nn.Module) -> ModelInfo:
     """Static shape facts of a supported model."""
-    return _family(model).model_info(model)
+    return family_of(model).model_info(model)
 
 
-def data_config(model: torch.nn.Module) -> Dict[str, object]:
-    """The model's eval preprocessing (input_size, mean, std, crop_pct, crop_mode, interpolation)."""
-    return _family(model).data_config(model)
+def preprocessing(model: torch.nn.Module) -> Preprocessing:
+    """The model's eval preprocessing (resize, crop, mean/std, interpolation), from its family."""
+    return family_of(model).preprocessing(model)
 
 
 def patch(
@@ -282,7 +217,7 @@ def patch(
     matmul (same decisions as ``merge_impl``; see :mod:`tome_export.kernels.fused_merge`). Exports and CPU runs
     always use ``merge_impl``.
     """
-    family = _family(model)
+    family = family_of(model)
     info = family.model_info(model)
     if merge_impl == "auto":
         merge_impl = "gather"
@@ -290,7 +225,7 @@ def patch(
         prop_attn = not trainable
     requested = expand_schedule(r, info.num_blocks)  # blocks cap r at run time, as the reference does
     return family.patch(model, ToMeConfig(r=tuple(requested), merge_impl=merge_impl, prop_attn=prop_attn,
-                                               fused=fused))
+                                          fused=fused))
 
 
 class ListedModel(NamedTuple):
@@ -306,4 +241,9 @@ def list_models() -> List[ListedModel]:
 
 def verified_families() -> List[Tuple[str, str, str, str]]:
     """``(source, family, names, what was checked)`` of every family the tests verify."""
-    return [(family.SOURCE, *row) for family in FAMILIES for row in family.VERIFIED]
+    return [(f.source, *row) for f in families() for row in f.verified]
+
+
+def family_libraries() -> Tuple[str, ...]:
+    """The libraries of every family (whose versions manifests record), in family order."""
+    return tuple(dict.fromkeys(lib for f in families() for lib in f.libraries))

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..info import ModelInfo  # noqa: F401  (what every family hands to the rest of the package)
 from ..kernels import fused_merge
 from ..merge import MERGE_IMPLS, Merge, bipartite_soft_matching, cap_r, merge_wavg
 
@@ -25,28 +26,6 @@ class ToMeConfig:
     def __post_init__(self) -> None:
         if self.merge_impl not in MERGE_IMPLS:
             raise ValueError(f"merge_impl must be one of {MERGE_IMPLS}, got {self.merge_impl!r}")
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Static shape facts of a ViT, enough for schedules, manifests and analytic FLOPs."""
-
-    family: str
-    num_blocks: int
-    num_patches: int
-    num_protected: int  # class + distillation + register tokens
-    embed_dim: int
-    num_heads: int
-    attn_dim: int
-    mlp_hidden: int
-    patch_size: Tuple[int, int]
-    in_chans: int
-    num_classes: int
-    distilled: bool = False
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_patches + self.num_protected
 
 
 class TokenMatch(torch.nn.Module):

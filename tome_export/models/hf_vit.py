@@ -29,10 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .base import ModelInfo, State, ToMeConfig, ToMeModel, attention, patch_model, run_blocks
+from ..info import ModelInfo
+from ..preprocess import Preprocessing
+from .base import State, ToMeConfig, ToMeModel, attention, patch_model, run_blocks
 from .checkpoint import host_reachable
+from .family import Family
 
-FAMILY = "transformers-vit"
+NAME = "transformers-vit"
 SOURCE = "transformers"
 PREFIX = "hf:"
 DESCRIPTION = (
@@ -580,7 +583,7 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
     h, w = data_config(model)["input_size"][1:]
     p = _pair(config.patch_size)
     return ModelInfo(
-        family=FAMILY,
+        family=NAME,
         num_blocks=len(layers),
         num_patches=(h // p[0]) * (w // p[1]),
         num_protected=_num_protected(backbone, arch),
@@ -708,3 +711,39 @@ def patch(model: torch.nn.Module, cfg: ToMeConfig) -> torch.nn.Module:
     backbone = _backbone(model, arch)
     return patch_model(model, ToMeTransformersMixin, _layers(backbone, _KINDS[arch.kind]),
                        _num_protected(backbone, arch), cfg)
+
+
+# --- registration -----------------------------------------------------------------------------------------------
+
+
+def resolve_any(name: str) -> Optional[str]:
+    """:func:`resolve`, and a directory named without a path separator (asked last: other families' names win)."""
+    found = resolve(name)
+    if found is None and Path(name).is_dir():
+        found = resolve(str(Path(".") / name))
+    return found
+
+
+def load_checkpoint(name: str, path: Path, kwargs: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    raise UserError("--checkpoint takes timm and torchvision state_dicts; a transformers model loads its weights "
+                    "from its directory: pass the save_pretrained directory as --model")
+
+
+def example() -> torch.nn.Module:
+    """A ViTForImageClassification of width 64, 2 layers, patch 16 at 64 px, 10 labels (random weights)."""
+    transformers = _quiet_transformers()
+    config = transformers.ViTConfig(image_size=64, patch_size=16, hidden_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=128, num_labels=10)
+    model = transformers.ViTForImageClassification(config)
+    model.tome_data_config = preprocessing(None, config)
+    return model.eval()
+
+
+FAMILY = Family(
+    name=NAME, source=SOURCE, description=DESCRIPTION, resolve=resolve_any, create=build,
+    load_checkpoint=load_checkpoint, claims=lambda model: isinstance(model, MODEL_CLASS),
+    unsupported_reason=unsupported_reason, model_info=model_info,
+    preprocessing=lambda model: Preprocessing.from_config(data_config(model)), patch=patch, verified=VERIFIED,
+    libraries=("transformers",), manifest_fields=lambda name, model: dict(getattr(model, "tome_source", None) or {}),
+    example=example, priority=200,
+)

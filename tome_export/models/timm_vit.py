@@ -9,16 +9,21 @@ the model and its blocks, and nothing changes between calls.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from timm.layers import Attention
 from timm.layers.attention_pool import AttentionPoolLatent
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .base import ModelInfo, State, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
+from ..info import ModelInfo
+from ..preprocess import Preprocessing
+from .base import State, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
+from .checkpoint import host_reachable, read_state_dict
+from .family import Family
 
-FAMILY = "timm-vit"
+NAME = "timm-vit"
 DESCRIPTION = (
     "timm VisionTransformer: vit_* (AugReg, MAE/avg-pool, CLIP, DINOv2, SigLIP/attention-pool), deit_*, "
     "distilled deit_*, deit3_* (LayerScale), register-token and qk-norm variants"
@@ -60,7 +65,9 @@ _ATTENTION_REASONS = {
 def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
     """Why this timm model cannot be merged correctly, or None when it can."""
     if not isinstance(model, VisionTransformer):
-        return f"{type(model).__name__} is not a timm VisionTransformer"
+        cls = type(model).__name__
+        known = next((why for key, why in _UNMERGEABLE.items() if cls.startswith(key)), None)
+        return known or f"{cls} is not a timm VisionTransformer"
     if model.global_pool not in _POOLS:
         return f"global_pool={model.global_pool!r} is not supported (token, avg, max, avgmax and map are)"
     pool = getattr(model, "attn_pool", None)
@@ -96,7 +103,7 @@ def model_info(model: VisionTransformer, img_size: Optional[Tuple[int, int]] = N
         grid = (img_size[0] // p[0], img_size[1] // p[1])
     block = model.blocks[0]
     return ModelInfo(
-        family=FAMILY,
+        family=NAME,
         num_blocks=len(model.blocks),
         num_patches=grid[0] * grid[1],
         num_protected=model.num_prefix_tokens,
@@ -176,3 +183,115 @@ class ToMeVisionTransformerMixin(ToMeModel):
 def patch(model: VisionTransformer, cfg: ToMeConfig) -> VisionTransformer:
     """Patch ``model`` in place (or re-configure an already patched one) and return it."""
     return patch_model(model, ToMeVisionTransformerMixin, model.blocks, model.num_prefix_tokens, cfg)
+
+
+# --- registration: names, weights, checkpoints ------------------------------------------------------------
+
+# The AugReg aliases pin augreg_in21k_ft_in1k, the weights the ToMe paper reports on (vit_b16: 84.57 top-1 off the
+# shelf); a bare timm name such as vit_base_patch16_224 follows timm's default tag (augreg2_in21k_ft_in1k today).
+# Manifests record the tag that was used (model.pretrained_tag).
+ALIASES: Dict[str, str] = {
+    "vit_t16": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+    "vit_s16": "vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "vit_b16": "vit_base_patch16_224.augreg_in21k_ft_in1k",
+    "vit_l16": "vit_large_patch16_224.augreg_in21k_ft_in1k",
+    "vit_l16_384": "vit_large_patch16_384.augreg_in21k_ft_in1k",
+    "deit_t": "deit_tiny_patch16_224",
+    "deit_s": "deit_small_patch16_224",
+    "deit_b": "deit_base_patch16_224",
+    "deit_t_distilled": "deit_tiny_distilled_patch16_224",
+    "deit_s_distilled": "deit_small_distilled_patch16_224",
+    "deit_b_distilled": "deit_base_distilled_patch16_224",
+    "deit3_s": "deit3_small_patch16_224",
+    "deit3_b": "deit3_base_patch16_224",
+    "clip_b16": "vit_base_patch16_clip_224",
+    "dinov2_s14_reg": "vit_small_patch14_reg4_dinov2",
+}
+
+# timm architectures ToMe cannot merge as defined (matched by class-name prefix), mostly because token positions
+# are baked into their attention: merging would silently change them.
+_UNMERGEABLE = {
+    "Eva": "rotary position embeddings (RoPE) in every block tie each token to its grid position",
+    "Beit": "relative position bias tables in every block are indexed by the token grid",
+    "VisionTransformerRelPos": "relative position bias tables are indexed by the token grid",
+    "VisionTransformerSAM": "windowed attention and relative positions need the full token grid",
+    "SwinTransformer": "windowed attention needs the full token grid",
+    "NaFlexVit": "variable-resolution patch sequences with masks are not supported",
+    "Cait": "talking-heads attention mixes heads and class-attention layers follow the blocks",
+    "Xcit": "cross-covariance attention and local patch interaction convolutions need the token grid",
+    "PoolingVisionTransformer": "pooling layers between stages reshape tokens back into a grid",
+    "MultiScaleVit": "pooling attention works on the token grid",
+    "Hiera": "mask-unit attention works on the token grid",
+}
+
+
+def resolve(name: str) -> Optional[str]:
+    """A timm model name (with or without its pretrained tag), or None."""
+    import timm
+
+    return name if timm.is_model(name) or timm.is_model(name.split(".")[0]) else None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    return host_reachable("huggingface.co", timeout)
+
+
+def create(name: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
+    """``timm.create_model``; for pretrained weights offline, the hub client is told to use its cache only (it
+    would otherwise retry for a minute)."""
+    import huggingface_hub.constants as hub
+    import timm
+
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    offline_before = hub.HF_HUB_OFFLINE
+    if not offline_before and not _hub_reachable():
+        hub.HF_HUB_OFFLINE = True
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    finally:
+        hub.HF_HUB_OFFLINE = offline_before
+
+
+def load_checkpoint(name: str, path: Path, kwargs: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """A timm state_dict, with the class count of its head and average pooling for MAE fine-tuned checkpoints."""
+    sd = read_state_dict(path)
+    kwargs = dict(kwargs)
+    head = sd.get("head.weight")
+    if head is not None and head.ndim == 2 and "num_classes" not in kwargs:
+        kwargs["num_classes"] = head.shape[0]
+    if "fc_norm.weight" in sd and "norm.weight" not in sd and "global_pool" not in kwargs:
+        kwargs["global_pool"] = "avg"  # MAE fine-tuned checkpoints: average pool, then fc_norm
+    return sd, kwargs
+
+
+def manifest_fields(name: str, model: torch.nn.Module) -> Dict[str, Any]:
+    """``timm_name`` (manifests before other families had only this) and the pretrained tag of the weights."""
+    tag = (getattr(model, "pretrained_cfg", None) or {}).get("tag")
+    return {"timm_name": name, **({"pretrained_tag": tag} if tag else {})}
+
+
+def claims(model: torch.nn.Module) -> bool:
+    return isinstance(model, VisionTransformer) or type(model).__name__.startswith(tuple(_UNMERGEABLE))
+
+
+def names() -> List[str]:
+    import timm
+
+    return timm.list_models("*vit*") + timm.list_models("deit*")
+
+
+def example() -> VisionTransformer:
+    """ViT-Tiny width, 2 blocks, 64 px (16 patches + the class token), 10 classes."""
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=64, num_classes=10)
+
+
+FAMILY = Family(
+    name=NAME, source=SOURCE, description=DESCRIPTION, resolve=resolve, create=create,
+    load_checkpoint=load_checkpoint, claims=claims, unsupported_reason=unsupported_reason,
+    model_info=model_info, preprocessing=lambda model: Preprocessing.from_config(data_config(model)), patch=patch,
+    aliases=ALIASES, names=names, verified=VERIFIED, libraries=("timm",),
+    manifest_fields=manifest_fields, example=example,
+)

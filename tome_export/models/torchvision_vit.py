@@ -23,10 +23,13 @@ from torchvision.models.vision_transformer import EncoderBlock, VisionTransforme
 from torchvision.transforms._presets import ImageClassification
 
 from ..errors import UserError
-from .base import ModelInfo, State, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
-from .checkpoint import host_reachable
+from ..info import ModelInfo
+from ..preprocess import Preprocessing
+from .base import State, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
+from .checkpoint import host_reachable, read_state_dict
+from .family import Family
 
-FAMILY = "torchvision-vit"
+NAME = "torchvision-vit"
 DESCRIPTION = "torchvision VisionTransformer: vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14 (ImageNet and SWAG weights)"
 MODEL_CLASS = VisionTransformer  # models of this family (unsupported variants included)
 SOURCE = "torchvision"
@@ -127,7 +130,7 @@ def upgrade_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def kwargs_from_state_dict(name: str, sd: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+def architecture_kwargs(name: str, sd: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     """Image size, class count and representation size a checkpoint was saved with."""
     kwargs: Dict[str, Any] = {}
     head = sd.get("heads.head.weight")
@@ -163,7 +166,7 @@ def model_info(model: VisionTransformer) -> ModelInfo:
     side = model.image_size // model.patch_size
     proj = model.conv_proj
     return ModelInfo(
-        family=FAMILY,
+        family=NAME,
         num_blocks=len(model.encoder.layers),
         num_patches=side * side,
         num_protected=1,  # the class token
@@ -257,3 +260,31 @@ class ToMeVisionTransformerMixin(ToMeModel):
 def patch(model: VisionTransformer, cfg: ToMeConfig) -> VisionTransformer:
     """Patch ``model`` in place (or re-configure an already patched one) and return it."""
     return patch_model(model, ToMeVisionTransformerMixin, model.encoder.layers, 1, cfg)
+
+
+# --- registration -------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(name: str, path: Path, kwargs: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """A torchvision state_dict in current key names, and the architecture it was saved with (an explicit image
+    size wins)."""
+    sd = upgrade_state_dict(read_state_dict(path))
+    inferred = architecture_kwargs(name, sd)
+    if "img_size" in kwargs:
+        inferred.pop("image_size", None)
+    return sd, {**inferred, **kwargs}
+
+
+def example() -> VisionTransformer:
+    """2 encoder layers of width 64, patch 16 at 64 px (16 patches + the class token), 10 classes."""
+    return VisionTransformer(image_size=64, patch_size=16, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128,
+                             num_classes=10)
+
+
+FAMILY = Family(
+    name=NAME, source=SOURCE, description=DESCRIPTION, resolve=canonical_name, create=build,
+    load_checkpoint=load_checkpoint, claims=lambda model: isinstance(model, VisionTransformer),
+    unsupported_reason=unsupported_reason, model_info=model_info,
+    preprocessing=lambda model: Preprocessing.from_config(data_config(model)), patch=patch, aliases=ALIASES,
+    names=lambda: BUILDERS, verified=VERIFIED, libraries=("torchvision",), example=example,
+)

@@ -1,49 +1,102 @@
 """Load any built artifact directory and run it: ``tome_export.runtime.load(DIR)(batch) -> logits``.
 
-Deployment pipelines need only numpy, PIL and the backend's runtime here: no torch or timm import.
+The manifest names the artifact's runner (``runtime.runner``, ``"module:Class"``); it is imported only when the
+artifact is loaded, so a deployment needs only its own backend installed. Deployment pipelines need numpy, PIL
+and that backend here: no torch or timm import.
 """
 
 from __future__ import annotations
 
 import importlib
+from importlib import metadata
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 from ..errors import UserError
-from ..manifest import read_manifest
-from .base import Runner
+from ..manifest import Manifest, load_manifest
+from .base import ArtifactIO, Runner
 
-# target -> "module:Class" (imported lazily, so a deployment needs only its own backend installed)
-RUNNERS: Dict[str, str] = {
-    "onnx": "tome_export.runtime.onnx:OnnxRunner",
+# Manifests written before the runtime section named its runner: their target's runner and settings.
+LEGACY_RUNNERS: Dict[str, str] = {
+    "onnx": "tome_export.runtime.onnxruntime:OnnxRuntimeRunner",
     "onnxruntime": "tome_export.runtime.onnxruntime:OnnxRuntimeRunner",
     "openvino": "tome_export.runtime.openvino:OpenVINORunner",
     "tensorrt": "tome_export.runtime.tensorrt:TensorRTRunner",
     "tensorrt-rtx": "tome_export.runtime.tensorrt:TensorRTRunner",
 }
+LEGACY_INSTALL = {"openvino": "pip install 'tome-export[openvino]'", "tensorrt": "pip install tensorrt (NVIDIA's "
+                  "package index)", "tensorrt-rtx": "pip install 'tome-export[tensorrt-rtx]'"}
+# Runners come from this package or from a distribution that declares them in this entry-point group.
+ENTRY_POINTS = "tome_export.runners"
 
 
-def load(directory: os.PathLike, threads: Optional[int] = None, throughput: bool = False, verify: bool = True) -> Runner:
-    """A runner for the artifact in ``directory`` (checksums verified against the manifest unless ``verify=False``).
+def runtime_settings(manifest: Manifest) -> Dict[str, Any]:
+    """The manifest's runtime section, completed for manifests written before it named the runner."""
+    runtime = dict(manifest.runtime)
+    if "runner" in runtime:
+        return runtime
+    if manifest.target not in LEGACY_RUNNERS:
+        raise UserError(f"no runner for target {manifest.target!r}; available: {', '.join(sorted(LEGACY_RUNNERS))} "
+                        f"(or rebuild the artifact with a tome-export that has this target)")
+    runtime["runner"] = LEGACY_RUNNERS[manifest.target]
+    runtime.setdefault("install", LEGACY_INSTALL.get(manifest.target, "pip install onnxruntime"))
+    trt = manifest.section("tensorrt") or {}
+    if manifest.target.startswith("tensorrt"):
+        runtime.update(file="model.engine", library=trt.get("library", "tensorrt"),
+                       engine_note=trt.get("engine_note", "no engine"))
+    return runtime
 
-    ``threads``: CPU threads (None: the backend's default). ``throughput``: batch-serving mode where the backend
-    has one (parallel requests); latency mode otherwise.
-    """
+
+def runner_class(path: str) -> type:
+    """The class a runtime section names (``"module:Class"``), from tome_export or the runner entry points."""
+    module_name, _, cls_name = path.partition(":")
+    allowed = module_name.startswith("tome_export.") or any(
+        ep.value == path for ep in metadata.entry_points(group=ENTRY_POINTS))
+    if not allowed or not cls_name:
+        raise UserError(f"the manifest names the runner {path!r}, which is not a tome-export runner: rebuild the "
+                        f"artifact, or install the package that provides it (entry points {ENTRY_POINTS!r})")
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A built artifact directory: its manifest and how to run it (what a packaging step starts from)."""
+
+    directory: Path
+    manifest: Manifest
+    io: ArtifactIO
+
+    def load(self, threads: Optional[int] = None, throughput: bool = False, extra_outputs: Sequence[str] = ()
+             ) -> Runner:
+        """A runner of this artifact (see :func:`load`)."""
+        runtime = self.io.runtime
+        try:  # runners import their backend when constructed, so both steps can miss it
+            return runner_class(str(runtime["runner"]))(self.io, threads=threads, throughput=throughput,
+                                                        extra_outputs=extra_outputs)
+        except ImportError as exc:
+            raise UserError(f"running a {self.manifest.target} artifact needs {exc.name!r}, which is not installed: "
+                            f"{runtime.get('install', 'install it')}") from None
+
+
+def open_artifact(directory: os.PathLike, verify: bool = True) -> Artifact:
+    """An artifact directory's manifest and runtime settings (checksums verified unless ``verify=False``)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{str(directory)!r} is not a directory: pass a directory written by tome-export")
-    manifest = read_manifest(directory, verify=verify)
-    target = manifest.get("target")
-    if target not in RUNNERS:
-        raise UserError(f"no runner for target {target!r}; available: {', '.join(sorted(RUNNERS))}")
-    module_name, cls_name = RUNNERS[target].split(":")
-    try:  # runners import their backend when constructed, so both steps can miss it
-        runner_cls = getattr(importlib.import_module(module_name), cls_name)
-        return runner_cls(directory, manifest, threads=threads, throughput=throughput)
-    except ImportError as exc:
-        raise UserError(f"running a {target} artifact needs {exc.name!r}, which is not installed: "
-                        f"pip install 'tome-export[{target}]'") from None
+    manifest = load_manifest(directory, verify=verify)
+    return Artifact(directory, manifest, ArtifactIO.from_manifest(directory, manifest, runtime_settings(manifest)))
 
 
-__all__ = ["Runner", "load", "RUNNERS"]
+def load(directory: os.PathLike, threads: Optional[int] = None, throughput: bool = False, verify: bool = True,
+         extra_outputs: Sequence[str] = ()) -> Runner:
+    """A runner for the artifact in ``directory`` (checksums verified against the manifest unless ``verify=False``).
+
+    ``threads``: CPU threads (None: the backend's default). ``throughput``: batch-serving mode where the backend
+    has one (parallel requests); latency mode otherwise. ``extra_outputs``: intermediate tensors to return too.
+    """
+    return open_artifact(directory, verify).load(threads, throughput, extra_outputs)
+
+
+__all__ = ["Artifact", "ArtifactIO", "Runner", "load", "open_artifact"]

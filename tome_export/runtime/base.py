@@ -1,44 +1,82 @@
-"""The runner interface every backend implements: check inputs once here, infer in ``_infer``."""
+"""The runner every backend implements: inputs checked once here, named outputs, resources freed on close.
+
+A runner runs one artifact, described by an :class:`ArtifactIO` (where its files are, its input and outputs, its
+preprocessing and the runtime settings its build validated with). Deployments get one from
+:func:`tome_export.runtime.load`; builds make one for the artifact they are writing, so validation, merge-decision
+measurement, ``visualize --artifact``, the bench and deployments all run the same code.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
 from ..errors import UserError
+from ..graph_names import OUTPUT_NAME
+from ..manifest import InputSpec, Manifest
 from ..preprocess import Preprocessing
 
 
+@dataclass(frozen=True)
+class ArtifactIO:
+    """What a runner needs to run an artifact."""
+
+    directory: Path
+    input: InputSpec
+    preprocessing: Optional[Preprocessing]  # None for a bare graph run on arrays
+    outputs: Tuple[str, ...] = (OUTPUT_NAME,)
+    runtime: Mapping[str, Any] = field(default_factory=dict)  # the runner's settings (file, compile config, ...)
+    target: str = ""
+
+    @classmethod
+    def from_manifest(cls, directory: Path, manifest: Manifest, runtime: Optional[Mapping[str, Any]] = None
+                      ) -> "ArtifactIO":
+        return cls(Path(directory), manifest.input, Preprocessing.from_dict(manifest.preprocessing),
+                   tuple(manifest.outputs), dict(runtime if runtime is not None else manifest.runtime),
+                   manifest.target)
+
+
 class Runner:
-    """Runs one built artifact directory. ``runner(batch) -> logits``; ``runner.preprocess(image) -> array``."""
+    """Runs one artifact. ``runner(batch) -> logits``; ``runner.infer(batch) -> {output name: array}``.
+
+    ``extra_outputs``: names of intermediate tensors to return as well (where the backend can expose them),
+    e.g. the merge-decision tensors. Use as a context manager, or call :meth:`close`, to free the backend's
+    resources (sessions, compiled models, device memory) before the object is collected.
+    """
 
     backend = "base"
 
-    def __init__(self, directory: Path, manifest: Dict[str, Any], threads: Optional[int] = None,
-                 throughput: bool = False) -> None:
-        self.directory = Path(directory)
-        self.manifest = manifest
+    def __init__(self, io: ArtifactIO, threads: Optional[int] = None, throughput: bool = False,
+                 extra_outputs: Sequence[str] = ()) -> None:
+        self.io = io
+        self.directory = io.directory
         self.threads = threads
         self.throughput = throughput
-        shape = manifest["input"]["shape"]
-        self.dynamic_batch = bool(manifest["input"].get("dynamic_batch"))
-        self.batch_size: Optional[int] = None if self.dynamic_batch else int(shape[0])
-        self.image_shape = tuple(int(v) for v in shape[1:])
-        self.dtype = np.dtype(manifest["input"].get("dtype", "float32"))
-        self.preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+        self.dynamic_batch = io.input.dynamic_batch
+        self.batch_size: Optional[int] = io.input.batch
+        self.image_shape = io.input.image_shape
+        self.dtype = np.dtype(io.input.dtype)
+        self.preprocessing = io.preprocessing
+        self.output_names: List[str] = list(io.outputs) + [n for n in extra_outputs if n not in io.outputs]
+        self.closed = False
 
     def preprocess(self, image: Union[Image.Image, str, os.PathLike]) -> np.ndarray:
         """One image (PIL or path) -> ``(C, H, W)`` array, as the model was trained."""
+        if self.preprocessing is None:
+            raise UserError(f"{self!r} runs a bare graph: it has no preprocessing; pass preprocessed arrays")
         return self.preprocessing(image)
 
     def preprocess_batch(self, images: Sequence[Union[Image.Image, str, os.PathLike]]) -> np.ndarray:
         return np.stack([self.preprocess(img) for img in images])
 
     def check(self, batch: Any) -> np.ndarray:
+        if self.closed:
+            raise UserError(f"{self!r} was closed: load the artifact again")
         if not isinstance(batch, np.ndarray):
             raise UserError(f"expected a numpy array of shape (N, {', '.join(map(str, self.image_shape))}), "
                             f"got {type(batch).__name__}")
@@ -53,17 +91,35 @@ class Runner:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Logits ``(N, classes)`` of a preprocessed batch ``(N, C, H, W)``."""
-        return self._infer(self.check(batch))
+        return self._infer(self.check(batch), [OUTPUT_NAME])[OUTPUT_NAME]
+
+    def infer(self, batch: np.ndarray, outputs: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
+        """Named outputs of a preprocessed batch: ``outputs`` (default: every output, extra outputs included)."""
+        names = list(outputs) if outputs is not None else self.output_names
+        unknown = [n for n in names if n not in self.output_names]
+        if unknown:
+            raise UserError(f"the artifact has no output {unknown[0]!r}; it has {', '.join(self.output_names)}")
+        return self._infer(self.check(batch), names)
 
     def run_many(self, batches: Sequence[np.ndarray]) -> List[np.ndarray]:
         """Logits of several batches; in throughput mode backends overlap them (batch serving)."""
         return self._infer_many([self.check(b) for b in batches])
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:  # backends implement this
+    def _infer(self, batch: np.ndarray, names: Sequence[str]) -> Dict[str, np.ndarray]:  # backends implement this
         raise NotImplementedError
 
     def _infer_many(self, batches: Sequence[np.ndarray]) -> List[np.ndarray]:  # backends may overlap requests
-        return [self._infer(b) for b in batches]
+        return [self._infer(b, [OUTPUT_NAME])[OUTPUT_NAME] for b in batches]
+
+    def close(self) -> None:
+        """Free the backend's resources; the runner cannot run afterwards. Closing twice is harmless."""
+        self.closed = True
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.directory)!r}, input={(self.batch_size or 'N', *self.image_shape)})"

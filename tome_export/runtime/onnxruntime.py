@@ -1,21 +1,24 @@
-"""Runner for the ``onnxruntime`` target: ``model.onnx`` (fp32, fp16, bf16 weights or int8) on ORT's CPU provider.
+"""Runner for ONNX graphs on ONNX Runtime's CPU provider: the ``onnx`` and ``onnxruntime`` targets' artifacts, and
+every graph a build checks on the CPU (the TensorRT targets validate theirs here).
 
-The artifact is saved after ORT's portable (``extended``) graph optimisations; the runner applies the level
-the manifest names (``all``: adds the CPU-specific layout transforms, which must not be saved, see
-:mod:`tome_export.backends.onnxruntime`).
+The runtime settings name the file and the graph optimisation level the session applies when it loads it
+(``all``: adds the CPU-specific layout transforms, which the ``onnxruntime`` target must not save into a file).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from ..errors import UserError
-from .base import Runner
+from ..graph_names import OUTPUT_NAME
+from .base import ArtifactIO, Runner
 
 LEVELS = ("disabled", "basic", "extended", "all")
 
@@ -39,36 +42,80 @@ def session_options(optimization: str = "all", threads: Optional[int] = None):
     return opts
 
 
-def create_session(model: Union[Path, bytes], optimization: str = "all", threads: Optional[int] = None):
-    """A CPU session of a model file (or serialized model bytes)."""
-    import onnxruntime as ort
+def expose_outputs(model: Any, names: Sequence[str]) -> Any:
+    """A copy of an ``onnx.ModelProto`` that also outputs the named intermediate tensors."""
+    import onnx
 
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model),
-                                session_options(optimization, threads),
-                                providers=["CPUExecutionProvider"])
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    produced = {t for n in copy.graph.node for t in n.output}
+    present = {o.name for o in copy.graph.output}
+    for name in names:
+        if name not in produced:
+            raise RuntimeError(f"tensor {name!r} is not in the graph (a rewrite renamed it)")
+        if name not in present:
+            copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return copy
+
+
+Graph = Union[Path, bytes, Any]  # a file, serialized model bytes, or an onnx.ModelProto
 
 
 class OnnxRuntimeRunner(Runner):
     """Latency mode: one request at a time on ``threads`` intra-op threads. Throughput mode: ``threads``
-    single-threaded requests in parallel (:meth:`run_many`), which keeps every core busy on small batches."""
+    single-threaded requests in parallel (:meth:`run_many`), which keeps every core busy on small batches.
+
+    ``graph`` runs another graph than the artifact's file (a build's candidate, in memory) with the same settings.
+    """
 
     backend = "onnxruntime"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        runtime = self.manifest.get("runtime", {})
+    def __init__(self, io: ArtifactIO, threads: Optional[int] = None, throughput: bool = False,
+                 extra_outputs: Sequence[str] = (), graph: Optional[Graph] = None) -> None:
+        super().__init__(io, threads, throughput, extra_outputs)
+        self.optimization = str(io.runtime.get("session_optimization", "all"))
         self.streams = (self.threads or os.cpu_count() or 1) if self.throughput else 1
-        intra = 1 if self.throughput else self.threads
-        self.session = create_session(self.directory / runtime.get("file", "model.onnx"),
-                                      runtime.get("session_optimization", "all"), intra)
+        self.model = self._model_bytes(graph, extra_outputs)
+        self.session = self._session(self.optimization, 1 if self.throughput else self.threads)
         self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        available = {o.name for o in self.session.get_outputs()}
+        self.output_names = [n for n in self.output_names if n in available]
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: batch})[0]
+    def _model_bytes(self, graph: Optional[Graph], extra_outputs: Sequence[str]) -> Union[str, bytes]:
+        source = graph if graph is not None else self.directory / self.io.runtime.get("file", "model.onnx")
+        if not extra_outputs and isinstance(source, (Path, bytes)):
+            return str(source) if isinstance(source, Path) else source
+        import onnx
+
+        model = onnx.load(str(source)) if isinstance(source, Path) else (
+            onnx.ModelProto.FromString(source) if isinstance(source, bytes) else source)
+        return expose_outputs(model, extra_outputs).SerializeToString()
+
+    def _session(self, optimization: str, threads: Optional[int], options: Any = None):
+        import onnxruntime as ort
+
+        return ort.InferenceSession(self.model, options or session_options(optimization, threads),
+                                    providers=["CPUExecutionProvider"])
+
+    def _infer(self, batch: np.ndarray, names: Sequence[str]) -> Dict[str, np.ndarray]:
+        return dict(zip(names, self.session.run(list(names), {self.input_name: batch})))
 
     def _infer_many(self, batches: Sequence[np.ndarray]) -> List[np.ndarray]:
         if self.streams == 1:
-            return [self._infer(b) for b in batches]
+            return super()._infer_many(batches)
         with ThreadPoolExecutor(self.streams) as pool:  # ORT releases the GIL while it runs
-            return list(pool.map(self._infer, batches))
+            return list(pool.map(lambda b: self._infer(b, [OUTPUT_NAME])[OUTPUT_NAME], batches))
+
+    def profile(self, batch: np.ndarray) -> List[Dict[str, Any]]:
+        """ONNX Runtime's profiler events of one run of ``batch`` in a fresh session with the same settings."""
+        with tempfile.TemporaryDirectory(prefix="tome-ort-profile-") as tmp:
+            opts = session_options(self.optimization, self.threads)
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(Path(tmp) / "profile")
+            session = self._session(self.optimization, self.threads, opts)
+            session.run(None, {self.input_name: self.check(batch)})
+            return json.loads(Path(session.end_profiling()).read_text())
+
+    def close(self) -> None:
+        self.session = None
+        super().close()

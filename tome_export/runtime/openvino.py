@@ -1,6 +1,6 @@
 """Runner for the ``openvino`` target: ``model.xml`` + ``model.bin`` on OpenVINO's CPU plugin.
 
-The manifest's ``runtime.config`` holds the compile properties the build validated with, above all
+The runtime settings' ``config`` holds the compile properties the build validated with, above all
 ``INFERENCE_PRECISION_HINT``: without it OpenVINO silently runs bf16 on CPUs that support it.
 """
 
@@ -10,7 +10,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .base import Runner
+from ..graph_names import OUTPUT_NAME
+from .base import ArtifactIO, Runner
 
 
 def compile_config(config: Mapping[str, Any], threads: Optional[int] = None, throughput: bool = False) -> Dict[str, Any]:
@@ -28,28 +29,37 @@ class OpenVINORunner(Runner):
 
     backend = "openvino"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, io: ArtifactIO, threads: Optional[int] = None, throughput: bool = False,
+                 extra_outputs: Sequence[str] = ()) -> None:
+        super().__init__(io, threads, throughput, extra_outputs)
         import openvino as ov
 
-        runtime = self.manifest.get("runtime", {})
-        config = compile_config(runtime.get("config", {}), self.threads, self.throughput)
-        self.compiled = ov.Core().compile_model(str(self.directory / runtime.get("file", "model.xml")), "CPU", config)
-        self.output = self.compiled.output(0)
+        core = ov.Core()
+        model = core.read_model(str(self.directory / io.runtime.get("file", "model.xml")))
+        if extra_outputs:
+            model.add_outputs(list(extra_outputs))
+        config = compile_config(io.runtime.get("config", {}), self.threads, self.throughput)
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.output_index = {name: i for i, port in enumerate(self.compiled.outputs) for name in port.get_names()}
+        self.output_index.setdefault(OUTPUT_NAME, 0)
+        self.ports = {name: self.compiled.output(i) for name, i in self.output_index.items()}
+        self.output_names = [n for n in self.output_names if n in self.ports]
         self.request = self.compiled.create_infer_request()
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.request.infer({0: batch})[self.output]
+    def _infer(self, batch: np.ndarray, names: Sequence[str]) -> Dict[str, np.ndarray]:
+        results = self.request.infer({0: batch})
+        return {name: results[self.ports[name]] for name in names}
 
     def _infer_many(self, batches: Sequence[np.ndarray]) -> List[np.ndarray]:
         if not self.throughput:
-            return [self._infer(b) for b in batches]
+            return super()._infer_many(batches)
         import openvino as ov
 
         results: List[Optional[np.ndarray]] = [None] * len(batches)
+        logits = self.output_index[OUTPUT_NAME]
 
         def done(request: Any, index: int) -> None:
-            results[index] = request.get_output_tensor(0).data.copy()  # the request's buffer is reused
+            results[index] = request.get_output_tensor(logits).data.copy()  # the request's buffer is reused
 
         queue = ov.AsyncInferQueue(self.compiled, self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         queue.set_callback(done)
@@ -57,3 +67,7 @@ class OpenVINORunner(Runner):
             queue.start_async({0: batch}, userdata=i)
         queue.wait_all()
         return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.request = self.compiled = None
+        super().close()

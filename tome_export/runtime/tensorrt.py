@@ -9,16 +9,12 @@ no CPU fallback that would pretend to be the engine.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import UserError
-from .base import Runner
-
-ENGINE = "model.engine"
-LIBRARIES = {"tensorrt": "pip install tensorrt (NVIDIA's package index)",
-             "tensorrt_rtx": "pip install 'tome-export[tensorrt-rtx]'"}
+from .base import ArtifactIO, Runner
 
 
 class _CudaPython:
@@ -110,42 +106,54 @@ def _device() -> Any:
 
 
 class TensorRTRunner(Runner):
+    """Runs ``model.engine`` with the library the runtime settings name (``tensorrt`` or ``tensorrt_rtx``).
+
+    Outputs are the engine's own; intermediate tensors cannot be exposed (``extra_outputs`` is refused).
+    """
+
     backend = "tensorrt"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        info = self.manifest.get("tensorrt") or {}
-        module = info.get("library", "tensorrt")
+    def __init__(self, io: ArtifactIO, threads: Optional[int] = None, throughput: bool = False,
+                 extra_outputs: Sequence[str] = ()) -> None:
+        super().__init__(io, threads, throughput)
+        if extra_outputs:
+            raise UserError("a TensorRT engine's outputs are fixed when it is built: it cannot expose "
+                            f"{', '.join(extra_outputs)}")
+        self.buffers: Dict[str, Tuple[int, int]] = {}  # name -> (pointer, bytes)
+        module = str(io.runtime.get("library", "tensorrt"))
         self.backend = module
-        engine_path = self.directory / ENGINE
+        engine_path = self.directory / io.runtime.get("file", "model.engine")
         if not engine_path.is_file():
-            raise UserError(f"{str(self.directory)!r} holds no {ENGINE}: it was not built on this machine "
-                            f"({info.get('engine_note', 'no engine')}); run ./build_engine.sh in that directory on "
-                            f"the target GPU machine, then load it again")
+            raise UserError(f"{str(self.directory)!r} holds no {engine_path.name}: it was not built on this machine "
+                            f"({io.runtime.get('engine_note', 'no engine')}); run ./build_engine.sh in that "
+                            f"directory on the target GPU machine, then load it again")
         try:
             trt = importlib.import_module(module)
         except (ImportError, OSError):
-            raise UserError(f"running this {self.manifest.get('target')} engine needs the Python package {module!r} "
-                            f"and an NVIDIA GPU; {module!r} is not installed: {LIBRARIES.get(module, 'install it')}") from None
+            raise UserError(f"running this {io.target} engine needs the Python package {module!r} and an NVIDIA "
+                            f"GPU; {module!r} is not installed: {io.runtime.get('install', 'install it')}") from None
         self.device = _device()
         self.trt = trt
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
-        if self.engine is None:
-            raise UserError(f"{engine_path} could not be loaded by {module} {getattr(trt, '__version__', '')}: it was "
-                            f"built by another version or for another GPU; rebuild it there with ./build_engine.sh")
+        self.engine = self._deserialize(trt, engine_path, module)
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = [self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names]
         self.input_name = next(n for n, i in zip(names, is_input) if i)
-        self.output_names: List[str] = [n for n, i in zip(names, is_input) if not i]
-        self.buffers: Dict[str, Tuple[int, int]] = {}  # name -> (pointer, bytes)
+        self.output_names = [n for n, i in zip(names, is_input) if not i]
         if self.dynamic_batch:
             low, _, high = self.engine.get_tensor_profile_shape(self.input_name, 0)
             self.batch_range = (int(low[0]), int(high[0]))
         else:
             self.batch_range = (self.batch_size, self.batch_size)
+
+    def _deserialize(self, trt: Any, engine_path: Any, module: str) -> Any:
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if engine is None:
+            raise UserError(f"{engine_path} could not be loaded by {module} {getattr(trt, '__version__', '')}: it was "
+                            f"built by another version or for another GPU; rebuild it there with ./build_engine.sh")
+        return engine
 
     def _buffer(self, name: str, nbytes: int) -> int:
         ptr, size = self.buffers.get(name, (0, 0))
@@ -156,7 +164,7 @@ class TensorRTRunner(Runner):
             self.buffers[name] = (ptr, nbytes)
         return ptr
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
+    def _infer(self, batch: np.ndarray, names: Sequence[str]) -> Dict[str, np.ndarray]:
         low, high = self.batch_range
         if not low <= len(batch) <= high:
             raise UserError(f"batch of {len(batch)} images is outside the engine's profile {low}..{high}: "
@@ -166,7 +174,7 @@ class TensorRTRunner(Runner):
         self.device.to_device(src, batch)
         self.context.set_tensor_address(self.input_name, src)
         outputs = {}
-        for name in self.output_names:
+        for name in self.output_names:  # every output needs an address, even one not asked for
             shape = tuple(self.context.get_tensor_shape(name))
             host = np.empty(shape, dtype=self.trt.nptype(self.engine.get_tensor_dtype(name)))
             self.context.set_tensor_address(name, self._buffer(name, host.nbytes))
@@ -176,11 +184,17 @@ class TensorRTRunner(Runner):
         for name, host in outputs.items():
             self.device.to_host(host, self.buffers[name][0])
         self.device.synchronize()
-        return outputs.get("logits", next(iter(outputs.values())))
+        return {name: outputs[name] for name in names}
 
-    def __del__(self) -> None:
+    def close(self) -> None:
         for ptr, _ in getattr(self, "buffers", {}).values():
             try:
                 self.device.free(ptr)
-            except Exception:
+            except Exception:  # the context may already be gone at interpreter exit
                 pass
+        self.buffers = {}
+        self.context = self.engine = None
+        super().close()
+
+    def __del__(self) -> None:
+        self.close()

@@ -1,0 +1,75 @@
+"""The openvino target: IR builds on a small ToMe ViT, meet their thresholds and record the precision that ran."""
+
+import numpy as np
+import pytest
+
+from cpu_builds import plan_with
+from tome_export.errors import UserError
+from tome_export.images import sample_photo_paths
+from tome_export.runtime import load
+from tome_export.targets.openvino import cpu_capabilities
+
+MERGING_BLOCKS, IMAGES = 6, 8
+HAS_BF16 = "BF16" in cpu_capabilities()
+HAS_FP16 = "FP16" in cpu_capabilities()
+
+
+def test_fp32_ir_runs_f32_and_matches_pytorch(cpu_build):
+    directory, result = cpu_build("openvino", "fp32")
+    assert sorted(p.name for p in directory.iterdir()) == ["manifest.json", "model.bin", "model.xml"]
+    assert result["runtime"]["config"] == {"INFERENCE_PRECISION_HINT": "f32"}
+    ran = result["precision_ran"]
+    assert ran["inference_precision"] == "f32" and set(ran["compute_layers"]) == {"f32"}
+    assert result["validation"]["max_abs_diff"] <= 1e-4
+    assert result["merge_decisions"]["as_built"]["agreement"] == 1.0
+    assert result["merge_decisions"]["as_built"]["decisions"] == MERGING_BLOCKS * IMAGES
+
+
+def test_int8_quantizes_with_nncf_but_not_the_tome_layers(cpu_build):
+    _, result = cpu_build("openvino", "int8", calibration={"images": 16})
+    step, ran, decisions = result["precision_step"], result["precision_ran"], result["merge_decisions"]
+    assert step["tome_layers_ignored"] > 100 and step["tome_inputs_quantized"] == 0
+    assert ran["compute_layers"].get("i8", 0) >= 6 * 4  # the Linear layers run in int8 ...
+    # ... the ToMe layers do not. u8: each block's NaN mask of the scores (IsNaN + Select, fused into one
+    # subgraph that the CPU plugin reports as u8 in f32 builds too); no quantizer input reaches them (above).
+    assert "i8" not in ran["tome_layers"] and ran["tome_layers"].get("u8", 0) <= MERGING_BLOCKS
+    assert result["validation"]["min_cosine"] >= 0.99
+    unprotected = decisions["without_protection"]
+    assert unprotected["tome_inputs_quantized"] >= MERGING_BLOCKS  # NNCF quantizes the similarity MatMul if allowed
+    assert decisions["as_built"]["pair_agreement"] > unprotected["pair_agreement"]
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="this CPU lists no BF16 in OPTIMIZATION_CAPABILITIES")
+def test_bf16_runs_bf16_with_tome_layers_kept_f32(cpu_build):
+    _, result = cpu_build("openvino", "bf16")
+    ran = result["precision_ran"]
+    assert ran["inference_precision"] == "bf16" and ran["compute_layers"].get("bf16", 0) >= 6 * 4
+    assert result["precision_step"]["layers_marked_keep_precision"] > 100
+    assert ran["compute_layers"].get("f32", 0) == MERGING_BLOCKS  # exactly the similarity MatMuls stay f32
+    assert ran["tome_layers"].get("f32", 0) > ran["tome_layers"].get("bf16", 0)
+    assert result["validation"]["min_cosine"] >= 0.995
+    assert isinstance(result["merge_decisions"]["without_protection"], dict)
+
+
+def test_precisions_the_cpu_lacks_are_refused(tmp_path):
+    for precision, hint, has in (("fp16", "f16", HAS_FP16), ("bf16", "bf16", HAS_BF16)):
+        if not has:
+            with pytest.raises(UserError, match=f"OpenVINO cannot run {hint} on this CPU"):
+                plan_with(tmp_path, "openvino", precision)
+    if HAS_BF16:
+        plan_with(tmp_path, "openvino", "int8", build={"inference_precision": "bf16"})
+    else:
+        with pytest.raises(UserError):
+            plan_with(tmp_path, "openvino", "int8", build={"inference_precision": "bf16"})
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"] + (["bf16"] if HAS_BF16 else []))
+def test_runtime_loader_runs_every_artifact(cpu_build, precision):
+    sections = {"calibration": {"images": 16}} if precision == "int8" else {}
+    directory, _ = cpu_build("openvino", precision, **sections)
+    runner = load(directory, threads=1)
+    batch = runner.preprocess_batch(sample_photo_paths()[:1])
+    logits = runner(batch)
+    assert logits.shape == (1, 1000) and np.isfinite(logits).all()
+    served = load(directory, threads=2, throughput=True).run_many([batch] * 4)
+    assert len(served) == 4 and all(np.allclose(s, logits, atol=1e-3) for s in served)

@@ -1,0 +1,133 @@
+"""The package's layout: imports point down the layers (and never in a circle), the registries and data layers
+import no torch, and no function grows past 60 lines."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Set, Tuple
+
+import pytest
+
+import tome_export
+
+ROOT = Path(tome_export.__file__).resolve().parent
+# Lowest first. A module may import modules of its own layer or of a lower one, never of a higher one.
+LAYERS: List[Tuple[str, ...]] = [
+    ("errors", "_version", "files", "info", "graph_names", "schedule", "devices", "preprocess", "images", "manifest",
+     "recipes", "flops"),
+    ("runtime",),
+    ("merge", "kernels", "models", "export"),
+    ("quality", "quantization"),
+    ("targets",),
+    ("pipeline", "inspection", "visualize", "serve"),
+    ("bench",),
+    ("cli",),
+]
+LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> List[str]:
+    """The tome_export modules an ``from ... import`` names (a submodule where the name is one)."""
+    if node.level:
+        base = module.split(".") if is_package else module.split(".")[:-1]
+        base = base[: len(base) - node.level + 1]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    if not target.startswith("tome_export"):
+        return []
+    names = [f"{target}.{alias.name}" for alias in node.names]
+    return [n for n in names if n in MODULES] or [target]
+
+
+def _imports(path: Path) -> Tuple[Set[str], Set[str]]:
+    """(module-level imports, all imports) of tome_export modules, leaving out ``if TYPE_CHECKING:`` blocks."""
+    tree = ast.parse(path.read_text())
+    module, is_package = _module_name(path), path.name == "__init__.py"
+    top: Set[str] = set()
+    every: Set[str] = set()
+
+    def visit(node: ast.AST, at_top: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            found: List[str] = []
+            if isinstance(child, ast.Import):
+                found = [a.name for a in child.names if a.name.startswith("tome_export")]
+            elif isinstance(child, ast.ImportFrom):
+                found = _resolve(module, is_package, child)
+            every.update(found)
+            if at_top:
+                top.update(found)
+            visit(child, at_top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(tree, True)
+    return top, every
+
+
+FILES = sorted(ROOT.rglob("*.py"))
+MODULES = {_module_name(p) for p in FILES}
+GRAPH: Dict[str, Tuple[Set[str], Set[str]]] = {_module_name(p): _imports(p) for p in FILES}
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    return LAYER[parts[1]] if len(parts) > 1 else -1  # the package root re-exports lazily: no layer
+
+
+def test_every_module_has_a_layer():
+    assert sorted({m.split(".")[1] for m in MODULES if "." in m} - set(LAYER)) == []
+
+
+def test_imports_only_point_down():
+    upward = [f"{m} imports {i}" for m, (_, every) in GRAPH.items() for i in every
+              if _layer(m) >= 0 and _layer(i) > _layer(m)]
+    assert upward == []
+
+
+def test_no_import_cycle():
+    cycles = []
+
+    def walk(module: str, path: List[str], done: Set[str]) -> None:
+        for nxt in GRAPH.get(module, (set(), set()))[0]:
+            if nxt == module or module.startswith(nxt + "."):  # a module's own package is imported first anyway
+                continue
+            if nxt in path:
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in done:
+                walk(nxt, path + [nxt], done)
+        done.add(module)
+
+    done: Set[str] = set()
+    for module in sorted(GRAPH):
+        walk(module, [module], done)
+    assert cycles == []
+
+
+@pytest.mark.parametrize("module", ["tome_export.recipes", "tome_export.schedule", "tome_export.bench.config",
+                                    "tome_export.runtime", "tome_export.targets", "tome_export.inspection"])
+def test_data_layers_and_registries_import_no_torch(module):
+    code = (f"import sys, importlib; m = importlib.import_module({module!r}); "
+            "getattr(m, 'targets', lambda: None)(); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_no_function_over_60_lines():
+    long = []
+    for path in FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == []

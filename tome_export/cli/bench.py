@@ -1,0 +1,54 @@
+"""``tome-export bench``: ToMe x precision x backend x batch size, from a YAML config (:mod:`tome_export.bench`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .common import Command, Parser
+
+BENCH_EXAMPLES = """examples:
+  tome-export bench --config benchmarks/vit_b16_cpu.yaml --out benchmarks/results/vit_b16_cpu
+  tome-export bench --config benchmarks/digits_accuracy.yaml
+  tome-export bench --config my.yaml --weights pretrained --data imagenet/val   # top-1/top-5 accuracy
+
+A re-run into the same --out resumes: measured cells are kept, the rest are measured (--force: all again).
+--data is an ImageFolder: one folder per class; sorted folder names give the class indices (ImageNet's
+n01440764 ... order), or folders named 0, 1, ... give them directly.
+"""
+
+
+def run(argv: Sequence[str]) -> int:
+    from ..bench.config import load_config
+    from ..bench.harness import run_bench
+
+    p = Parser(prog="tome-export bench", epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Benchmark ToMe x precision x backend x batch size; writes results, report.md and plots.")
+    p.add_argument("--config", type=Path, required=True, help="benchmark YAML (see benchmarks/)")
+    p.add_argument("--out", "-o", type=Path, help="output directory (default bench-out/<config name>)")
+    p.add_argument("--data", type=Path, help="ImageFolder of labelled images for top-1/top-5 accuracy")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--weights", choices=["pretrained", "random"], help="override the config's weights")
+    weights.add_argument("--checkpoint", type=Path, help="a timm state_dict for the config's (single) model")
+    p.add_argument("--cache", type=Path, help="where built artifacts are kept (default OUT/artifacts)")
+    p.add_argument("--force", action="store_true", help="measure every cell again instead of resuming")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    config = load_config(args.config).with_weights(args.weights, args.checkpoint)
+    out = args.out if args.out is not None else Path("bench-out") / config.name
+    try:
+        # a progress bar on a terminal; one line per step in logs (long runs), nothing with --quiet
+        log = (lambda msg: None) if args.quiet else (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
+        result = run_bench(config, out, data=args.data, force=args.force, cache=args.cache, progress=not args.quiet,
+                           log=log)
+    except KeyboardInterrupt:
+        print(f"tome-export bench: interrupted; finished groups are saved in {out} (re-run to resume)", file=sys.stderr)
+        return 130
+    print(f"wrote {result.out_dir}/report.md, results.json, results.csv and plots/")
+    print(f"  cells: {result.measured} measured, {result.resumed} resumed, {result.skipped} skipped, {result.failed} failed")
+    return 0
+
+
+COMMAND = Command("bench", run, "benchmark ToMe x precision x backend x batch size from a YAML config")

@@ -1,0 +1,165 @@
+"""``tome-export [options]``: build a ToMe model for a target (the default command)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Dict, Sequence
+
+from ..errors import UserError
+from .common import Command, Parser, Progress
+from .serve import add_build_arguments, print_served
+
+EXAMPLES = """examples:
+  tome-export --model vit_b16 --r 16 --target onnx --weights random
+  tome-export --model deit_s --r 16:-1 --dynamic-batch --output out/deit_s
+  tome-export --model vit_t16 --r 8,8,8,8,8,8,8,8,8,8,8,8 --merge-impl onehot
+  tome-export --model vit_b16 --checkpoint vit_b16.safetensors --batch 8
+  tome-export --model vit_b16 --r 16 --target openvino --precision int8 --dynamic-batch --serve triton
+  tome-export --model hf:google/vit-base-patch16-224 --r 16 --target openvino --precision int8
+  tome-export --model ./my-finetuned-vit --r 8          # a save_pretrained directory (transformers)
+  tome-export --list-models
+
+--r takes an int (same r in every block), r:inflect (r varying linearly over the blocks,
+inflect in [-1, 1], -1 merges more early) or one int per block. r is capped per block at
+(tokens - protected) // 2, as in the ToMe reference; the manifest records what ran.
+"""
+
+
+def _target_arguments(p: argparse.ArgumentParser) -> None:
+    """Each target option once, saying which targets take it (the others refuse it)."""
+    from ..targets import targets
+    from ..targets.base import option_flags
+
+    group = p.add_argument_group("target options", "flags that only some targets take")
+    for name, (fld, owners) in option_flags(list(targets().values())).items():
+        if fld.metadata.get("core"):  # carried by a core flag (--dynamic-batch MIN:OPT:MAX)
+            continue
+        flag = "--" + name.replace("_", "-")
+        text = f"{fld.metadata.get('help', '')} ({', '.join(owners)})"
+        if fld.default is False:
+            group.add_argument(flag, action="store_true", help=text)
+        else:
+            group.add_argument(flag, metavar=fld.metadata.get("metavar"), help=text)
+
+
+def parser() -> argparse.ArgumentParser:
+    from ..targets import targets
+    from . import DEFAULT, commands
+
+    subcommands = sorted(name for name in commands() if name != DEFAULT)
+    p = Parser(prog="tome-export", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+               description="Export a Token Merging (ToMe) ViT as a static-shape graph for a deployment backend, "
+               "validated against PyTorch. Subcommands: " + ", ".join(subcommands) + ".")
+    p.add_argument("--model", help="alias (vit_b16, deit_s, tv_vit_b16, ...), a timm or torchvision ViT name, "
+                   "hf:<repo id> (transformers, hub or its cache), a save_pretrained directory, or any name a "
+                   "supported family recognises (see --list-models)")
+    p.add_argument("--r", default="16", help="tokens merged per block: 16 | 16:-1 | 8,8,... (default 16)")
+    p.add_argument("--target", help=f"one of {', '.join(sorted(targets()))} (default onnx)")
+    p.add_argument("--precision", help="fp32 | fp16 | bf16 | int8 ... as the target supports (default fp32)")
+    p.add_argument("--recipe", type=Path, help="a recipe YAML file (default: the built-in "
+                   "tome_export/recipes/<target>-<precision>.yaml)")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+    batch.add_argument("--dynamic-batch", nargs="?", const=True, default=False, metavar="MIN:OPT:MAX",
+                       help="dynamic batch dimension; TensorRT targets also take their optimization profile, "
+                       "e.g. --dynamic-batch 1:8:64 (default: the recipe's)")
+    p.add_argument("--opset", type=int, help="ONNX opset, >= 18 (default: the recipe's, 18)")
+    p.add_argument("--output", "-o", type=Path, help="output directory (default tome-out/<model>-r<r>-<target>-<precision>)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--weights", choices=["pretrained", "random"], default="pretrained",
+                         help="pretrained (timm / transformers hub, torchvision download, or their caches) or "
+                         "seeded random (default pretrained)")
+    weights.add_argument("--checkpoint", type=Path, help="a timm or torchvision state_dict (.pth or .safetensors)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
+    p.add_argument("--merge-impl", default="auto", choices=["auto", "gather", "onehot"],
+                   help="merge lowering: gather (TopK/Gather/ScatterElements) or onehot (matmul); auto picks per target")
+    p.add_argument("--img-size", type=int, help="input image side in pixels (default: the model's)")
+    p.add_argument("--no-prop-attn", action="store_true", help="disable proportional attention")
+    p.add_argument("--trace-source", action="store_true",
+                   help="add a 'source' output (which patches each final token holds; see `tome-export visualize`)")
+    p.add_argument("--force", action="store_true", help="replace an output directory holding another model's build")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    p.add_argument("--list-models", action="store_true", help="print the model aliases and supported families")
+    _target_arguments(p)
+    add_build_arguments(p)
+    return p
+
+
+def list_models() -> int:
+    from ..models import families, list_models, verified_families
+    from ..models.paper import PAPER_CHECKPOINTS, SOURCE, describe
+
+    print("aliases (vit_t16 ... vit_l16_384 pin the AugReg weights the ToMe paper used, augreg_in21k_ft_in1k; a bare")
+    print("timm name follows timm's default tag, e.g. vit_base_patch16_224 -> augreg2_in21k_ft_in1k):")
+    for alias, source, name in list_models():
+        print(f"  {alias:18s} {source:12s} {name}")
+    print("families:")
+    for family in families():
+        print(f"  {family.name}: {family.description}")
+    print("verified (tests: see README 'Supported models'):")
+    for source, family, names, checked in verified_families():
+        print(f"  [{source}] {family}: {names}\n      checked: {checked}")
+    print(f"the ToMe paper's checkpoints (ImageNet-1k top-1 as published in {SOURCE};")
+    print("benchmarks/paper_imagenet.yaml measures them with --data IMAGENET_VAL):")
+    for entry in PAPER_CHECKPOINTS:
+        print(f"  {describe(entry)}")
+    print("any timm model name of a supported family, torchvision builder[.WEIGHTS] names, hf:<repo id> and "
+          "save_pretrained directories also work")
+    return 0
+
+
+def _target_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The target options given on the command line (unset ones are left to the target's defaults)."""
+    from ..targets import targets
+    from ..targets.base import option_flags
+
+    given: Dict[str, Any] = {}
+    for name, (fld, _) in option_flags(list(targets().values())).items():
+        value = getattr(args, name, None)
+        if fld.metadata.get("core"):
+            value = value if isinstance(value, str) else None
+        if value is not None and value is not False:
+            given[name] = str(value) if isinstance(value, Path) else value
+    return given
+
+
+def run(argv: Sequence[str]) -> int:
+    from ..inspection import build_summary
+    from ..manifest import Manifest
+    from ..pipeline import BuildRequest, build, prepare
+    from ..schedule import parse_r_text
+
+    args = parser().parse_args(argv)
+    if args.list_models:
+        return list_models()
+    if not args.model:
+        raise UserError("--model is required (e.g. --model vit_b16; see --list-models)")
+    request = BuildRequest(
+        model=args.model, r=parse_r_text(args.r), target=args.target, precision=args.precision,
+        batch=args.batch, dynamic_batch=bool(args.dynamic_batch), opset=args.opset, output=args.output,
+        weights=args.weights, checkpoint=args.checkpoint, seed=args.seed, merge_impl=args.merge_impl,
+        prop_attn=not args.no_prop_attn, img_size=args.img_size, force=args.force, recipe=args.recipe,
+        target_options=_target_options(args), trace_source=args.trace_source,
+    )
+    prepared = prepare(request)  # cheap checks first, before any progress display
+    serving = None
+    if args.serve:  # refused before any work when the repository entry could not be written
+        from ..serve import TritonOptions, check_request
+
+        serving = TritonOptions(variant=args.serve_variant)
+        check_request(prepared.output, args.serve, args.serve_repository, serving, args.force)
+    progress = Progress(4, args.quiet)
+    try:
+        result = build(prepared, log=progress, warn=progress.warn)
+    finally:
+        progress.close()
+    print("\n".join(build_summary(result.path, Manifest.from_dict(result.manifest))))
+    if serving is not None:
+        from ..serve import serve_artifact
+
+        print_served(serve_artifact(result.path, args.serve, args.serve_repository, serving, args.force))
+    return 0
+
+
+COMMAND = Command("export", run, "build a ToMe model for a target (the default command)")

@@ -1,0 +1,31 @@
+"""Names in every exported ToMe graph: its input and outputs, and the prefixes that mark ToMe nodes by role.
+
+``tome_match/<block>/...`` is the token-matching path (metric normalisation, scores, ranking, index building);
+``tome_merge/<block>/...`` applies the merge (size weighting, gathers and scatter-adds or one-hot products, the
+log-size attention bias). Quantizers, precision converters and inspection find ToMe nodes by these names.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple, Union
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+SOURCE_NAME = "source"  # optional output: which input tokens each final token holds
+
+MATCH_PREFIX = "tome_match/"  # token-matching path: scores, ranking, index building (keep in fp32)
+MERGE_PREFIX = "tome_merge/"  # applying merges: size weighting, gathers/scatters or one-hot products, log-size
+
+
+def block_of(node_name: str) -> str:
+    """The block a ToMe node belongs to (``tome_match/blocks.3/...`` -> ``blocks.3``)."""
+    return node_name.split("/", 2)[1]
+
+
+def block_order(block: str) -> Tuple[Union[int, str], ...]:
+    """Sort key of block names in model order (``blocks.2`` before ``blocks.10``)."""
+    return tuple(int(p) if p.isdigit() else p for p in block.split("."))
+
+
+# What a recipe's ``keep_fp32`` names -> the node-name prefixes kept out of quantization / precision conversion.
+KEEP_FP32 = {"tome": (MATCH_PREFIX, MERGE_PREFIX), "match": (MATCH_PREFIX,), "none": ()}

@@ -1,0 +1,147 @@
+"""Compare an artifact with the PyTorch ToMe model on real photos, and check the result against thresholds.
+
+One checker (:func:`check_thresholds`) serves every target: a recipe's ``validation`` section names limits
+on the logit metrics of :func:`compare_logits` and, where the graph has a ``source`` output, on the final
+token grouping (:func:`source_agreement`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import ValidationError
+from ..images import sample_photos
+from ..preprocess import Preprocessing
+
+
+def validation_batches(pre: Preprocessing, batch: int, dynamic_batch: bool, num_images: int = 8) -> List[np.ndarray]:
+    """Batches of preprocessed sample photos: batches of ``batch`` images; for dynamic batch, sizes 1 and 3 too."""
+    images = pre.batch(sample_photos(num_images))
+    sizes = [batch] if not dynamic_batch else sorted({1, 3, batch})
+    batches = []
+    for size in sizes:
+        reps = -(-num_images // size)
+        for i in range(reps):
+            idx = [(i * size + j) % num_images for j in range(size)]
+            batches.append(images[idx])
+    return batches
+
+
+def logit_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """The cosine of each image's logits ``(N,)`` between two ``(N, classes)`` arrays (in float64)."""
+    ref = reference.astype(np.float64).reshape(len(reference), -1)
+    cand = candidate.astype(np.float64).reshape(len(candidate), -1)
+    return (ref * cand).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1) + 1e-30)
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> Dict[str, float]:
+    """Max abs diff, smallest per-image cosine and top-1 agreement of two ``(N, classes)`` arrays."""
+    ref = reference.astype(np.float64).reshape(len(reference), -1)
+    cand = candidate.astype(np.float64).reshape(len(candidate), -1)
+    return {
+        "max_abs_diff": float(np.abs(ref - cand).max()),
+        "min_cosine": float(logit_cosines(ref, cand).min()),
+        "top1_agreement": float((ref.argmax(1) == cand.argmax(1)).mean()),
+        "images": int(len(ref)),
+    }
+
+
+def token_groups(source: np.ndarray) -> List[frozenset]:
+    """One image's final tokens as the sets of input tokens they hold (``source`` ``(T_final, T_in)``)."""
+    return [frozenset(np.flatnonzero(row > 0.5).tolist()) for row in source]
+
+
+def source_agreement(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> Dict[str, float]:
+    """How far the final token grouping agrees: images whose grouping is identical, and final tokens
+    (groups of input tokens) that also exist in the reference grouping of the same image."""
+    same_images, same_groups, groups = 0, 0, 0
+    for ref_batch, cand_batch in zip(reference, candidate):
+        for ref, cand in zip(ref_batch, cand_batch):
+            ref_groups, cand_groups = token_groups(ref), set(token_groups(cand))
+            same_images += int(set(ref_groups) == cand_groups)
+            same_groups += sum(g in cand_groups for g in ref_groups)
+            groups += len(ref_groups)
+    images = sum(len(b) for b in reference)
+    return {"source_images_identical": same_images / images if images else 1.0,
+            "token_group_agreement": same_groups / groups if groups else 1.0}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Limits a validation must meet; None: not checked. Names are those of the recipe's ``validation`` keys."""
+
+    max_abs_diff: Optional[float] = None
+    min_cosine: Optional[float] = None
+    min_top1_agreement: Optional[float] = None
+    min_token_group_agreement: Optional[float] = None  # checked only where the final token grouping is measured
+
+    def applied(self) -> Dict[str, float]:
+        return {key: float(value) for key, value in asdict(self).items() if value is not None}
+
+
+# threshold -> (the measured metric it limits, whether the metric must stay at most or at least the limit)
+LIMITS: Dict[str, Tuple[str, str]] = {
+    "max_abs_diff": ("max_abs_diff", "at most"),
+    "min_cosine": ("min_cosine", "at least"),
+    "min_top1_agreement": ("top1_agreement", "at least"),
+    "min_token_group_agreement": ("token_group_agreement", "at least"),
+}
+
+
+def check_thresholds(metrics: Mapping[str, Any], thresholds: Thresholds, what: str) -> Dict[str, Any]:
+    """Compare measured ``metrics`` with ``thresholds``; a miss raises ValidationError naming every miss.
+
+    A limit on a metric that was not measured (the token grouping of a graph without a ``source`` output) is
+    not applied. Returns the metrics with the thresholds applied and ``passed``, for the manifest.
+    """
+    applied = {key: limit for key, limit in thresholds.applied().items() if LIMITS[key][0] in metrics}
+    if not applied:
+        raise ValueError(f"{what}: the recipe sets no validation threshold ({', '.join(LIMITS)})")
+    misses = []
+    for key, limit in applied.items():
+        metric, sense = LIMITS[key]
+        value = metrics[metric]
+        if not (value <= limit if sense == "at most" else value >= limit):
+            misses.append(f"{metric} {value:.6g} (must be {sense} {limit:g})")
+    if misses:
+        raise ValidationError(f"{what} differs from PyTorch ToMe on {metrics['images']} photos: "
+                              f"{'; '.join(misses)}; nothing was written")
+    return {**metrics, "thresholds": applied, "passed": True}
+
+
+def torch_outputs(model: Any, batches: Sequence[np.ndarray], with_source: bool = False
+                  ) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """Logits (concatenated) and, ``with_source``, per-batch source maps of the PyTorch model."""
+    import torch
+
+    logits, sources = [], []
+    with torch.no_grad():
+        for x in batches:
+            t = torch.from_numpy(x)
+            if with_source:
+                out, source = model.forward_with_source(t)
+                sources.append(source.numpy())
+            else:
+                out = model(t)
+            logits.append(out.numpy())
+    return np.concatenate(logits), sources
+
+
+Infer = Callable[[np.ndarray], Mapping[str, np.ndarray]]  # a runner's named outputs of one batch
+
+
+def measure_against_torch(model: Any, infer: Infer, batches: Sequence[np.ndarray],
+                          with_source: bool = False) -> Dict[str, Any]:
+    """Logit metrics of an artifact (``infer``: its named outputs) vs the PyTorch model on the same batches;
+    ``with_source`` also compares the final token grouping (the artifact has a ``source`` output)."""
+    from ..graph_names import OUTPUT_NAME, SOURCE_NAME
+
+    ref_logits, ref_sources = torch_outputs(model, batches, with_source)
+    outputs = [infer(x) for x in batches]
+    metrics: Dict[str, Any] = compare_logits(ref_logits, np.concatenate([o[OUTPUT_NAME] for o in outputs]))
+    if with_source:
+        metrics.update(source_agreement(ref_sources, [o[SOURCE_NAME] for o in outputs]))
+    return metrics
