@@ -48,15 +48,12 @@ from typing import Callable, Literal, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .schedule import cap_r
+
 MergeImpl = Literal["gather", "onehot"]
 MERGE_IMPLS: Tuple[str, ...] = ("gather", "onehot")
 
 Merge = Callable[[torch.Tensor], torch.Tensor]
-
-
-def cap_r(r: int, num_tokens: int, num_protected: int) -> int:
-    """The number of merges a block can really make (the reference's cap)."""
-    return max(0, min(r, (num_tokens - num_protected) // 2))
 
 
 def split_ab(x: torch.Tensor, num_protected: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
