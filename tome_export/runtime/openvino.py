@@ -6,6 +6,7 @@ The runtime settings' ``config`` holds the compile properties the build validate
 
 from __future__ import annotations
 
+import queue
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -24,10 +25,16 @@ def compile_config(config: Mapping[str, Any], threads: Optional[int] = None, thr
 
 
 class OpenVINORunner(Runner):
-    """Latency mode: one infer request. Throughput mode: OpenVINO's THROUGHPUT hint (several CPU streams) and an
-    ``AsyncInferQueue`` with the plugin's optimal number of requests in :meth:`run_many`."""
+    """Latency mode: one infer request per concurrent call. Throughput mode: OpenVINO's THROUGHPUT hint (several CPU
+    streams) and an ``AsyncInferQueue`` with the plugin's optimal number of requests in :meth:`run_many`.
+
+    Thread-safe: an ``InferRequest`` runs one inference at a time, so each call takes an idle request from a pool
+    (creating one when all are busy) and returns it afterwards; results are copied out of the request's buffers
+    before another call can reuse it.
+    """
 
     backend = "openvino"
+    concurrent = True
 
     def __init__(self, io: ArtifactIO, threads: Optional[int] = None, throughput: bool = False,
                  extra_outputs: Sequence[str] = ()) -> None:
@@ -44,11 +51,19 @@ class OpenVINORunner(Runner):
         self.output_index.setdefault(OUTPUT_NAME, 0)
         self.ports = {name: self.compiled.output(i) for name, i in self.output_index.items()}
         self.output_names = [n for n in self.output_names if n in self.ports]
-        self.request = self.compiled.create_infer_request()
+        self.idle: "queue.SimpleQueue[Any]" = queue.SimpleQueue()  # requests no call is using
+        self.idle.put(self.compiled.create_infer_request())
 
     def _infer(self, batch: np.ndarray, names: Sequence[str]) -> Dict[str, np.ndarray]:
-        results = self.request.infer({0: batch})
-        return {name: results[self.ports[name]] for name in names}
+        try:
+            request = self.idle.get_nowait()
+        except queue.Empty:  # every request is busy in another thread
+            request = self.compiled.create_infer_request()
+        try:
+            results = request.infer({0: batch}, share_outputs=False)  # copies: the buffers go back to the pool
+            return {name: results[self.ports[name]] for name in names}
+        finally:
+            self.idle.put(request)
 
     def _infer_many(self, batches: Sequence[np.ndarray]) -> List[np.ndarray]:
         if not self.throughput:
@@ -69,5 +84,6 @@ class OpenVINORunner(Runner):
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
-        self.request = self.compiled = None
+        self.idle = queue.SimpleQueue()
+        self.compiled = None
         super().close()
