@@ -9,6 +9,7 @@ end, so an interrupted or failed build never leaves a directory that looks compl
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -18,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 try:
     import fcntl
@@ -39,6 +40,7 @@ from .schedule import RSpec, Schedule, expand_schedule, r_label, resolve_schedul
 from .targets import BuildContext, BuildPlan, Target, TargetResult, get_target, recipe_settings
 
 Log = Callable[[str], None]
+WORKDIR_SUFFIX = ".tmp-12345678"  # the longest name beside the output: mkdtemp adds 8 characters
 EXPORT_DIR = ".export"  # inside the work directory: the fp32 export a target builds from, removed before the manifest
 
 
@@ -94,6 +96,11 @@ class PreparedBuild:
     plan: BuildPlan
     model: ModelName
     output: Path
+
+    @property
+    def identity(self) -> Tuple[Any, ...]:
+        """What :attr:`Manifest.identity` of this build will be."""
+        return (self.model.alias, self.model.source, self.model.name, self.target.name, self.plan.precision)
 
 
 @dataclass(frozen=True)
@@ -185,8 +192,9 @@ def prepare(request: BuildRequest) -> PreparedBuild:
     request, target, plan = plan_build(request)
     name = resolve(request.model)
     out = Path(request.output) if request.output is not None else request.default_output()
-    _check_output(out, (name.alias, name.source, name.name, target.name, plan.precision), request.force)
-    return PreparedBuild(request, target, plan, name, out)
+    prepared = PreparedBuild(request, target, plan, name, out)
+    _check_output(out, prepared.identity, request.force)
+    return prepared
 
 
 def _check_output(out: Path, identity: Tuple[Any, ...], force: bool) -> None:
@@ -197,6 +205,7 @@ def _check_output(out: Path, identity: Tuple[Any, ...], force: bool) -> None:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {str(parent)!r} (not a writable directory): choose another --output")
+    _check_name_length(out, probe)
     if not out.exists():
         return
     if not out.is_dir():
@@ -217,6 +226,19 @@ def _check_output(out: Path, identity: Tuple[Any, ...], force: bool) -> None:
         what = f" ({existing.target}, {existing.precision})" if existing else ""
         raise UserError(f"--output {str(out)!r} already holds artifacts of {old}{what}: choose another --output or "
                         f"pass --force to replace them")
+
+
+def _check_name_length(out: Path, probe: Path) -> None:
+    """The hidden work directory beside the output has the longest name a build writes: it must fit too."""
+    try:
+        limit = os.pathconf(probe, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    longest = len(f".{out.name}{WORKDIR_SUFFIX}".encode())
+    if longest > limit:
+        raise UserError(f"--output name {out.name[:40]!r}... is too long: its work directory beside it needs "
+                        f"{longest} bytes, the file system allows {limit}; choose a name of at most "
+                        f"{limit - longest + len(out.name.encode())} bytes")
 
 
 # --- the steps --------------------------------------------------------------------------------------------------
@@ -322,10 +344,17 @@ def build(request: BuildRequest, log: Log = lambda msg: None, warn: Log = _warn)
     :class:`PreparedBuild` (the checks already done by :func:`prepare`)."""
     started = time.perf_counter()
     prepared = prepare(request)
-    model = prepare_model(prepared, log, warn)
     out = prepared.output
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_workdirs(out.parent, out.name)
+    with output_lock(out):  # checked again under the lock, held until the build is in place
+        _check_output(out, prepared.identity, prepared.request.force)
+        model = prepare_model(prepared, log, warn)
+        _remove_stale_workdirs(out.parent, out.name)
+        return _build_locked(prepared, model, log, started)
+
+
+def _build_locked(prepared: PreparedBuild, model: PreparedModel, log: Log, started: float) -> BuildResult:
+    out = prepared.output
     tmp, lock = _locked_workdir(out.parent, f".{out.name}.tmp-")
     try:
         umask = os.umask(0)
@@ -343,6 +372,39 @@ def build(request: BuildRequest, log: Log = lambda msg: None, warn: Log = _warn)
 
 
 # --- work directories -------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold the build lock of the output directory ``out``: a hidden lock file beside it, locked exclusively.
+
+    A second build of the same output while the lock is held is refused at once (it would replace the first
+    build's result or race it in the final rename). The lock file is removed on release; a process killed while
+    holding it leaves the file unlocked, which the next build takes over.
+    """
+    if fcntl is None:
+        yield
+        return
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"another tome-export build is writing {str(out)!r} now: wait for it to finish or "
+                            f"choose another --output") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:  # its holder released and removed it while we waited for the lock
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _locked_workdir(parent: Path, prefix: str) -> Tuple[Path, Optional[int]]:
