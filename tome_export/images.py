@@ -7,6 +7,8 @@ from typing import List
 
 from PIL import Image
 
+from .preprocess import to_rgb
+
 # Colour photographs from scikit-image's bundled data (no download needed).
 SAMPLE_PHOTOS = (
     "astronaut.png",
@@ -32,4 +34,4 @@ def sample_photos(n: int = len(SAMPLE_PHOTOS)) -> List[Image.Image]:
     paths = sample_photo_paths()
     if not paths:
         raise RuntimeError("scikit-image's bundled sample photos are missing; reinstall scikit-image")
-    return [Image.open(paths[i % len(paths)]).convert("RGB") for i in range(n)]
+    return [to_rgb(Image.open(paths[i % len(paths)])) for i in range(n)]
