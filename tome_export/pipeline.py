@@ -28,7 +28,7 @@ except ImportError:  # not POSIX: work directories are not locked, stale ones ar
 
 from ._version import __version__
 from .errors import UserError
-from .export import MIN_OPSET, export_onnx
+from .export import MIN_OPSET, export_onnx, max_opset
 from .flops import flops_summary
 from .info import ModelInfo
 from .manifest import MANIFEST, Manifest, load_manifest, write_manifest
@@ -157,6 +157,11 @@ def _check_request(request: BuildRequest, target: Target) -> None:
         raise UserError(
             f"--opset {request.opset} is too low: ToMe's scatter-add needs opset >= 16 (lower opsets silently drop "
             f"merges) and the exporter needs >= {MIN_OPSET}; use --opset {MIN_OPSET} or higher")
+    if request.opset > max_opset():
+        raise UserError(f"--opset {request.opset} is beyond what the installed exporter writes: use --opset "
+                        f"{MIN_OPSET} to {max_opset()}")
+    if not 0 <= request.seed < 2**64:
+        raise UserError(f"--seed must be between 0 and 2**64 - 1, got {request.seed}")
     if request.img_size is not None and request.img_size < 16:
         raise UserError(f"--img-size must be a positive image side in pixels, got {request.img_size}")
     if request.checkpoint is not None and not Path(request.checkpoint).is_file():

@@ -15,7 +15,7 @@ import warnings
 from importlib import metadata
 from typing import Dict, List, Optional
 
-from ..errors import UserError, ValidationError
+from ..errors import EXIT_CHECK_FAILED, EXIT_USER_ERROR, UserError, ValidationError, os_error_message
 from .common import Command
 
 DEFAULT = "export"
@@ -45,10 +45,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return known[DEFAULT].run(argv)
     except UserError as exc:
         print(f"tome-export: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except ValidationError as exc:
         print(f"tome-export: validation failed: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_CHECK_FAILED
+    except OSError as exc:  # the disk, permissions, name lengths: the user's to fix, never a traceback
+        print(f"tome-export: error: {os_error_message(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("tome-export: interrupted; nothing was written", file=sys.stderr)
         return 130
