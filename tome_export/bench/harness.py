@@ -118,6 +118,27 @@ def _check_requirements(config: BenchConfig) -> None:
             raise UserError(f"{why} need the Python package {module!r}: pip install 'tome-export[bench]'")
 
 
+def _check_models(config: BenchConfig) -> None:
+    """Every model name resolves, and a model with ``kwargs`` takes them: built on the meta device (no memory, no
+    weights), before anything is written."""
+    import torch
+
+    from ..models import create_model, resolve
+
+    for i, m in enumerate(config.models):
+        if m.train is not None:  # the embedded digits case: built by the harness itself
+            continue
+        resolve(m.model)
+        if not m.kwargs:
+            continue
+        try:
+            with torch.device("meta"):
+                create_model(m.model, weights="random", seed=m.seed, **dict(m.kwargs))
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise UserError(f"models[{i}] ({m.model}): kwargs {dict(m.kwargs)} do not build the model "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
 def _failure(exc: BaseException) -> Failure:
     """Why building, loading or running a variant raised ``exc``."""
     if isinstance(exc, UserError):
@@ -546,6 +567,7 @@ def run_bench(config: BenchConfig, out_dir: os.PathLike, data: Optional[os.PathL
     out = Path(out_dir)
     _check_out(out)
     _check_requirements(config)
+    _check_models(config)
     if data is not None:
         if not Path(data).is_dir():
             raise UserError(f"--data {str(data)!r} is not a directory: pass an ImageFolder (one folder per class)")
