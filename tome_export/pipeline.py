@@ -36,6 +36,7 @@ from .merge import MERGE_IMPLS
 from .models import ModelName, ModelSpec, create_model, family_libraries, model_info, patch, preprocessing, resolve
 from .preprocess import Preprocessing
 from .recipes import load_recipe, recipe_for
+from .resources import check_memory
 from .schedule import RSpec, Schedule, expand_schedule, r_label, resolve_schedule
 from .targets import BuildContext, BuildPlan, Target, TargetResult, get_target, recipe_settings
 
@@ -63,6 +64,7 @@ class BuildRequest:
     prop_attn: bool = True
     img_size: Optional[int] = None
     force: bool = False
+    allow_large: bool = False  # skip the memory estimate's refusal
     trace_source: bool = False
     validation_images: int = 8
     recipe: Optional[Path] = None  # a recipe file; default: the built-in <target>-<precision> recipe
@@ -354,6 +356,8 @@ def build(request: BuildRequest, log: Log = lambda msg: None, warn: Log = _warn)
     with output_lock(out):  # checked again under the lock, held until the build is in place
         _check_output(out, prepared.identity, prepared.request.force)
         model = prepare_model(prepared, log, warn)
+        batch = max(prepared.plan.batch, 3 if prepared.plan.dynamic_batch else 1)  # validation runs 3 at once
+        check_memory(model.info, batch, "the build", prepared.request.allow_large)
         _remove_stale_workdirs(out.parent, out.name)
         return _build_locked(prepared, model, log, started)
 

@@ -34,6 +34,8 @@ def run(argv: Sequence[str]) -> int:
     weights.add_argument("--checkpoint", type=Path, help="a timm state_dict for the config's (single) model")
     p.add_argument("--cache", type=Path, help="where built artifacts are kept (default OUT/artifacts)")
     p.add_argument("--force", action="store_true", help="measure every cell again instead of resuming")
+    p.add_argument("--allow-large", action="store_true", help="run a matrix over the cell limit, or batches whose "
+                   "memory estimate exceeds half of this machine's memory")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     config = load_config(args.config).with_weights(args.weights, args.checkpoint)
@@ -42,7 +44,7 @@ def run(argv: Sequence[str]) -> int:
         # a progress bar on a terminal; one line per step in logs (long runs), nothing with --quiet
         log = (lambda msg: None) if args.quiet else (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
         result = run_bench(config, out, data=args.data, force=args.force, cache=args.cache, progress=not args.quiet,
-                           log=log)
+                           log=log, allow_large=args.allow_large)
     except KeyboardInterrupt:
         print(f"tome-export bench: interrupted; finished groups are saved in {out} (re-run to resume)", file=sys.stderr)
         return 130

@@ -79,6 +79,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--trace-source", action="store_true",
                    help="add a 'source' output (which patches each final token holds; see `tome-export visualize`)")
     p.add_argument("--force", action="store_true", help="replace an output directory holding another model's build")
+    p.add_argument("--allow-large", action="store_true",
+                   help="build even when the memory estimate exceeds half of this machine's memory")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     p.add_argument("--list-models", action="store_true", help="print the model aliases and supported families")
     _target_arguments(p)
@@ -140,6 +142,7 @@ def run(argv: Sequence[str]) -> int:
         batch=args.batch, dynamic_batch=bool(args.dynamic_batch), opset=args.opset, output=args.output,
         weights=args.weights, checkpoint=args.checkpoint, seed=args.seed, merge_impl=args.merge_impl,
         prop_attn=not args.no_prop_attn, img_size=args.img_size, force=args.force, recipe=args.recipe,
+        allow_large=args.allow_large,
         target_options=_target_options(args), trace_source=args.trace_source,
     )
     prepared = prepare(request)  # cheap checks first, before any progress display
