@@ -41,7 +41,7 @@ def runtime_settings(manifest: Manifest) -> Dict[str, Any]:
         raise UserError(f"no runner for target {manifest.target!r}; available: {', '.join(sorted(LEGACY_RUNNERS))} "
                         f"(or rebuild the artifact with a tome-export that has this target)")
     runtime["runner"] = LEGACY_RUNNERS[manifest.target]
-    runtime.setdefault("install", LEGACY_INSTALL.get(manifest.target, "pip install onnxruntime"))
+    runtime.setdefault("install", LEGACY_INSTALL.get(manifest.target, "pip install 'tome-export[onnxruntime]'"))
     trt = manifest.section("tensorrt") or {}
     if manifest.target.startswith("tensorrt"):
         runtime.update(file="model.engine", library=trt.get("library", "tensorrt"),

@@ -80,7 +80,7 @@ def check(plan: BuildPlan) -> None:
             import nncf  # noqa: F401
         except ImportError:
             raise UserError("--precision int8 for openvino quantizes with NNCF, which is not installed: "
-                            "pip install 'tome-export[openvino]'") from None
+                            "pip install 'tome-export[openvino-int8]'") from None
     hint = plan.settings.build.inference_precision
     needed = CAPABILITY[hint]
     if needed is not None:
