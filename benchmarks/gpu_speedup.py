@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tome_export import create_model, model_info, patch, resolve_schedule  # noqa: E402
+from tome_export.bench.timing import cuda_graph  # noqa: E402
 from tome_export.flops import flops_summary  # noqa: E402
 from tome_export.models import base as tome_base  # noqa: E402
 
@@ -135,26 +136,6 @@ def with_attention_lowering(name: str, fn: Callable[[], Any]) -> Callable[[], An
         finally:
             tome_base.CHANNEL_MIN_TOKENS = saved
     return call
-
-
-def cuda_graph(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """Capture ``fn`` (after warm-up on a side stream, which also compiles Triton kernels) and return its replay.
-
-    Without a GPU (the dry run) ``fn`` is returned after one call.
-    """
-    if not torch.cuda.is_available():
-        fn()
-        return fn
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def _timed_ms(fn: Callable[[], Any], iters: int, device: torch.device) -> float:

@@ -121,3 +121,4 @@ def traced_artifact(tmp_path_factory):
 
 
 from cpu_builds import cpu_build  # noqa: E402,F401  (session fixture: CPU recipe builds on one shared export)
+from serve_builds import vit_t16_build  # noqa: E402,F401  (session fixture: pipeline builds for tests/serve)

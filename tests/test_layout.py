@@ -22,7 +22,7 @@ LAYERS: List[Tuple[str, ...]] = [
     ("merge", "kernels", "models", "export"),
     ("quality", "quantization"),
     ("targets",),
-    ("pipeline", "inspection", "visualize"),
+    ("pipeline", "inspection", "visualize", "serve"),
     ("bench",),
     ("cli",),
 ]

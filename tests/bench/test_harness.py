@@ -13,7 +13,8 @@ from PIL import Image
 from tome_export.bench import quality
 from tome_export.bench.config import load_config, parse_config
 from tome_export.bench.harness import run_bench
-from tome_export.bench.report import derive
+from tome_export.bench.matrix import backends, skip_reason
+from tome_export.bench.report import _losses, derive
 from tome_export.cli import main
 from tome_export.devices import gpu_available
 from tome_export.errors import UserError
@@ -189,6 +190,33 @@ def test_derive_stacking_efficiency_from_records():
     cells["int8r0"]["group"] = "another run"  # never a ratio of numbers not timed side by side
     derive(cells)
     assert cells["int8r8"]["derived"]["speedup_precision"] is None and cells["int8r8"]["derived"]["stacking_efficiency"] is None
+
+
+def test_report_states_where_tome_is_slower():
+    def cell(backend, batch, p, r, ips):
+        return {"id": f"{backend}{batch}{p}{r}", "model": "m", "model_name": "vit", "backend": backend, "device": "cuda",
+                "batch": batch, "threads": 1, "precision": p, "r": r, "status": "measured", "throughput_ips": ips,
+                "group": f"{backend}{batch}"}
+
+    cells = [cell("torch-cuda-graph", 1, "fp32", "r0", 10.0), cell("torch-cuda-graph", 1, "fp32", "r16", 7.0),
+             cell("torch-cuda-graph", 1, "fp16", "r0", 20.0), cell("torch-cuda-graph", 1, "fp16", "r16", 19.0),
+             cell("torch-cuda-graph", 64, "fp32", "r0", 10.0), cell("torch-cuda-graph", 64, "fp32", "r16", 14.0),
+             cell("torch-cuda-graph", 64, "fp16", "r0", 20.0), cell("torch-cuda-graph", 64, "fp16", "r16", 30.0)]
+    derive({c["id"]: c for c in cells})
+    text = "\n".join(_losses(cells))
+    assert "fp32, r16, batch 1, 1 thread(s): 0.70x" in text and "fp16, r16, batch 1, 1 thread(s): 0.95x" in text
+    assert "batch 64" not in text.split("in these cells:")[1].split("On **")[0]
+    assert "On **torch-cuda-graph**, ToMe loses at batch size(s) 1." in text
+    faster = [c for c in cells if c["batch"] == 64]
+    assert "Nowhere" in "\n".join(_losses(faster))
+
+
+def test_cuda_graph_backend_is_a_gpu_backend():
+    spec = backends()["torch-cuda-graph"]
+    assert spec.device == "cuda" and spec.cuda_graph and spec.target is None
+    assert "needs an NVIDIA GPU" in skip_reason("torch-cuda-graph", "fp16", gpu=False)
+    assert skip_reason("torch-cuda-graph", "fp16", gpu=True) is None
+    assert "CPU only" in skip_reason("torch-cuda-graph", "int8", gpu=True)
 
 
 def test_decision_agreement_counts_identical_decisions_and_groups():

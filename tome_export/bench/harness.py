@@ -511,8 +511,9 @@ class _Subjects:
     def _eager(self, v: Variant) -> TorchSubject:
         if v not in self.torch:
             self.say(f"preparing torch {v.precision} {v.r_label}")
-            self.torch[v] = TorchSubject(self.loaded.model, v.r, v.precision, backends()[self.backend].device,
-                                         prop_attn=v.model.prop_attn)
+            spec = backends()[self.backend]
+            self.torch[v] = TorchSubject(self.loaded.model, v.r, v.precision, spec.device,
+                                         prop_attn=v.model.prop_attn, graph=spec.cuda_graph)
         return self.torch[v]
 
     def _artifact(self, v: Variant, batch: int, threads: int) -> ArtifactSubject:

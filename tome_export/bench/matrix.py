@@ -1,6 +1,6 @@
 """What a benchmark matrix is made of: backends, precisions, variants (built once) and cells (timed).
 
-A backend is eager PyTorch (on the CPU or an NVIDIA GPU) or a registered build target, whose artifacts run through
+A backend is PyTorch (eager on the CPU or an NVIDIA GPU, or CUDA-graph replays) or a registered build target, whose artifacts run through
 :func:`tome_export.runtime.load`; the list follows the target registry. A target is never substituted for
 another: a cell that cannot run here is skipped with the reason.
 """
@@ -19,13 +19,16 @@ if TYPE_CHECKING:  # config imports this module
 @dataclass(frozen=True)
 class Backend:
     name: str
-    target: Optional[str]  # a registered build target; None: eager PyTorch
+    target: Optional[str]  # a registered build target; None: PyTorch
     device: str  # cpu | cuda
     description: str
+    cuda_graph: bool = False  # PyTorch: time replays of a captured CUDA graph rather than eager calls
 
 
 EAGER = (Backend("torch", None, "cpu", "eager PyTorch on the CPU, ToMe patched in place"),
-         Backend("torch-cuda", None, "cuda", "eager PyTorch on an NVIDIA GPU"))
+         Backend("torch-cuda", None, "cuda", "eager PyTorch on an NVIDIA GPU"),
+         Backend("torch-cuda-graph", None, "cuda", "PyTorch on an NVIDIA GPU, each batch size's forward captured "
+                 "once as a CUDA graph and replayed (no launch overhead)", cuda_graph=True))
 
 # Eager PyTorch precisions: bf16/fp16 convert weights and activations (``model.to(dtype)``); int8 is dynamic
 # quantization of the Linear layers (int8 weights, activations quantized per batch), which runs on the CPU only.

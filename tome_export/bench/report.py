@@ -206,6 +206,33 @@ def _best(results: Dict[str, Any]) -> List[str]:
           _x((e["cell"].get("derived") or {}).get("speedup")), e["metric"]) for e in best])
 
 
+def tome_alone(cell: Dict[str, Any]) -> Optional[float]:
+    """ToMe's own effect in a cell: its throughput over r=0 at the same precision, timed side by side."""
+    d = cell.get("derived") or {}
+    if cell["r"] == "r0" or d.get("speedup") is None or not d.get("speedup_precision"):
+        return None
+    return d["speedup"] / d["speedup_precision"]
+
+
+def _losses(measured: List[Dict[str, Any]]) -> List[str]:
+    """Where ToMe made things slower than r=0 at the same precision: stated, not left for the reader to find."""
+    slower = [c for c in measured if (tome_alone(c) or 1.0) < 1.0]
+    tried = [c for c in measured if tome_alone(c) is not None]
+    if not tried:
+        return []
+    lines = ["## Where ToMe is slower than no ToMe", ""]
+    if not slower:
+        return lines + ["Nowhere: in every measured cell ToMe was at least as fast as r=0 at the same precision.", ""]
+    lines += ["ToMe is slower than r=0 at the same precision (same backend, batch and threads) in these cells:", ""]
+    lines += [f"- {c['backend']} ({c['device']}), {c['model_name']}, {c['precision']}, {c['r']}, batch {c['batch']}, "
+              f"{c['threads']} thread(s): {tome_alone(c):.2f}x" for c in slower]
+    by_backend: Dict[str, List[int]] = defaultdict(list)
+    for c in slower:
+        by_backend[c["backend"]].append(c["batch"])
+    return lines + [""] + [f"On **{b}**, ToMe loses at batch size(s) {', '.join(map(str, sorted(set(v))))}."
+                           for b, v in by_backend.items()] + [""]
+
+
 def _stacked_cell(c: Optional[Dict[str, Any]], r: str, p: str) -> str:
     if c is None:
         return "–"
@@ -317,7 +344,7 @@ def report(results: Dict[str, Any], plots: Sequence[str] = ()) -> str:
     groups: Dict[Tuple, List[Dict]] = defaultdict(list)
     for c in measured:
         groups[(c["model"], c["backend"], c["threads"])].append(c)
-    lines = (_header(results, measured) + _models(results) + _best(results) + _stacked(groups, cfg)
+    lines = (_header(results, measured) + _models(results) + _best(results) + _losses(measured) + _stacked(groups, cfg)
              + _throughput(groups, cfg) + _fidelity(results, cells, measured) + _all_cells(measured)
              + _not_run(cells))
     if plots:

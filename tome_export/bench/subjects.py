@@ -25,7 +25,7 @@ from ..schedule import RSpec, r_label
 from . import digits  # noqa: F401  (registers the digits model and its alias)
 from .config import ModelConfig
 from .matrix import Variant, backends
-from .timing import cuda_clock_ms
+from .timing import cuda_clock_ms, cuda_graph
 
 PREDICT_BATCH = 64  # quality passes only; timing uses the cell's batch
 
@@ -104,7 +104,7 @@ class TorchSubject(Subject):
     """Eager PyTorch: a patched copy of the fp32 model, converted to the variant's precision."""
 
     def __init__(self, base: torch.nn.Module, r: RSpec, precision: str, device: str = "cpu",
-                 prop_attn: bool = True) -> None:
+                 prop_attn: bool = True, graph: bool = False) -> None:
         started = time.perf_counter()
         model = patch(copy.deepcopy(base), r, prop_attn=prop_attn)
         self.dtype = _DTYPES.get(precision, torch.float32)
@@ -119,9 +119,9 @@ class TorchSubject(Subject):
         elif precision != "fp32":
             raise UserError(f"eager PyTorch has no {precision} mode")
         self.model = model.to(device).eval()
-        self.device = device
+        self.device, self.graph = device, graph
         if device == "cuda":
-            self.clock, self.timer = cuda_clock_ms, "CUDA events"
+            self.clock, self.timer = cuda_clock_ms, "CUDA events" + (" around CUDA-graph replays" if graph else "")
         buffer = io.BytesIO()
         torch.save(self.model.state_dict(), buffer)
         self.details = {"artifact_bytes": buffer.tell(), "artifact": "state_dict as torch.save writes it",
@@ -146,7 +146,7 @@ class TorchSubject(Subject):
             with torch.inference_mode():
                 return model(xt)
 
-        return run
+        return cuda_graph(run) if self.graph else run
 
 
 class ArtifactSubject(Subject):

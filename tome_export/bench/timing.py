@@ -55,6 +55,26 @@ def cuda_clock_ms(fn: Callable[[], object]) -> float:
     return float(start.elapsed_time(end))
 
 
+def cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
+    """Capture ``fn`` as a CUDA graph (after warm-up calls on a side stream, which also compile Triton kernels and
+    settle the caching allocator) and return its replay; without CUDA, ``fn`` itself after one call."""
+    import torch
+
+    if not torch.cuda.is_available():
+        fn()
+        return fn
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def measure_interleaved(
     runs: Mapping[str, Callable[[], object]],
     rounds: int = 5,

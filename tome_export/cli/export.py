@@ -8,12 +8,14 @@ from typing import Any, Dict, Sequence
 
 from ..errors import UserError
 from .common import Command, Parser, Progress
+from .serve import add_build_arguments, print_served
 
 EXAMPLES = """examples:
   tome-export --model vit_b16 --r 16 --target onnx --weights random
   tome-export --model deit_s --r 16:-1 --dynamic-batch --output out/deit_s
   tome-export --model vit_t16 --r 8,8,8,8,8,8,8,8,8,8,8,8 --merge-impl onehot
   tome-export --model vit_b16 --checkpoint vit_b16.safetensors --batch 8
+  tome-export --model vit_b16 --r 16 --target openvino --precision int8 --dynamic-batch --serve triton
   tome-export --model hf:google/vit-base-patch16-224 --r 16 --target openvino --precision int8
   tome-export --model ./my-finetuned-vit --r 8          # a save_pretrained directory (transformers)
   tome-export --list-models
@@ -80,6 +82,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     p.add_argument("--list-models", action="store_true", help="print the model aliases and supported families")
     _target_arguments(p)
+    add_build_arguments(p)
     return p
 
 
@@ -140,12 +143,22 @@ def run(argv: Sequence[str]) -> int:
         target_options=_target_options(args), trace_source=args.trace_source,
     )
     prepared = prepare(request)  # cheap checks first, before any progress display
+    serving = None
+    if args.serve:  # refused before any work when the repository entry could not be written
+        from ..serve import TritonOptions, check_request
+
+        serving = TritonOptions(variant=args.serve_variant)
+        check_request(prepared.output, args.serve, args.serve_repository, serving, args.force)
     progress = Progress(4, args.quiet)
     try:
         result = build(prepared, log=progress, warn=progress.warn)
     finally:
         progress.close()
     print("\n".join(build_summary(result.path, Manifest.from_dict(result.manifest))))
+    if serving is not None:
+        from ..serve import serve_artifact
+
+        print_served(serve_artifact(result.path, args.serve, args.serve_repository, serving, args.force))
     return 0
 
 

@@ -1,0 +1,120 @@
+"""The README.md written beside each served model: how to run it, what it takes, how to call it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, List, Mapping
+
+from .._version import __version__
+from .triton import ModelPlan
+
+TESTED = ("tome-export's tests serve Python-backend repositories on a real `tritonserver` 2.51 (the one in the "
+          "`nvidia-pytriton` 0.7.0 wheel, which ships only the Python backend) and compare its logits with "
+          "`tome_export.runtime` to 1e-5. The native onnxruntime, openvino and tensorrt backends are not in that "
+          "wheel and were not run: their configurations are checked against Triton's ModelConfig schema and against "
+          "the graph's names and dimensions, and their parameters follow the backends' source.")
+
+BACKEND_PACKAGES = {"onnx": "onnxruntime", "onnxruntime": "onnxruntime", "openvino": "openvino",
+                    "tensorrt": "tensorrt cuda-python", "tensorrt-rtx": "tensorrt-rtx-cu13 cuda-python"}
+
+
+def validation_line(manifest: Mapping[str, Any]) -> str:
+    v = manifest.get("validation", {})
+    if not v:
+        return "no validation recorded"
+    return (f"{v.get('backend')}: max |diff| {v.get('max_abs_diff', float('nan')):.2e}, min cosine "
+            f"{v.get('min_cosine', float('nan')):.5f}, top-1 agreement {v.get('top1_agreement', float('nan')):.3f} "
+            f"vs PyTorch ToMe on {v.get('images')} photos")
+
+
+def _io_lines(plan: ModelPlan) -> List[str]:
+    batched = plan.batching.max_batch_size > 0
+    lines = []
+    for kind, specs in (("input", plan.inputs), ("output", plan.outputs)):
+        for spec in specs:
+            dims = list(spec.shape[1:] if batched else spec.shape)
+            lines.append(f"- {kind} `{spec.name}`: {spec.dtype}, dims {dims}" +
+                         (" (plus the batch dimension)" if batched else ""))
+    lines.append(f"- batching: max_batch_size {plan.batching.max_batch_size}; {plan.batching.reason}" +
+                 (f"; dynamic batching waits up to {plan.queue_delay_us} µs to fill a batch" if plan.batching.dynamic else ""))
+    lines.append("- the output is raw logits (apply a softmax for probabilities)")
+    return lines
+
+
+def _preprocessing_lines(manifest: Mapping[str, Any]) -> List[str]:
+    p = manifest["preprocessing"]
+    _, height, width = p["input_size"]
+    return [f"1. RGB; resize ({p['interpolation']}) so the image covers {int(height / p['crop_pct'])} px "
+            f"(crop_pct {p['crop_pct']}, crop mode {p['crop_mode']});",
+            f"2. centre crop {height}x{width}; scale to [0, 1]; subtract mean {p['mean']}, divide by std {p['std']};",
+            "3. channels first (C, H, W), float32; stack images into a batch.",
+            "",
+            "The same values are in config.pbtxt as `preprocessing.*` parameters, which the client below reads back; "
+            "`tome_export.preprocess.Preprocessing` implements these steps with NumPy and PIL (no torch)."]
+
+
+def _client_lines(plan: ModelPlan) -> List[str]:
+    return ["```python",
+            "import numpy as np, tritonclient.http as triton_http",
+            "from tome_export.serve.triton import preprocessing_from_parameters",
+            "",
+            "client = triton_http.InferenceServerClient(\"127.0.0.1:8000\")",
+            f"config = client.get_model_config(\"{plan.name}\")",
+            "pre = preprocessing_from_parameters(config[\"parameters\"])",
+            "batch = np.stack([pre(\"photo.jpg\")])" + ("" if plan.batching.max_batch_size else
+                                                      f"  # exactly {plan.inputs[0].shape[0]} image(s) per request"),
+            f"request = triton_http.InferInput(\"{plan.inputs[0].name}\", list(batch.shape), \"FP32\")",
+            "request.set_data_from_numpy(batch)",
+            f"logits = client.infer(\"{plan.name}\", [request]).as_numpy(\"{plan.outputs[0].name}\")",
+            "print(np.argsort(-logits, axis=1)[:, :5])  # top-5 class indices per image",
+            "```",
+            "",
+            f"or, from the tome-export source tree: `python examples/triton_client.py --model {plan.name} photo.jpg`"]
+
+
+def _server_lines(plan: ModelPlan, manifest: Mapping[str, Any], repository: Path) -> List[str]:
+    lines = ["```", f"tritonserver --model-repository {os.path.abspath(repository)}", "```"]
+    if plan.variant == "python":
+        packages = BACKEND_PACKAGES.get(str(manifest.get("target")), "")
+        lines += ["", "The Python backend runs `1/model.py`, which loads `1/artifact/` with `tome_export.runtime.load` "
+                  "(checksums verified) — the code path the build validated. The server's Python needs tome-export "
+                  "and the backend, no torch:",
+                  "", "```", f"pip install --no-deps /path/to/tome-export   # its source tree or wheel, version {__version__}",
+                  f"pip install numpy pillow {packages}", "```"]
+    else:
+        lines += ["", f"Triton's native `{plan.backend}` backend loads `1/{plan.default_model_filename}`."]
+    return lines
+
+
+def _runtime_settings(manifest: Mapping[str, Any]) -> str:
+    runtime = {k: v for k, v in manifest.get("runtime", {}).items() if k != "file"}
+    flat = {**{k: v for k, v in runtime.items() if k != "config"}, **runtime.get("config", {})}
+    return ", ".join(f"{k}={v}" for k, v in flat.items()) or "none"
+
+
+def render_readme(plan: ModelPlan, manifest: Mapping[str, Any], artifact: Path, repository: Path) -> str:
+    model = manifest.get("model", {})
+    title = (f"{model.get('alias')} ToMe r {manifest.get('r_schedule')}, {manifest.get('target')} "
+             f"{manifest.get('precision')}, Triton {plan.backend} backend")
+    settings = ", ".join([f"{k}={v}" for k, v in plan.parameters.items()
+                          if not k.startswith(("preprocessing.", "tome_export."))]
+                         + ([f"optimization.graph.level={plan.graph_level}"] if plan.graph_level is not None else []))
+    lines = [f"# {plan.name}: {title}", "",
+             f"Written by tome-export {__version__} from `{os.path.abspath(artifact)}` ({model.get('source', 'timm')} "
+             f"{model.get('name')}, weights {model.get('weights')}). Validated when built: {validation_line(manifest)}.",
+             "", "## Serve", "", *_server_lines(plan, manifest, repository),
+             "", "## Inputs and outputs", "", *_io_lines(plan),
+             "", "## Preprocessing (the client's job)", "", *_preprocessing_lines(manifest),
+             "", "## Client", "", *_client_lines(plan),
+             "", "## Settings", "",
+             f"- validated runtime settings (the manifest's `runtime`): {_runtime_settings(manifest)}; "
+             + ("`tome_export.runtime` applies them" if plan.variant == "python" else
+                "carried into the backend settings below" + (", except what the notes name" if plan.notes else "")),
+             f"- backend settings in config.pbtxt: {settings or 'none (the backend defaults)'}; the recipe fixes no "
+             f"thread count, so threads are the backend's default unless `--threads` was given",
+             *[f"- **note**: {note}" for note in plan.notes],
+             "", "## Files", "",
+             "`SHA256SUMS` in this directory lists every file's sha256: `sha256sum -c SHA256SUMS` checks them.",
+             "", "## Tested", "", TESTED, ""]
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""What a built graph takes and returns, read from the graph file itself (not from the manifest).
+
+A serving configuration must name the graph's tensors exactly, so names, element types and shapes come from the
+ONNX file or the OpenVINO IR; the manifest is only cross-checked against them. A dimension of -1 is dynamic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Mapping, Tuple
+
+import numpy as np
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy name: float32, float16, int64, ...
+    shape: Tuple[int, ...]  # -1: dynamic
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: Tuple[TensorSpec, ...]
+    outputs: Tuple[TensorSpec, ...]
+    graph_file: str  # the file the tensors were read from, relative to the artifact directory
+
+    def output(self, name: str) -> TensorSpec:
+        for spec in self.outputs:
+            if spec.name == name:
+                return spec
+        raise UserError(f"the graph {self.graph_file} has no output {name!r} "
+                        f"(it has {', '.join(o.name for o in self.outputs)}): rebuild the artifact")
+
+    @property
+    def batch_dynamic(self) -> bool:
+        """Whether the first input's leading (batch) dimension is dynamic."""
+        return self.inputs[0].shape[0] == -1
+
+
+def onnx_signature(path: Path) -> Signature:
+    """Inputs and outputs of an ONNX graph (weights are not loaded)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, google.protobuf errors, OSError
+        raise UserError(f"{path} is not a readable ONNX file ({type(exc).__name__}): rebuild the artifact") from None
+    initializers = {t.name for t in model.graph.initializer}
+
+    def spec(value: Any) -> TensorSpec:
+        tensor = value.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
+        shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+        return TensorSpec(value.name, dtype, shape)
+
+    inputs = tuple(spec(v) for v in model.graph.input if v.name not in initializers)
+    return Signature(inputs, tuple(spec(v) for v in model.graph.output), path.name)
+
+
+def openvino_signature(path: Path) -> Signature:
+    """Inputs and outputs of an OpenVINO IR, as OpenVINO itself reads them."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise UserError("reading an OpenVINO IR needs the Python package 'openvino': "
+                        "pip install 'tome-export[openvino]'") from None
+
+    try:
+        model = ov.Core().read_model(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not a readable OpenVINO IR ({first}): rebuild the artifact") from None
+
+    def spec(port: Any) -> TensorSpec:
+        shape = tuple(d.get_length() if d.is_static else -1 for d in port.get_partial_shape())
+        return TensorSpec(port.get_any_name(), np.dtype(port.get_element_type().to_dtype()).name, shape)
+
+    return Signature(tuple(spec(p) for p in model.inputs), tuple(spec(p) for p in model.outputs), path.name)
+
+
+# target -> the graph file a server loads (TensorRT engines are built from model.onnx, with its tensor names)
+GRAPH_FILES: Dict[str, str] = {"onnx": "model.onnx", "onnxruntime": "model.onnx", "openvino": "model.xml",
+                               "tensorrt": "model.onnx", "tensorrt-rtx": "model.onnx"}
+
+
+def artifact_signature(directory: Path, manifest: Mapping[str, Any]) -> Signature:
+    """The graph's signature, checked against what the manifest says the artifact takes."""
+    target = manifest.get("target")
+    if target not in GRAPH_FILES:
+        raise UserError(f"no serving support for target {target!r}; supported: {', '.join(sorted(GRAPH_FILES))}")
+    name = manifest.get("runtime", {}).get("file") or GRAPH_FILES[target]
+    if Path(name).suffix not in (".onnx", ".xml"):  # an engine: its tensors are named as in the graph it came from
+        name = GRAPH_FILES[target]
+    path = Path(directory) / name
+    signature = openvino_signature(path) if path.suffix == ".xml" else onnx_signature(path)
+    declared = manifest.get("input", {})
+    first = signature.inputs[0] if signature.inputs else None
+    if first is None or len(signature.inputs) != 1:
+        raise UserError(f"{path} takes {len(signature.inputs)} inputs; a tome-export graph takes one image batch")
+    expected = tuple(-1 if isinstance(d, str) else int(d) for d in declared.get("shape", first.shape))
+    if first.name != declared.get("name", first.name) or first.shape != expected:
+        raise UserError(f"{path} takes {first.name} {list(first.shape)} but its manifest says "
+                        f"{declared.get('name')} {list(expected)}: the directory is inconsistent; rebuild it")
+    return signature
