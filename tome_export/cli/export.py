@@ -60,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--r", help="tokens merged per block: 16 | 16:-1 | 8,8,... (default 16; capped per block "
                    "silently when defaulted, with a warning when given)")
     p.add_argument("--target", help=f"one of {', '.join(sorted(targets()))} (default onnx)")
-    p.add_argument("--precision", help="fp32 | fp16 | bf16 | int8 ... as the target supports (default fp32)")
+    p.add_argument("--precision", help="fp32 | fp16 | bf16 | int8 ... as the target supports (default fp32; fp16 "
+                   "for the GPU targets tensorrt and tensorrt-rtx)")
     p.add_argument("--recipe", type=Path, help="a recipe YAML file (default: the built-in "
                    "tome_export/recipes/<target>-<precision>.yaml)")
     batch = p.add_mutually_exclusive_group()
