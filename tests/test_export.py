@@ -108,10 +108,14 @@ def test_tome_nodes_are_named_by_role(impl, onnx_cache):
     assert merge_ops["Div"] == n  # the size-weighted average
     assert merge_ops["Log"] == n - (merging[-1] == 11)  # log-size bias, unused after the last block
     if impl == "gather":
-        assert match_ops["TopK"] == 2 * n and match_ops["ArgMax"] == n
+        assert match_ops["TopK"] == 3 * n and match_ops["ArgMax"] == n
         assert merge_ops["ScatterElements"] == 2 * n and merge_ops["Gather"] >= 4 * n
     else:
-        assert merge_ops["MatMul"] == 4 * n and match_ops["CumSum"] == 2 * n
+        assert merge_ops["MatMul"] == 2 * n and match_ops["CumSum"] == n
+        # the one-hot lowering gathers only with constant indices (static permutations, no plugin)
+        constants = {t.name for t in graph.initializer}
+        gathers = [node for node in graph.node if node.op_type == "Gather" and node.name.startswith("tome_")]
+        assert gathers and all(node.input[1] in constants for node in gathers)
     # everything else (attention, MLP, norms) is not ToMe
     others = collections.Counter(n.op_type for n in graph.node if not n.name.startswith(("tome_match/", "tome_merge/")))
     assert others["TopK"] == others["ScatterElements"] == others["CumSum"] == others["Log"] == 0
@@ -177,6 +181,33 @@ def test_exact_ties_resolve_identically_in_exported_graphs(tmp_path, impl):
 
     ov_out = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})([metric.numpy(), x.numpy()])[0]
     assert np.array_equal(ov_out, want.numpy())
+
+
+@pytest.mark.parametrize("impl", ["gather", "onehot"])
+def test_degenerate_keys_resolve_identically_in_exported_graphs(tmp_path, impl):
+    """Zero, NaN and infinite metric rows score -inf in ONNX Runtime and OpenVINO as in PyTorch; mass is kept."""
+    t = 12
+    metric = torch.randn(3, t, 4, generator=torch.Generator().manual_seed(0))
+    metric[0, [2, 5, 8]] = 0.0
+    metric[1, [4, 7]] = float("nan")
+    metric[2, [2, 3, 10]] = torch.tensor([float("inf"), 1.0, 1.0, 1.0])
+    x = torch.eye(t).expand(3, t, t).contiguous()
+    module = _MergeOnly(5, 1, impl).eval()
+    want = module(metric, x)
+    assert torch.equal(want.sum(1), torch.ones(3, t))
+    path = tmp_path / "degenerate.onnx"
+    torch.onnx.export(module, (metric, x), dynamo=True, opset_version=18, verbose=False).save(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert np.array_equal(session.run(None, dict(zip(names, [metric.numpy(), x.numpy()])))[0], want.numpy())
+    ov_out = _openvino_inputs(path)([metric.numpy(), x.numpy()])[0]
+    assert np.array_equal(ov_out, want.numpy())
+
+
+def _openvino_inputs(path):
+    import openvino as ov
+
+    return ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
 
 def test_low_opset_is_refused(tmp_path):

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from tome_export.merge import bipartite_soft_matching, cap_r, merge_wavg, split_ab
+from tome_export.merge import bipartite_soft_matching, cap_r, destinations, merge_wavg, split_ab
 from reference_tome import reference_merge
 
 IMPLS = ["gather", "onehot"]
@@ -96,3 +97,72 @@ def test_gradients_flow_through_both_lowerings():
         out, _ = merge_wavg(bipartite_soft_matching(metric, 5, 1, impl), x, None)
         out.sum().backward()
         assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def _groups(merge, t):
+    """For each output token, the input positions it holds (exact: merges of one-hot rows)."""
+    source = merge(torch.eye(t)[None])[0]
+    assert torch.equal(source.sum(0), torch.ones(t))  # mass conserved: every token lands in exactly one row
+    return [torch.nonzero(row).flatten().tolist() for row in source]
+
+
+def _degenerate_metric(bad_a, bad_b):
+    # protected 0; A = 2, 4, 6, 8 (A indices 0-3); B = 1, 3, 5, 7 (B indices 0-3)
+    metric = torch.tensor([[0.3, 0.1], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.7, 0.2],
+                           [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0], [0.5, 0.5]])
+    metric[4], metric[3], metric[8] = bad_a, bad_b, bad_a  # A1, B1 and A3 have no direction
+    return metric[None]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", ["zero", "nan", "inf", "-inf"])
+def test_degenerate_keys_score_minus_infinity_and_keep_mass(impl, bad):
+    inf, nan = float("inf"), float("nan")
+    row = {"zero": [0.0, 0.0], "nan": [nan, 1.0], "inf": [inf, 0.0], "-inf": [1.0, -inf]}[bad]
+    metric = _degenerate_metric(torch.tensor(row), torch.tensor(row))
+    # A0 best is B2 (score 1); A2 ties B0 and B2 (0.71) -> B0; A1, A3 score -inf everywhere -> B0, ranked last.
+    assert _groups(bipartite_soft_matching(metric, 2, 1, impl), 9) == [[0], [4], [8], [1, 6], [3], [2, 5], [7]]
+    assert _groups(bipartite_soft_matching(metric, 3, 1, impl), 9) == [[0], [8], [1, 4, 6], [3], [2, 5], [7]]
+    assert _groups(bipartite_soft_matching(metric, 4, 1, impl), 9) == [[0], [1, 4, 6, 8], [3], [2, 5], [7]]
+    assert destinations(metric, 3, 1).tolist() == [[0, 2, 4, 3, 2, 4, 2, 5, 1]]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_keys_degenerate_merge_the_lowest_a_into_the_first_b(impl):
+    metric = torch.zeros(1, 10, 4)
+    metric[0, 5] = float("nan")
+    assert _groups(bipartite_soft_matching(metric, 3, 1, impl), 10) == [[0], [8], [1, 2, 4, 6], [3], [5], [7], [9]]
+
+
+def _cases():
+    gen = torch.Generator().manual_seed(11)
+    for seed in range(40):
+        n, t = 2, 5 + seed % 23
+        protected = seed % 4
+        if seed % 3 == 0:  # heavy ties: one-hot metrics
+            metric = F.one_hot(torch.randint(0, 3, (n, t), generator=gen), 4).float()
+        else:
+            metric = torch.randn(n, t, 6, generator=gen)
+        bad = torch.rand(n, t, generator=gen) < 0.2
+        metric[bad] = torch.tensor([0.0, float("nan"), float("inf")])[seed % 3]
+        yield metric, 1 + seed % 9, protected
+
+
+def test_destinations_are_what_both_lowerings_do():
+    for metric, r, protected in _cases():
+        n, t, _ = metric.shape
+        want = destinations(metric, r, protected)
+        out_rows = t - cap_r(r, t, protected)
+        assert want.dtype == torch.int64 and want.shape == (n, t)
+        assert want[:, :protected].tolist() == [list(range(protected))] * n
+        assert all(sorted(set(row)) == list(range(out_rows)) for row in want.tolist())  # every row is used
+        eye = torch.eye(t).expand(n, t, t)
+        for impl in IMPLS:
+            source = bipartite_soft_matching(metric, r, protected, impl)(eye)
+            assert torch.equal(source.sum(1), torch.ones(n, t))
+            assert torch.equal(source.argmax(1), want), (impl, r, protected)
+
+
+def test_destinations_of_nothing_to_merge_are_the_positions():
+    assert destinations(torch.randn(2, 5, 3), 0, 1).tolist() == [list(range(5))] * 2
+    assert destinations(torch.randn(1, 3, 3), 4, 2).tolist() == [[0, 1, 2]]

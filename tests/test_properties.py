@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from tome_export import patch
 from tome_export.errors import UserError
 from tome_export.export import export_onnx
-from tome_export.merge import bipartite_soft_matching, cap_r, merge_wavg
+from tome_export.merge import bipartite_soft_matching, cap_r, destinations, merge_wavg
 from tome_export.models import model_info, preprocessing
 from tome_export.images import sample_photos
 from tome_export.schedule import expand_schedule, parse_r_text, resolve_schedule
@@ -137,6 +137,30 @@ def test_merge_matches_the_reference(case):
         torch.testing.assert_close(got_x[i], want_x, atol=1e-5, rtol=1e-5)
         assert got_size[i, :, 0].tolist() == want_size
         assert [torch.nonzero(row).flatten().tolist() for row in source[i]] == want_groups
+
+
+@st.composite
+def degenerate_merge_cases(draw):
+    """Merge cases whose metric rows may be all zero, NaN or infinite (keys with no direction)."""
+    metric, _, _, r, protected, _ = draw(merge_cases())
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    bad = torch.rand(metric.shape[:2], generator=gen) < draw(st.sampled_from([0.0, 0.2, 0.6, 1.0]))
+    metric[bad] = draw(st.sampled_from([0.0, float("nan"), float("inf"), -float("inf")]))
+    return metric, r, protected
+
+
+@_settings(200)
+@given(degenerate_merge_cases())
+def test_both_lowerings_move_every_token_to_its_destination(case):
+    metric, r, protected = case
+    n, t, _ = metric.shape
+    want = destinations(metric, r, protected)
+    assert want.shape == (n, t) and want[:, :protected].tolist() == [list(range(protected))] * n
+    eye = torch.eye(t).expand(n, t, t).contiguous()
+    for impl in ("gather", "onehot"):
+        source = bipartite_soft_matching(metric, r, protected, impl)(eye)
+        assert torch.equal(source.sum(1), torch.ones(n, t))  # mass conserved
+        assert torch.equal(source.argmax(1), want)
 
 
 # --- exports of small ViTs -----------------------------------------------------------------------------

@@ -25,12 +25,9 @@ import onnx
 import torch
 
 from .errors import UserError
-from .graph_names import INPUT_NAME, MATCH_PREFIX, MERGE_PREFIX, OUTPUT_NAME, SOURCE_NAME
+from .graph_names import DYNAMIC_OPS, INPUT_NAME, MATCH_PREFIX, MERGE_PREFIX, OUTPUT_NAME, SOURCE_NAME
 
 MIN_OPSET = 18
-
-# Ops that make shapes data-dependent or add control flow; a static ToMe graph has none of them.
-DYNAMIC_OPS = ("NonZero", "Loop", "If", "Scan", "Unique")
 
 
 class _WithSource(torch.nn.Module):

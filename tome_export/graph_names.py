@@ -16,6 +16,10 @@ SOURCE_NAME = "source"  # optional output: which input tokens each final token h
 MATCH_PREFIX = "tome_match/"  # token-matching path: scores, ranking, index building (keep in fp32)
 MERGE_PREFIX = "tome_merge/"  # applying merges: size weighting, gathers/scatters or one-hot products, log-size
 
+# Ops that make shapes data-dependent or add control flow: a static ToMe graph has none of them (the export
+# refuses them, and TensorRT's compatibility check reports them).
+DYNAMIC_OPS = ("NonZero", "Loop", "If", "Scan", "Unique")
+
 
 def block_of(node_name: str) -> str:
     """The block a ToMe node belongs to (``tome_match/blocks.3/...`` -> ``blocks.3``)."""

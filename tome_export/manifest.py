@@ -86,6 +86,7 @@ class Manifest:
     build_seconds: Optional[float] = None
     sections: Dict[str, Any] = field(default_factory=dict)  # target-specific: precision_step, tensorrt, ...
     artifacts: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # filled in by write_manifest
+    digest: Optional[str] = None  # the manifest's own sha256 as read (write_manifest computes it)
     format: str = FORMAT
 
     @property
@@ -120,6 +121,7 @@ class Manifest:
         known = {k: v for k, v in data.items() if k in _FIELDS}
         sections = {k: v for k, v in data.items() if k not in _FIELDS and k != SELF_DIGEST}
         known["input"] = InputSpec.from_dict(known["input"])
+        known["digest"] = data.get(SELF_DIGEST)
         for name in ("outputs", "notes", "r_requested", "r_schedule", "tokens_per_block", "patch_size"):
             if known.get(name) is not None:
                 known[name] = tuple(known[name])

@@ -20,7 +20,7 @@ RSpec = Union[int, Tuple[int, float], Sequence[int]]
 
 
 def cap_r(r: int, num_tokens: int, num_protected: int) -> int:
-    """The number of merges a block can really make (the reference's cap; :func:`tome_export.merge.cap_r`)."""
+    """The number of merges a block can really make (the reference's cap): at most half the unprotected tokens."""
     return max(0, min(r, (num_tokens - num_protected) // 2))
 
 

@@ -34,6 +34,8 @@ INTERPRETED = textwrap.dedent("""
         keys = torch.randn(batch, heads, tokens, dim, generator=gen)
         keys[:, :, 5] = keys[:, :, 7]  # exact ties in scores and best-scores
         keys[:, :, 9 % tokens] = keys[:, :, 7]
+        keys[:, :, 3] = 0.0  # degenerate keys (no direction): their scores count as -inf, as in merge.py
+        keys[0, :, 11 % tokens] = float("nan")
         size = torch.randint(1, 5, (batch, tokens), generator=gen).float() if tokens % 2 else None
         r = cap_r(r, tokens, protected)
         x = torch.randn(batch, tokens, 136, generator=gen)

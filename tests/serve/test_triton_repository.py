@@ -3,6 +3,7 @@ parsing against Triton's ModelConfig schema, names and dims against the graph, r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import onnx
 import pytest
 
 from tome_export import UserError
-from tome_export.manifest import read_manifest
+from tome_export.manifest import load_manifest, read_manifest
 from tome_export.preprocess import Preprocessing
 from tome_export.serve import PYTHON_MODEL, TritonOptions, serve_artifact
 from tome_export.serve.triton import DEFAULT_MAX_BATCH, plan_model, preprocessing_from_parameters, quote
@@ -98,7 +99,7 @@ def test_native_configs_name_the_graph(vit_t16_build, tmp_path):
 
 def test_tensorrt_artifact_batching_and_native_refusal(vit_t16_build, tmp_path):
     artifact = vit_t16_build("tensorrt", profile="1:2:4")
-    manifest = read_manifest(artifact)
+    manifest = load_manifest(artifact)
     plan = plan_model(artifact, manifest, TritonOptions())
     assert plan.batching.max_batch_size == 4 and plan.batching.preferred == (2,) and plan.instance_kind == "KIND_GPU"
     assert (artifact / "model.engine").is_file() or any("build_engine.sh in 1/artifact/" in n for n in plan.notes)
@@ -110,7 +111,7 @@ def test_tensorrt_artifact_batching_and_native_refusal(vit_t16_build, tmp_path):
         with pytest.raises(UserError, match=r"holds no model.engine.*build_engine.sh"):
             serve_artifact(artifact, repository=tmp_path, options=TritonOptions(variant="native"))
         assert not (tmp_path / artifact.name).exists()
-    rtx = {**manifest, "target": "tensorrt-rtx"}
+    rtx = dataclasses.replace(manifest, target="tensorrt-rtx")
     with pytest.raises(UserError, match="no TensorRT-RTX backend"):
         plan_model(artifact, rtx, TritonOptions(variant="native"))
 

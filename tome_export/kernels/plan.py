@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from ..merge import bipartite_soft_matching
+from ..merge import cap_r, destinations
 
 
 def split_sizes(num_tokens: int, num_protected: int) -> Tuple[int, int, int, int]:
@@ -54,21 +54,24 @@ class Plan(NamedTuple):
 
 def portable_plan(keys: torch.Tensor, size: Optional[torch.Tensor], r: int, num_protected: int,
                   dtype: torch.dtype) -> Plan:
-    """The plan from :func:`tome_export.merge.bipartite_soft_matching` on the head-mean keys (fp32)."""
+    """The plan from :func:`tome_export.merge.destinations` on the head-mean keys (fp32)."""
     batch, _, tokens, _ = keys.shape
-    merge = bipartite_soft_matching(keys.float().mean(dim=1), r, num_protected, "gather")
-    onehot = merge(torch.eye(tokens, device=keys.device).expand(batch, -1, -1).contiguous())  # (B, T_out, T)
-    rows = onehot.argmax(dim=1)
+    rows = destinations(keys.float().mean(dim=1), r, num_protected)  # (B, T)
+    t_out = tokens - cap_r(r, tokens, num_protected)
+    r = tokens - t_out
     sizes = size.float() if size is not None else torch.ones(batch, tokens, device=keys.device)
-    size_out = (onehot @ sizes[..., None])[..., 0]
+    size_out = torch.zeros(batch, t_out, device=keys.device).scatter_add(1, rows, sizes)
     n_a, _, a0, _ = split_sizes(tokens, num_protected)
     pos = torch.arange(tokens, device=keys.device)
     is_a = (pos >= a0) & ((pos - a0) % 2 == 0) & (pos < a0 + 2 * n_a)
     merged = is_a & (rows >= num_protected + n_a - r)
-    own = (onehot * (~merged)[:, None, :]).argmax(dim=-1)
+    # Every output row keeps the one token that is not a merged A token; merged ones go to a spare column.
+    spare = torch.where(merged, t_out, rows)
+    own = torch.zeros(batch, t_out + 1, dtype=torch.long, device=keys.device)
+    own = own.scatter(1, spare, pos.expand(batch, -1))[:, :t_out]
     merged_src = torch.where(merged, pos, tokens + pos).sort(dim=-1).values[:, :r]
-    log_size = torch.zeros(batch, padded(tokens - r), device=keys.device, dtype=dtype)
-    log_size[:, : tokens - r] = size_out.log()
+    log_size = torch.zeros(batch, padded(t_out), device=keys.device, dtype=dtype)
+    log_size[:, :t_out] = size_out.log()
     return Plan(rows.int(), own.int(), size_out, log_size, merged_src.int(), rows.gather(1, merged_src).int())
 
 

@@ -18,7 +18,7 @@ loop in shared memory, 0.4-0.8 MB, over the limit; the loops here run once or tw
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton

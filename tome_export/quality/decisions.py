@@ -25,37 +25,40 @@ class DecisionTensors:
     """The graph tensors that hold one block's merge decision.
 
     ``gather`` lowering: ``sources`` are the merged A indices and ``destinations`` their B tokens, both
-    ``(batch, r)`` integers. ``onehot`` lowering: ``merges`` is the boolean ``(batch, nA, nB)`` matrix whose
-    entry (i, j) says A token i merges into B token j.
+    ``(batch, r)`` integers. ``onehot`` lowering: ``merged`` is the ``(batch, nA)`` boolean "this A token merges"
+    (``rank < r``) and ``best`` every A token's best B index, ``(batch, nA)``.
     """
 
     lowering: str
     sources: Optional[str] = None
     destinations: Optional[str] = None
-    merges: Optional[str] = None
+    merged: Optional[str] = None
+    best: Optional[str] = None
 
     @property
     def names(self) -> List[str]:
-        return [n for n in (self.sources, self.destinations, self.merges) if n is not None]
+        return [n for n in (self.sources, self.destinations, self.merged, self.best) if n is not None]
 
 
 def decision_tensors(model: Any) -> Dict[str, DecisionTensors]:
     """Per merging block, the tensors of an fp32 ToMe export (``onnx.ModelProto``) that hold its decision.
 
     ``gather``: the matching path's GatherElements reads the merged A indices (its input 1) and yields their B
-    destinations (its output). ``onehot``: the And that a Transpose turns into ``into_b``.
+    destinations (its output). ``onehot``: the Less that says which A tokens merge (``rank < r``) and the
+    ReduceMin that gives every A token's best B index.
     """
-    producer = {out: n for n in model.graph.node for out in n.output}
     blocks: Dict[str, DecisionTensors] = {}
+    onehot: Dict[str, Dict[str, str]] = {}
     for node in model.graph.node:
         if not node.name.startswith(MATCH_PREFIX):
             continue
         if node.op_type == "GatherElements":
             blocks[block_of(node.name)] = DecisionTensors("gather", sources=node.input[1], destinations=node.output[0])
-        elif node.op_type == "Transpose":
-            src = producer.get(node.input[0])
-            if src is not None and src.op_type == "And" and src.name.startswith(MATCH_PREFIX):
-                blocks[block_of(node.name)] = DecisionTensors("onehot", merges=src.output[0])
+        elif node.op_type in ("Less", "ReduceMin"):
+            onehot.setdefault(block_of(node.name), {})[node.op_type] = node.output[0]
+    for block, found in onehot.items():
+        if len(found) == 2:
+            blocks[block] = DecisionTensors("onehot", merged=found["Less"], best=found["ReduceMin"])
     if not blocks and any(n.name.startswith(MATCH_PREFIX) for n in model.graph.node):
         raise RuntimeError("found no merge-decision tensors in a graph with ToMe nodes: the lowering changed; "
                            "update tome_export.quality.decisions.decision_tensors")
@@ -82,16 +85,17 @@ def with_decision_outputs(model: Any, tensors: Mapping[str, DecisionTensors]) ->
     return copy
 
 
-def _onehot_pairs(merges: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(A indices, B indices) ``(batch, r)`` of a boolean ``(batch, nA, nB)`` merge matrix."""
-    r = int(merges[0].sum())
-    src = np.zeros((len(merges), r), np.int64)
+def _onehot_pairs(merged: np.ndarray, best: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(A indices, B indices) ``(batch, r)`` from which A tokens merge ``(batch, nA)`` and their best B."""
+    r = int(merged[0].sum())
+    src = np.zeros((len(merged), r), np.int64)
     dst = np.zeros_like(src)
-    for b, mat in enumerate(merges):
-        i, j = np.nonzero(mat)
-        if len(i) != r:  # a broken one-hot (several or no destinations): keep it visibly different
-            i, j = np.resize(i, r), np.full(r, -1)
-        src[b], dst[b] = i, j
+    for b, (mask, picks) in enumerate(zip(merged, best)):
+        i = np.nonzero(mask)[0]
+        if len(i) != r:  # a broken ranking (another number of merges): keep it visibly different
+            src[b], dst[b] = np.resize(i, r), -1
+        else:
+            src[b], dst[b] = i, picks[i]
     return src, dst
 
 
@@ -103,7 +107,8 @@ def decisions_from_outputs(tensors: Mapping[str, DecisionTensors], outputs: Mapp
             src = np.asarray(outputs[spec.sources]).astype(np.int64)
             dst = np.asarray(outputs[spec.destinations]).astype(np.int64)
         else:
-            src, dst = _onehot_pairs(np.asarray(outputs[spec.merges]).astype(bool))
+            src, dst = _onehot_pairs(np.asarray(outputs[spec.merged]).astype(bool),
+                                     np.asarray(outputs[spec.best]).astype(np.int64))
         order = np.argsort(src, axis=1, kind="stable")
         result[block] = np.stack([np.take_along_axis(src, order, 1), np.take_along_axis(dst, order, 1)], -1)
     return result

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..errors import UserError
-from ..manifest import MANIFEST, read_manifest
+from ..manifest import MANIFEST, Manifest, load_manifest, read_manifest
 from .readme import render_readme, validation_line
 from .repository import check_destination, install, stage_files, staging_dir, write_checksums, write_texts
 from .triton import VERSION, ModelPlan, TritonOptions, model_name, plan_model, render_config
@@ -44,10 +44,10 @@ def check_request(artifact: Path, fmt: str, repository: Optional[Path], options:
     check_destination(Path(repository) if repository else default_repository(artifact), name, force)
 
 
-def _config_header(artifact: Path, manifest: dict, plan: ModelPlan) -> List[str]:
-    model = manifest.get("model", {})
+def _config_header(artifact: Path, manifest: Manifest, plan: ModelPlan) -> List[str]:
+    model = manifest.model
     header = [f"Written by tome-export from {Path(os.path.abspath(artifact)).name} ({model.get('alias')}: {model.get('source', 'timm')} "
-              f"{model.get('name')}, {manifest.get('target')} {manifest.get('precision')}, r {manifest.get('r_schedule')}).",
+              f"{manifest.upstream_name}, {manifest.target} {manifest.precision}, r {list(manifest.r_schedule)}).",
               f"Validated when built: {validation_line(manifest)}.", "README.md beside this file: serving, preprocessing, client."]
     return header + [f"NOTE: {note}" for note in plan.notes]
 
@@ -60,9 +60,9 @@ def serve_artifact(artifact: Path, fmt: str = "triton", repository: Optional[Pat
         raise UserError(f"{str(artifact)!r} is not a directory: pass a directory written by tome-export")
     check_request(artifact, fmt, repository, options, force)
     repository = Path(repository) if repository else default_repository(artifact)
-    manifest = read_manifest(artifact)  # every file against its sha256
+    manifest = load_manifest(artifact)  # every file against its sha256
     plan = plan_model(artifact, manifest, options)
-    tables = manifest.get("artifacts", {})
+    tables = manifest.artifacts
     files = [(artifact / src, f"{VERSION}/{dest}", tables.get(src, {}).get("sha256")) for src, dest in plan.files]
     if plan.variant == "native":
         files.append((artifact / MANIFEST, MANIFEST, None))  # provenance; the python variant has it in 1/artifact

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, List, Mapping
+from typing import List
 
 from .._version import __version__
+from ..manifest import Manifest
 from .triton import ModelPlan
 
 TESTED = ("tome-export's tests serve Python-backend repositories on a real `tritonserver` 2.51 (the one in the "
@@ -19,8 +20,8 @@ BACKEND_PACKAGES = {"onnx": "onnxruntime", "onnxruntime": "onnxruntime", "openvi
                     "tensorrt": "tensorrt cuda-python", "tensorrt-rtx": "tensorrt-rtx-cu13 cuda-python"}
 
 
-def validation_line(manifest: Mapping[str, Any]) -> str:
-    v = manifest.get("validation", {})
+def validation_line(manifest: Manifest) -> str:
+    v = manifest.validation
     if not v:
         return "no validation recorded"
     return (f"{v.get('backend')}: max |diff| {v.get('max_abs_diff', float('nan')):.2e}, min cosine "
@@ -42,8 +43,8 @@ def _io_lines(plan: ModelPlan) -> List[str]:
     return lines
 
 
-def _preprocessing_lines(manifest: Mapping[str, Any]) -> List[str]:
-    p = manifest["preprocessing"]
+def _preprocessing_lines(manifest: Manifest) -> List[str]:
+    p = manifest.preprocessing
     _, height, width = p["input_size"]
     return [f"1. RGB; resize ({p['interpolation']}) so the image covers {int(height / p['crop_pct'])} px "
             f"(crop_pct {p['crop_pct']}, crop mode {p['crop_mode']});",
@@ -73,10 +74,10 @@ def _client_lines(plan: ModelPlan) -> List[str]:
             f"or, from the tome-export source tree: `python examples/triton_client.py --model {plan.name} photo.jpg`"]
 
 
-def _server_lines(plan: ModelPlan, manifest: Mapping[str, Any], repository: Path) -> List[str]:
+def _server_lines(plan: ModelPlan, manifest: Manifest, repository: Path) -> List[str]:
     lines = ["```", f"tritonserver --model-repository {os.path.abspath(repository)}", "```"]
     if plan.variant == "python":
-        packages = BACKEND_PACKAGES.get(str(manifest.get("target")), "")
+        packages = BACKEND_PACKAGES.get(manifest.target, "")
         lines += ["", "The Python backend runs `1/model.py`, which loads `1/artifact/` with `tome_export.runtime.load` "
                   "(checksums verified) — the code path the build validated. The server's Python needs tome-export "
                   "and the backend, no torch:",
@@ -87,22 +88,22 @@ def _server_lines(plan: ModelPlan, manifest: Mapping[str, Any], repository: Path
     return lines
 
 
-def _runtime_settings(manifest: Mapping[str, Any]) -> str:
-    runtime = {k: v for k, v in manifest.get("runtime", {}).items() if k != "file"}
+def _runtime_settings(manifest: Manifest) -> str:
+    runtime = {k: v for k, v in manifest.runtime.items() if k != "file"}
     flat = {**{k: v for k, v in runtime.items() if k != "config"}, **runtime.get("config", {})}
     return ", ".join(f"{k}={v}" for k, v in flat.items()) or "none"
 
 
-def render_readme(plan: ModelPlan, manifest: Mapping[str, Any], artifact: Path, repository: Path) -> str:
-    model = manifest.get("model", {})
-    title = (f"{model.get('alias')} ToMe r {manifest.get('r_schedule')}, {manifest.get('target')} "
-             f"{manifest.get('precision')}, Triton {plan.backend} backend")
+def render_readme(plan: ModelPlan, manifest: Manifest, artifact: Path, repository: Path) -> str:
+    model = manifest.model
+    title = (f"{model.get('alias')} ToMe r {list(manifest.r_schedule)}, {manifest.target} {manifest.precision}, "
+             f"Triton {plan.backend} backend")
     settings = ", ".join([f"{k}={v}" for k, v in plan.parameters.items()
                           if not k.startswith(("preprocessing.", "tome_export."))]
                          + ([f"optimization.graph.level={plan.graph_level}"] if plan.graph_level is not None else []))
     lines = [f"# {plan.name}: {title}", "",
              f"Written by tome-export {__version__} from `{os.path.abspath(artifact)}` ({model.get('source', 'timm')} "
-             f"{model.get('name')}, weights {model.get('weights')}). Validated when built: {validation_line(manifest)}.",
+             f"{manifest.upstream_name}, weights {model.get('weights')}). Validated when built: {validation_line(manifest)}.",
              "", "## Serve", "", *_server_lines(plan, manifest, repository),
              "", "## Inputs and outputs", "", *_io_lines(plan),
              "", "## Preprocessing (the client's job)", "", *_preprocessing_lines(manifest),

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 
 from ..errors import UserError
+from ..manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -87,22 +88,21 @@ GRAPH_FILES: Dict[str, str] = {"onnx": "model.onnx", "onnxruntime": "model.onnx"
                                "tensorrt": "model.onnx", "tensorrt-rtx": "model.onnx"}
 
 
-def artifact_signature(directory: Path, manifest: Mapping[str, Any]) -> Signature:
+def artifact_signature(directory: Path, manifest: Manifest) -> Signature:
     """The graph's signature, checked against what the manifest says the artifact takes."""
-    target = manifest.get("target")
-    if target not in GRAPH_FILES:
-        raise UserError(f"no serving support for target {target!r}; supported: {', '.join(sorted(GRAPH_FILES))}")
-    name = manifest.get("runtime", {}).get("file") or GRAPH_FILES[target]
+    if manifest.target not in GRAPH_FILES:
+        raise UserError(f"no serving support for target {manifest.target!r}; supported: {', '.join(sorted(GRAPH_FILES))}")
+    name = manifest.runtime.get("file") or GRAPH_FILES[manifest.target]
     if Path(name).suffix not in (".onnx", ".xml"):  # an engine: its tensors are named as in the graph it came from
-        name = GRAPH_FILES[target]
+        name = GRAPH_FILES[manifest.target]
     path = Path(directory) / name
     signature = openvino_signature(path) if path.suffix == ".xml" else onnx_signature(path)
-    declared = manifest.get("input", {})
+    declared = manifest.input
     first = signature.inputs[0] if signature.inputs else None
     if first is None or len(signature.inputs) != 1:
         raise UserError(f"{path} takes {len(signature.inputs)} inputs; a tome-export graph takes one image batch")
-    expected = tuple(-1 if isinstance(d, str) else int(d) for d in declared.get("shape", first.shape))
-    if first.name != declared.get("name", first.name) or first.shape != expected:
+    expected = tuple(-1 if isinstance(d, str) else int(d) for d in declared.shape)
+    if first.name != declared.name or first.shape != expected:
         raise UserError(f"{path} takes {first.name} {list(first.shape)} but its manifest says "
-                        f"{declared.get('name')} {list(expected)}: the directory is inconsistent; rebuild it")
+                        f"{declared.name} {list(expected)}: the directory is inconsistent; rebuild it")
     return signature

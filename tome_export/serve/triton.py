@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import UserError
+from ..manifest import Manifest
 from ..preprocess import Preprocessing
 from .signature import Signature, TensorSpec, artifact_signature
 
@@ -104,7 +105,7 @@ def preprocessing_from_parameters(parameters: Mapping[str, Any]) -> Preprocessin
                          interpolation=text("interpolation"))
 
 
-def batching(manifest: Mapping[str, Any], signature: Signature, options: TritonOptions) -> Batching:
+def batching(manifest: Manifest, signature: Signature, options: TritonOptions) -> Batching:
     """max_batch_size and dynamic batching from the graph's batch dimension and the build's batch profile."""
     if not signature.batch_dynamic:
         fixed = signature.inputs[0].shape[0]
@@ -114,7 +115,7 @@ def batching(manifest: Mapping[str, Any], signature: Signature, options: TritonO
         return Batching(0, False, (), f"the graph has a static batch of {fixed}, so each request must carry exactly "
                         f"{fixed} image(s) (max_batch_size 0, batch in the dims) and Triton cannot batch requests; "
                         f"rebuild with --dynamic-batch for dynamic batching")
-    profile = (manifest.get("tensorrt") or {}).get("profile")
+    profile = (manifest.section("tensorrt") or {}).get("profile")
     limit = int(profile["max"]) if profile else None
     if profile and int(profile["min"]) > 1:
         raise UserError(f"the engine's batch profile starts at {profile['min']} but Triton's dynamic batcher also "
@@ -129,19 +130,19 @@ def batching(manifest: Mapping[str, Any], signature: Signature, options: TritonO
     return Batching(size, True, preferred, f"{source}: Triton combines requests into batches of up to {size}")
 
 
-def _common_parameters(manifest: Mapping[str, Any]) -> Dict[str, str]:
-    model = manifest.get("model", {})
-    build = {"tome_export.model": f"{model.get('alias')} ({model.get('source', 'timm')} {model.get('name')}, "
+def _common_parameters(manifest: Manifest) -> Dict[str, str]:
+    model = manifest.model
+    build = {"tome_export.model": f"{model.get('alias')} ({model.get('source', 'timm')} {manifest.upstream_name}, "
                                   f"weights {model.get('weights')})",
-             "tome_export.build": f"{manifest.get('target')} {manifest.get('precision')}, r {manifest.get('r_schedule')}",
-             "tome_export.manifest_sha256": str(manifest.get("manifest_sha256", ""))}
-    return {**build, **preprocessing_parameters(Preprocessing.from_dict(manifest["preprocessing"]))}
+             "tome_export.build": f"{manifest.target} {manifest.precision}, r {list(manifest.r_schedule)}",
+             "tome_export.manifest_sha256": manifest.digest or ""}
+    return {**build, **preprocessing_parameters(Preprocessing.from_dict(manifest.preprocessing))}
 
 
-def _python_plan(directory: Path, manifest: Mapping[str, Any], options: TritonOptions) -> Dict[str, Any]:
+def _python_plan(directory: Path, manifest: Manifest, options: TritonOptions) -> Dict[str, Any]:
     files = [("manifest.json", "artifact/manifest.json")]
-    files += [(rel, f"artifact/{rel}") for rel in sorted(manifest.get("artifacts", {}))]
-    gpu = str(manifest.get("target", "")).startswith("tensorrt")
+    files += [(rel, f"artifact/{rel}") for rel in sorted(manifest.artifacts)]
+    gpu = manifest.target.startswith("tensorrt")
     params = {"threads": str(options.threads)} if options.threads else {}
     notes = (f"there is no {ENGINE} yet: run ./build_engine.sh in 1/artifact/ on the serving GPU machine before "
              f"starting the server",) if gpu and not (Path(directory) / ENGINE).is_file() else ()
@@ -149,10 +150,10 @@ def _python_plan(directory: Path, manifest: Mapping[str, Any], options: TritonOp
             "instance_kind": "KIND_GPU" if gpu else "KIND_CPU", "parameters": params, "notes": notes}
 
 
-def _onnxruntime_plan(directory: Path, manifest: Mapping[str, Any], options: TritonOptions) -> Dict[str, Any]:
-    runtime = manifest.get("runtime", {})
+def _onnxruntime_plan(directory: Path, manifest: Manifest, options: TritonOptions) -> Dict[str, Any]:
+    runtime = manifest.runtime
     graph = runtime.get("file", "model.onnx")
-    external = [rel for rel in sorted(manifest.get("artifacts", {})) if rel != graph and rel.startswith(graph)]
+    external = [rel for rel in sorted(manifest.artifacts) if rel != graph and rel.startswith(graph)]
     level = runtime.get("session_optimization", "all")
     params = {"intra_op_thread_count": str(options.threads), "inter_op_thread_count": "1"} if options.threads else {}
     return {"backend": "onnxruntime", "platform": "onnxruntime_onnx", "default_model_filename": "model.onnx",
@@ -160,8 +161,8 @@ def _onnxruntime_plan(directory: Path, manifest: Mapping[str, Any], options: Tri
             "parameters": params, "graph_level": ORT_GRAPH_LEVELS.get(level), "notes": ()}
 
 
-def _openvino_plan(directory: Path, manifest: Mapping[str, Any], options: TritonOptions) -> Dict[str, Any]:
-    hint = manifest.get("runtime", {}).get("config", {}).get("INFERENCE_PRECISION_HINT", "f32")
+def _openvino_plan(directory: Path, manifest: Manifest, options: TritonOptions) -> Dict[str, Any]:
+    hint = manifest.runtime.get("config", {}).get("INFERENCE_PRECISION_HINT", "f32")
     params = {"PERFORMANCE_HINT": "LATENCY"}
     if options.threads:
         params["INFERENCE_NUM_THREADS"] = str(options.threads)
@@ -178,9 +179,9 @@ def _openvino_plan(directory: Path, manifest: Mapping[str, Any], options: Triton
             "parameters": params, "notes": tuple(notes)}
 
 
-def _tensorrt_plan(directory: Path, manifest: Mapping[str, Any], options: TritonOptions) -> Dict[str, Any]:
-    info = manifest.get("tensorrt") or {}
-    if manifest.get("target") != "tensorrt":
+def _tensorrt_plan(directory: Path, manifest: Manifest, options: TritonOptions) -> Dict[str, Any]:
+    info = manifest.section("tensorrt") or {}
+    if manifest.target != "tensorrt":
         raise UserError("Triton has no TensorRT-RTX backend (its tensorrt_plan backend loads engines of full "
                         "TensorRT): serve this artifact with --variant python")
     if not (Path(directory) / ENGINE).is_file():
@@ -188,7 +189,7 @@ def _tensorrt_plan(directory: Path, manifest: Mapping[str, Any], options: Triton
                         f"run ./build_engine.sh there on the serving GPU machine, then serve it again")
     notes = [f"the engine runs only on the TensorRT version and GPU it was built with "
              f"({(info.get('engine') or {}).get('library_version', 'see build_engine.sh')}): Triton's TensorRT must match"]
-    if ENGINE not in manifest.get("artifacts", {}):
+    if ENGINE not in manifest.artifacts:
         notes.append(f"{ENGINE} was built after the artifact (build_engine.sh), so no manifest checksum covers it")
     return {"backend": "tensorrt", "platform": "tensorrt_plan", "default_model_filename": "model.plan",
             "files": ((ENGINE, "model.plan"),), "instance_kind": "KIND_GPU", "parameters": {}, "notes": tuple(notes)}
@@ -198,7 +199,7 @@ NATIVE_PLANS = {"onnx": _onnxruntime_plan, "onnxruntime": _onnxruntime_plan, "op
                 "tensorrt": _tensorrt_plan, "tensorrt-rtx": _tensorrt_plan}
 
 
-def plan_model(directory: Path, manifest: Mapping[str, Any], options: TritonOptions) -> ModelPlan:
+def plan_model(directory: Path, manifest: Manifest, options: TritonOptions) -> ModelPlan:
     """Decide backend, files and configuration for one artifact (``manifest`` already verified)."""
     if options.variant not in VARIANTS:
         raise UserError(f"--variant {options.variant!r}: choose {' or '.join(VARIANTS)}")
@@ -209,12 +210,12 @@ def plan_model(directory: Path, manifest: Mapping[str, Any], options: TritonOpti
     if options.queue_delay_us < 0:
         raise UserError(f"--queue-delay-us must be >= 0, got {options.queue_delay_us}")
     signature = artifact_signature(directory, manifest)
-    outputs = tuple(signature.output(name) for name in manifest.get("outputs", ["logits"])[:1])
+    outputs = tuple(signature.output(name) for name in manifest.outputs[:1])
     batch = batching(manifest, signature, options)
     if options.variant == "python":
         chosen = _python_plan(directory, manifest, options)
     else:
-        chosen = NATIVE_PLANS[manifest["target"]](directory, manifest, options)
+        chosen = NATIVE_PLANS[manifest.target](directory, manifest, options)
         if chosen["backend"] == "openvino" and batch.dynamic:
             # Triton's openvino backend rejects batches smaller than max_batch_size unless told to pad them.
             chosen["parameters"]["ENABLE_BATCH_PADDING"] = "YES"

@@ -14,8 +14,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from ...graph_names import DYNAMIC_OPS
+
 TOPK_MAX_K = 3840  # TensorRT's TopK needs K < 3840
-DYNAMIC_OPS = ("NonZero", "Loop", "If", "Scan")
 # Ops no TensorRT ONNX parser imports (sequence types, strings, integer-only "QOperator" quantization).
 UNSUPPORTED_OPS = (
     "Unique", "Compress", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase", "SequenceInsert",
