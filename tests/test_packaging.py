@@ -21,7 +21,8 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # import name -> distribution name, where they differ
 DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn", "cuda": "cuda-python"}
 # imported only through a declared distribution (triton comes with CUDA builds of torch), or not from PyPI
-INDIRECT = {"triton", "tensorrt", "tensorrt_rtx"}
+# (tensorrt: NVIDIA's index; triton_python_backend_utils: provided by Triton server's Python backend)
+INDIRECT = {"triton", "tensorrt", "tensorrt_rtx", "triton_python_backend_utils"}
 
 
 def requirement_names(requirements) -> set:
