@@ -137,7 +137,7 @@ def _recipe_and_target(request: BuildRequest):
                     f"drop --{key} or edit the recipe")
     else:
         target = get_target(request.target or "onnx")
-        precision = request.precision or "fp32"
+        precision = request.precision or target.default_precision
         if precision not in target.precisions:
             raise UserError(f"--precision {precision!r} is not available for --target {target.name}; "
                             f"choose one of {', '.join(target.precisions)}")

@@ -20,12 +20,9 @@ n01440764 ... order), or folders named 0, 1, ... give them directly.
 """
 
 
-def run(argv: Sequence[str]) -> int:
-    from ..bench.config import load_config
-    from ..bench.harness import run_bench
-
+def parser() -> argparse.ArgumentParser:
     p = Parser(prog="tome-export bench", epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-                description="Benchmark ToMe x precision x backend x batch size; writes results, report.md and plots.")
+               description="Benchmark ToMe x precision x backend x batch size; writes results, report.md and plots.")
     p.add_argument("--config", type=Path, required=True, help="benchmark YAML (see benchmarks/)")
     p.add_argument("--out", "-o", type=Path, help="output directory (default bench-out/<config name>)")
     p.add_argument("--data", type=Path, help="ImageFolder of labelled images for top-1/top-5 accuracy")
@@ -37,7 +34,14 @@ def run(argv: Sequence[str]) -> int:
     p.add_argument("--allow-large", action="store_true", help="run a matrix over the cell limit, or batches whose "
                    "memory estimate exceeds half of this machine's memory")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(argv: Sequence[str]) -> int:
+    args = parser().parse_args(argv)
+    from ..bench.config import load_config
+    from ..bench.harness import run_bench
+
     config = load_config(args.config).with_weights(args.weights, args.checkpoint)
     out = args.out if args.out is not None else Path("bench-out") / config.name
     try:

@@ -18,7 +18,7 @@ from ..images import sample_photos
 from ..preprocess import Preprocessing, open_image, to_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-BUNDLED = "bundled sample photos (scikit-image)"
+BUNDLED = "bundled sample photos (tome_export/photos)"
 
 
 @dataclass(frozen=True)

@@ -268,6 +268,7 @@ class Target:
     install_hint: str = "pip install tome-export"  # how to get them (and the runtime)
     needs_onnx: bool = True  # False: the pipeline exports no ONNX and the target builds from ctx.model
     device: str = "cpu"  # where its artifacts run: cpu | cuda
+    default_precision: str = "fp32"  # without --precision
     version_modules: Tuple[str, ...] = ()  # libraries whose versions benchmark results record
 
     def settings_for(self, recipe: Recipe) -> Settings:
