@@ -122,3 +122,30 @@ def traced_artifact(tmp_path_factory):
 
 from cpu_builds import cpu_build  # noqa: E402,F401  (session fixture: CPU recipe builds on one shared export)
 from serve_builds import vit_t16_build  # noqa: E402,F401  (session fixture: pipeline builds for tests/serve)
+
+
+# --- the quick selection: `pytest -m "not slow"` -------------------------------------------------------------------
+# Fixtures that build whole artifacts or train/export models (each costs tens of seconds to minutes on 2 cores).
+HEAVY_FIXTURES = {"cpu_build", "traced_artifact", "artifact_variants", "vit_t16_build", "served", "rtx_fp16",
+                  "built_t16", "built", "onnx_artifact", "small_artifact", "tiny_run", "small_digits", "zoo",
+                  "exported", "onnx_cache"}
+# Calls in a test's own body that run a whole build.
+HEAVY_CALLS = ("main([\"--model\"", "_cli([\"--model\"", "_run([\"--model\"", "build(BuildOptions", "build(BuildRequest",
+               "subprocess.run([str(EXE), \"--model\"")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark what builds whole artifacts ``slow``, so ``pytest -m "not slow"`` is the day-to-day selection; CI and
+    a plain ``pytest`` run everything."""
+    import inspect
+
+    for item in items:
+        if item.get_closest_marker("slow"):
+            continue
+        fixtures = set(getattr(item, "fixturenames", ()))
+        try:
+            source = inspect.getsource(item.function) if hasattr(item, "function") else ""
+        except (OSError, TypeError):
+            source = ""
+        if fixtures & HEAVY_FIXTURES or any(call in source for call in HEAVY_CALLS):
+            item.add_marker(pytest.mark.slow)

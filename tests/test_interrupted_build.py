@@ -51,7 +51,8 @@ def test_sigkill_leaves_nothing_that_looks_like_a_build(moment, tmp_path, traced
     proc.wait()
     leftovers = _work_dirs(tmp_path, out.name)
     assert len(leftovers) == 1 and not (leftovers[0] / "manifest.json").exists()
-    expected = [leftovers[0].name] + ([out.name] if moment == "validating" else [])
+    lock = f".{out.name}.lock"  # unlocked once its process died; the next build takes it over and removes it
+    expected = [leftovers[0].name, lock] + ([out.name] if moment == "validating" else [])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)
     if moment == "exporting":
         assert not out.exists()
@@ -74,7 +75,7 @@ def test_sigkill_leaves_nothing_that_looks_like_a_build(moment, tmp_path, traced
             pipeline.build(BuildOptions(model="vit_t16", r=8, weights="random", output=out))
     finally:
         pipeline.export_onnx = original
-    assert _work_dirs(tmp_path, out.name) == []
+    assert _work_dirs(tmp_path, out.name) == [] and not (tmp_path / lock).exists()
 
 
 def test_sigterm_cleans_up_and_says_so(tmp_path):

@@ -30,6 +30,13 @@ from .graph_names import DYNAMIC_OPS, INPUT_NAME, MATCH_PREFIX, MERGE_PREFIX, OU
 MIN_OPSET = 18
 
 
+def max_opset() -> int:
+    """The highest opset both the installed exporter writes and the installed onnx knows."""
+    from torch.onnx import _constants
+
+    return min(int(_constants.ONNX_MAX_OPSET), onnx.defs.onnx_opset_version())
+
+
 class _WithSource(torch.nn.Module):
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()

@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from ._version import __version__
@@ -195,6 +195,7 @@ def read_manifest(directory: Path, verify: bool = True) -> Dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is not valid JSON: the artifact directory is corrupted; rebuild it") from None
     _check_format(path, data)
+    _check_paths(directory, path, data)
     if verify:
         _verify(directory, path, data)
     return data
@@ -210,6 +211,32 @@ def _check_format(path: Path, data: Any) -> None:
     if not all(isinstance(data.get(key), kind) for key, kind in required.items()):
         raise UserError(f"{path} is not a complete {FORMAT} manifest: rebuild the artifact with this version of "
                         f"tome-export")
+
+
+def confined(directory: Path, rel: Any) -> Optional[Path]:
+    """``directory / rel`` when ``rel`` names a place inside ``directory``, else None.
+
+    Refused: anything but a non-empty relative path string, ``..`` parts, backslashes, drive letters, and paths
+    whose symlinks (followed) lead out of the directory.
+    """
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
+        return None
+    parts = PurePosixPath(rel).parts
+    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).drive or ".." in parts:
+        return None
+    path = directory / rel
+    root, target = directory.resolve(), path.resolve()
+    return path if target != root and target.is_relative_to(root) else None
+
+
+def _check_paths(directory: Path, path: Path, data: Dict[str, Any]) -> None:
+    """Every file the manifest names (its artifacts, the runtime's file) stays inside the artifact directory."""
+    runtime = data.get("runtime")
+    named = list(data["artifacts"]) + ([runtime["file"]] if isinstance(runtime, dict) and "file" in runtime else [])
+    for rel in named:
+        if confined(directory, rel) is None:
+            raise UserError(f"{path} names {rel!r}, which is not a file inside {str(directory)!r}: an artifact "
+                            f"directory only refers to its own files; rebuild it")
 
 
 def _verify(directory: Path, path: Path, data: Dict[str, Any]) -> None:

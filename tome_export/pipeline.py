@@ -28,7 +28,7 @@ except ImportError:  # not POSIX: work directories are not locked, stale ones ar
 
 from ._version import __version__
 from .errors import UserError
-from .export import MIN_OPSET, export_onnx
+from .export import MIN_OPSET, export_onnx, max_opset
 from .flops import flops_summary
 from .info import ModelInfo
 from .manifest import MANIFEST, Manifest, load_manifest, write_manifest
@@ -36,10 +36,12 @@ from .merge import MERGE_IMPLS
 from .models import ModelName, ModelSpec, create_model, family_libraries, model_info, patch, preprocessing, resolve
 from .preprocess import Preprocessing
 from .recipes import load_recipe, recipe_for
+from .resources import check_memory
 from .schedule import RSpec, Schedule, expand_schedule, r_label, resolve_schedule
 from .targets import BuildContext, BuildPlan, Target, TargetResult, get_target, recipe_settings
 
 Log = Callable[[str], None]
+WORKDIR_SUFFIX = ".tmp-12345678"  # the longest name beside the output: mkdtemp adds 8 characters
 EXPORT_DIR = ".export"  # inside the work directory: the fp32 export a target builds from, removed before the manifest
 
 
@@ -62,6 +64,7 @@ class BuildRequest:
     prop_attn: bool = True
     img_size: Optional[int] = None
     force: bool = False
+    allow_large: bool = False  # skip the memory estimate's refusal
     trace_source: bool = False
     validation_images: int = 8
     recipe: Optional[Path] = None  # a recipe file; default: the built-in <target>-<precision> recipe
@@ -96,6 +99,11 @@ class PreparedBuild:
     model: ModelName
     output: Path
 
+    @property
+    def identity(self) -> Tuple[Any, ...]:
+        """What :attr:`Manifest.identity` of this build will be."""
+        return (self.model.alias, self.model.source, self.model.name, self.target.name, self.plan.precision)
+
 
 @dataclass(frozen=True)
 class PreparedModel:
@@ -129,7 +137,7 @@ def _recipe_and_target(request: BuildRequest):
                     f"drop --{key} or edit the recipe")
     else:
         target = get_target(request.target or "onnx")
-        precision = request.precision or "fp32"
+        precision = request.precision or target.default_precision
         if precision not in target.precisions:
             raise UserError(f"--precision {precision!r} is not available for --target {target.name}; "
                             f"choose one of {', '.join(target.precisions)}")
@@ -151,6 +159,11 @@ def _check_request(request: BuildRequest, target: Target) -> None:
         raise UserError(
             f"--opset {request.opset} is too low: ToMe's scatter-add needs opset >= 16 (lower opsets silently drop "
             f"merges) and the exporter needs >= {MIN_OPSET}; use --opset {MIN_OPSET} or higher")
+    if request.opset > max_opset():
+        raise UserError(f"--opset {request.opset} is beyond what the installed exporter writes: use --opset "
+                        f"{MIN_OPSET} to {max_opset()}")
+    if not 0 <= request.seed < 2**64:
+        raise UserError(f"--seed must be between 0 and 2**64 - 1, got {request.seed}")
     if request.img_size is not None and request.img_size < 16:
         raise UserError(f"--img-size must be a positive image side in pixels, got {request.img_size}")
     if request.checkpoint is not None and not Path(request.checkpoint).is_file():
@@ -186,8 +199,9 @@ def prepare(request: BuildRequest) -> PreparedBuild:
     request, target, plan = plan_build(request)
     name = resolve(request.model)
     out = Path(request.output) if request.output is not None else request.default_output()
-    _check_output(out, (name.alias, name.source, name.name, target.name, plan.precision), request.force)
-    return PreparedBuild(request, target, plan, name, out)
+    prepared = PreparedBuild(request, target, plan, name, out)
+    _check_output(out, prepared.identity, request.force)
+    return prepared
 
 
 def _check_output(out: Path, identity: Tuple[Any, ...], force: bool) -> None:
@@ -198,6 +212,7 @@ def _check_output(out: Path, identity: Tuple[Any, ...], force: bool) -> None:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {str(parent)!r} (not a writable directory): choose another --output")
+    _check_name_length(out, probe)
     if not out.exists():
         return
     if not out.is_dir():
@@ -218,6 +233,19 @@ def _check_output(out: Path, identity: Tuple[Any, ...], force: bool) -> None:
         what = f" ({existing.target}, {existing.precision})" if existing else ""
         raise UserError(f"--output {str(out)!r} already holds artifacts of {old}{what}: choose another --output or "
                         f"pass --force to replace them")
+
+
+def _check_name_length(out: Path, probe: Path) -> None:
+    """The hidden work directory beside the output has the longest name a build writes: it must fit too."""
+    try:
+        limit = os.pathconf(probe, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    longest = len(f".{out.name}{WORKDIR_SUFFIX}".encode())
+    if longest > limit:
+        raise UserError(f"--output name {out.name[:40]!r}... is too long: its work directory beside it needs "
+                        f"{longest} bytes, the file system allows {limit}; choose a name of at most "
+                        f"{limit - longest + len(out.name.encode())} bytes")
 
 
 # --- the steps --------------------------------------------------------------------------------------------------
@@ -323,7 +351,18 @@ def build(request: BuildRequest, log: Log = lambda msg: None, warn: Log = _warn)
     :class:`PreparedBuild` (the checks already done by :func:`prepare`)."""
     started = time.perf_counter()
     prepared = prepare(request)
-    model = prepare_model(prepared, log, warn)
+    out = prepared.output
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):  # checked again under the lock, held until the build is in place
+        _check_output(out, prepared.identity, prepared.request.force)
+        model = prepare_model(prepared, log, warn)
+        batch = max(prepared.plan.batch, 3 if prepared.plan.dynamic_batch else 1)  # validation runs 3 at once
+        check_memory(model.info, batch, "the build", prepared.request.allow_large)
+        _remove_stale_workdirs(out.parent, out.name)
+        return _build_locked(prepared, model, log, started)
+
+
+def _build_locked(prepared: PreparedBuild, model: PreparedModel, log: Log, started: float) -> BuildResult:
     with staged_output(prepared.output) as tmp:
         _, manifest = build_into(prepared, model, tmp, log, started=started)
     return BuildResult(prepared.output, manifest)
@@ -338,7 +377,6 @@ def staged_output(out: Path) -> Iterator[Path]:
     is removed otherwise, so ``out`` is always either the previous content or the complete new one."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_workdirs(out.parent, out.name)
     tmp, lock = _locked_workdir(out.parent, f".{out.name}.tmp-")
     try:
         umask = os.umask(0)
@@ -352,6 +390,39 @@ def staged_output(out: Path) -> Iterator[Path]:
     finally:
         if lock is not None:
             os.close(lock)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold the build lock of the output directory ``out``: a hidden lock file beside it, locked exclusively.
+
+    A second build of the same output while the lock is held is refused at once (it would replace the first
+    build's result or race it in the final rename). The lock file is removed on release; a process killed while
+    holding it leaves the file unlocked, which the next build takes over.
+    """
+    if fcntl is None:
+        yield
+        return
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"another tome-export build is writing {str(out)!r} now: wait for it to finish or "
+                            f"choose another --output") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:  # its holder released and removed it while we waited for the lock
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _locked_workdir(parent: Path, prefix: str) -> Tuple[Path, Optional[int]]:

@@ -70,8 +70,7 @@ class Preprocessing:
 
     def __call__(self, image: Union[Image.Image, str, os.PathLike]) -> np.ndarray:
         """One image (PIL or path) as a ``(C, H, W)`` float32 array."""
-        img = open_image(image) if not isinstance(image, Image.Image) else image
-        img = img.convert("RGB")
+        img = to_rgb(open_image(image) if not isinstance(image, Image.Image) else image)
         _, h, w = self.input_size
         interp = _INTERP.get(self.interpolation)
         if interp is None:
@@ -100,6 +99,47 @@ class Preprocessing:
 
     def batch(self, images: Sequence[Union[Image.Image, str, os.PathLike]]) -> np.ndarray:
         return np.stack([self(img) for img in images])
+
+
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited onto, as image viewers show them
+_WIDE = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # one channel wider than 8 bits
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB image of any mode PIL reads, its values scaled rather than clipped.
+
+    16-bit and 32-bit grey (``I;16*``, ``I``) are scaled from 0..65535 (values up to 255 in ``I`` are taken as
+    8-bit); float grey (``F``) from 0..1 when it stays within it, else from 0..65535. Transparency (``RGBA``,
+    ``LA``, ``PA``, palettes with a transparent index) is composited onto :data:`BACKGROUND`; palettes, CMYK,
+    YCbCr and 1-bit images go through PIL's own conversion.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in _WIDE:
+        return Image.fromarray(_grey_to_8bit(np.asarray(img), img.mode), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        rgba = img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, BACKGROUND)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    try:
+        return img.convert("RGB")
+    except ValueError:
+        raise UserError(f"cannot convert a {img.mode!r} image to RGB: save it as an RGB or greyscale PNG/JPEG") from None
+
+
+def _grey_to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    top = float(values.max()) if values.size else 0.0
+    if mode == "F" and top <= 1.0:
+        full = 1.0
+    elif mode in ("I", "F") and top <= 255:
+        full = 255.0
+    else:
+        full = 65535.0
+    return np.clip(np.round(values / full * 255.0), 0, 255).astype(np.uint8)
 
 
 def open_image(path: Union[str, os.PathLike]) -> Image.Image:

@@ -61,6 +61,9 @@ def expand_schedule(r: RSpec, num_blocks: int) -> List[int]:
     raise UserError(f"r must be an int, an (r, inflect) pair or a list of ints, not {r!r}")
 
 
+CAP_WARNING = "r capped"  # how the cap warning starts
+
+
 @dataclass(frozen=True)
 class Schedule:
     """A resolved schedule: the r each block really merges and the tokens left after it."""
@@ -77,7 +80,7 @@ class Schedule:
 
     def cap_message(self) -> str:
         blocks = [f"block {i} {want}->{got}" for i, (want, got) in enumerate(zip(self.requested, self.r)) if want != got]
-        return f"r capped where too few tokens are left to merge ({', '.join(blocks)})"
+        return f"{CAP_WARNING} where too few tokens are left to merge ({', '.join(blocks)})"
 
 
 def resolve_schedule(r: RSpec, num_blocks: int, num_tokens: int, num_protected: int) -> Schedule:

@@ -175,7 +175,7 @@ class MergeState:
 
 
 def find_image(text: Union[str, os.PathLike]) -> Path:
-    """A path, or the name of a photo that ships with scikit-image (astronaut, chelsea, coffee, ...)."""
+    """A path, or the name of a photo bundled with tome_export (astronaut, chelsea, coffee, ...)."""
     path = Path(text)
     if path.exists():
         return path

@@ -1,5 +1,11 @@
 """The openvino target: IR builds on a small ToMe ViT, meet their thresholds and record the precision that ran."""
 
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -16,8 +22,10 @@ HAS_FP16 = "FP16" in cpu_capabilities()
 
 def test_fp32_ir_runs_f32_and_matches_pytorch(cpu_build):
     directory, result = cpu_build("openvino", "fp32")
-    assert sorted(p.name for p in directory.iterdir()) == ["manifest.json", "model.bin", "model.xml"]
+    assert sorted(p.name for p in directory.iterdir()) == ["manifest.json", "model.bin", "model.xml",
+                                                           "openvino_config.json"]
     assert result["runtime"]["config"] == {"INFERENCE_PRECISION_HINT": "f32"}
+    assert json.loads((directory / "openvino_config.json").read_text()) == {"CPU": result["runtime"]["config"]}
     ran = result["precision_ran"]
     assert ran["inference_precision"] == "f32" and set(ran["compute_layers"]) == {"f32"}
     assert result["validation"]["max_abs_diff"] <= 1e-4
@@ -73,3 +81,28 @@ def test_runtime_loader_runs_every_artifact(cpu_build, precision):
     assert logits.shape == (1, 1000) and np.isfinite(logits).all()
     served = load(directory, threads=2, throughput=True).run_many([batch] * 4)
     assert len(served) == 4 and all(np.allclose(s, logits, atol=1e-3) for s in served)
+
+
+BENCHMARK_APP = "import sys; from openvino.tools.benchmark.main import main; sys.argv[0] = 'benchmark_app'; main()"
+
+
+def benchmark_app_precision(directory: Path, config: Path) -> str:
+    """The inference precision OpenVINO's benchmark_app reports compiling the IR with ``-load_config config``."""
+    proc = subprocess.run([sys.executable, "-c", BENCHMARK_APP, "-m", str(directory / "model.xml"), "-d", "CPU",
+                           "-load_config", str(config), "-niter", "1", "-nireq", "1", "-api", "sync", "-hint", "none"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    found = re.search(r"INFERENCE_PRECISION_HINT: <Type: '(\w+)'>", proc.stdout)
+    assert found, proc.stdout[-3000:]
+    return found.group(1)
+
+
+def test_benchmark_app_runs_the_validated_precision_from_the_config_beside_the_ir(cpu_build, tmp_path):
+    directory, result = cpu_build("openvino", "fp32")
+    assert result["runtime"]["config"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert benchmark_app_precision(directory, directory / "openvino_config.json") == "float32"
+    # The file is what decides: the same IR with a bf16 config compiles bf16 here (OpenVINO emulates bf16 on
+    # AVX-512 CPUs without native bf16), so on a CPU whose default is bf16 the file is what keeps it f32.
+    other = tmp_path / "bf16.json"
+    other.write_text(json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": "bf16"}}))
+    assert benchmark_app_precision(directory, other) == "bfloat16"

@@ -215,6 +215,14 @@ def test_build_command_and_script(tmp_path):
     # Without trtexec on PATH the script says where to get it and exits 2, building nothing.
     done = subprocess.run(["/bin/bash", str(script)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert done.returncode == 2 and "trtexec not found" in done.stderr
+    # Extra arguments reach the builder (so nobody edits the checksummed script to add them).
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "trtexec").write_text('#!/bin/sh\necho "trtexec $*"\n')
+    (tools / "trtexec").chmod(0o755)
+    done = subprocess.run(["/bin/bash", str(script), "--verbose", "--device=1"], capture_output=True, text=True,
+                          env={"PATH": f"{tools}:/usr/bin:/bin"})
+    assert done.returncode == 0 and done.stdout.strip() == " ".join(cmd + ["--verbose", "--device=1"])
     for bad in ("8:4:1", "1:8", "0:1:2", "a:b:c", "1:2:5000"):
         with pytest.raises(UserError, match="MIN:OPT:MAX"):
             Profile.parse(bad)
@@ -294,6 +302,18 @@ def test_cli_tensorrt_int8_without_tensorrt(tmp_path, capsys):
     assert "engine NOT built here" in stdout and "build_engine.sh" in stdout
     with pytest.raises(UserError, match=r"holds no model.engine.*build_engine.sh"):
         load(out)
+    # An engine built afterwards (./build_engine.sh) was never validated nor checksummed: refused.
+    (out / "model.engine").write_bytes(b"an engine the manifest does not cover")
+    with pytest.raises(UserError, match="model.engine .* is not covered by its manifest"):
+        load(out)
+
+
+def test_gpu_targets_default_to_fp16():
+    from tome_export.pipeline import BuildRequest, prepare
+
+    for target in ("tensorrt", "tensorrt-rtx"):
+        assert prepare(BuildRequest(model="vit_t16", target=target, weights="random")).plan.precision == "fp16"
+    assert prepare(BuildRequest(model="vit_t16", target="onnxruntime", weights="random")).plan.precision == "fp32"
 
 
 @pytest.mark.parametrize("args, message", [

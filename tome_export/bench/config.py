@@ -28,6 +28,8 @@ Shape of a config (every key but ``models`` is optional; unknown keys are an err
 
 from __future__ import annotations
 
+import math
+
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
@@ -191,6 +193,8 @@ def _typed(where: str, values: Mapping[str, Any], schema: Mapping[str, Any]) -> 
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise UserError(f"{where}.{key} = {value!r}: expected a number")
             value = float(value)
+            if not math.isfinite(value) or value < 0:
+                raise UserError(f"{where}.{key} = {value!r}: expected a finite number >= 0")
         elif isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
             raise UserError(f"{where}.{key} = {value!r}: expected {expected.__name__}")
         if expected is int and value < 0:
@@ -264,8 +268,8 @@ def _model(where: str, entry: Any) -> ModelConfig:
             raise UserError(f"{where}.checkpoint {checkpoint!r} does not exist: give the path of a timm state_dict")
         weights = "checkpoint"
     seed = entry.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise UserError(f"{where}.seed = {seed!r}: expected an int")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise UserError(f"{where}.seed = {seed!r}: expected an int between 0 and 2**64 - 1")
     prop_attn = entry.get("prop_attn", True)
     if not isinstance(prop_attn, bool):
         raise UserError(f"{where}.prop_attn = {prop_attn!r}: expected true or false")

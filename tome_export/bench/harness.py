@@ -29,6 +29,7 @@ from ..files import atomic_write
 from ..flops import flops_summary
 from ..models import family_libraries
 from ..quality.decisions import Decisions, torch_merge_decisions
+from ..resources import check_cells, check_memory
 from ..schedule import resolve_schedule
 from . import matrix, memory, quality
 from .config import DIGITS_ALIAS, DIGITS_MODEL, BenchConfig, ModelConfig
@@ -116,6 +117,29 @@ def _check_requirements(config: BenchConfig) -> None:
     for module, why in needed.items():
         if importlib.util.find_spec(module) is None:
             raise UserError(f"{why} need the Python package {module!r}: pip install 'tome-export[bench]'")
+
+
+def _check_models(config: BenchConfig, allow_large: bool) -> None:
+    """Every model name resolves and takes its ``kwargs``, and its largest batch fits in memory: each model is
+    built on the meta device (no memory, no weights), before anything is written."""
+    import torch
+
+    from ..models import create_model, model_info, resolve
+
+    for i, m in enumerate(config.models):
+        if m.train is not None:  # the embedded digits case: built by the harness itself
+            continue
+        resolve(m.model)
+        try:
+            with torch.device("meta"):
+                model, _ = create_model(m.model, weights="random", seed=m.seed, **dict(m.kwargs))
+        except UserError:  # e.g. a hub model's config not cached: its cells report it
+            continue
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise UserError(f"models[{i}] ({m.model}): kwargs {dict(m.kwargs)} do not build the model "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        check_memory(model_info(model), max(config.batches), f"models[{i}] ({m.model}) at batch "
+                     f"{max(config.batches)}", allow_large)
 
 
 def _failure(exc: BaseException) -> Failure:
@@ -537,7 +561,7 @@ class _Subjects:
 
 def run_bench(config: BenchConfig, out_dir: os.PathLike, data: Optional[os.PathLike] = None, force: bool = False,
               cache: Optional[os.PathLike] = None, progress: bool = False,
-              log: Callable[[str], None] = lambda msg: None) -> BenchResult:
+              log: Callable[[str], None] = lambda msg: None, allow_large: bool = False) -> BenchResult:
     """Run (or resume) a benchmark matrix; writes results.json/.csv, report.md and plots/ into ``out_dir``.
 
     ``data``: an ImageFolder of labelled images for top-1/top-5 accuracy (needs real weights). ``cache``: where
@@ -545,7 +569,9 @@ def run_bench(config: BenchConfig, out_dir: os.PathLike, data: Optional[os.PathL
     """
     out = Path(out_dir)
     _check_out(out)
+    check_cells(len(matrix.cells(config)), allow_large)
     _check_requirements(config)
+    _check_models(config, allow_large)
     if data is not None:
         if not Path(data).is_dir():
             raise UserError(f"--data {str(data)!r} is not a directory: pass an ImageFolder (one folder per class)")

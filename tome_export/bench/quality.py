@@ -1,7 +1,7 @@
 """What a variant costs in quality: fidelity to fp32 PyTorch without ToMe, accuracy, and merge decisions.
 
 Evaluation images, in order of preference: a labelled ImageFolder (``--data``), the digits test split for the
-embedded accuracy case, else the photos bundled with scikit-image (fidelity only: they have no labels).
+embedded accuracy case, else the photos bundled with tome-export (fidelity only: they have no labels).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class EvalSet:
 
 def photo_set(pre: Preprocessing, count: int) -> EvalSet:
     n = min(count, 8)  # sample_photos cycles beyond the photos that ship; repeats add nothing
-    return EvalSet(f"{n} photos bundled with scikit-image (unlabelled)", pre.batch(sample_photos(n)))
+    return EvalSet(f"{n} photos bundled with tome-export (unlabelled)", pre.batch(sample_photos(n)))
 
 
 def digits_set(seed: int) -> EvalSet:

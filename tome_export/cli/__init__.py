@@ -2,23 +2,29 @@
 
 ``tome-export [options]`` builds (:mod:`.export`); ``tome-export NAME ...`` runs the subcommand NAME. Modules
 added here (or declared in the ``tome_export.commands`` entry-point group) are found by name.
-Bad input -> one line on stderr and exit 2; a failed validation -> one line and exit 1.
+Bad input -> one line on stderr and exit 2; a failed validation -> one line and exit 1; a bug -> its traceback
+and exit 3.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import signal
 import sys
+import traceback
 import warnings
 from importlib import metadata
 from typing import Dict, List, Optional
 
-from ..errors import UserError, ValidationError
+from .._version import __version__
+from ..errors import (BUILD_STACK, EXIT_CHECK_FAILED, EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, UserError,
+                      ValidationError, build_stack_missing, os_error_message)
 from .common import Command
 
 DEFAULT = "export"
+INTERNAL_ERROR = EXIT_INTERNAL_ERROR
 ENTRY_POINTS = "tome_export.commands"
 
 
@@ -36,22 +42,50 @@ def commands() -> Dict[str, Command]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; the exit status: 0 done, 1 validation failed, 2 bad input, 3 internal error."""
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     try:
-        known = commands()
-        if argv and argv[0] in known and argv[0] != DEFAULT:
-            return known[argv[0]].run(argv[1:])
-        return known[DEFAULT].run(argv)
+        return _dispatch(argv)
     except UserError as exc:
         print(f"tome-export: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except ValidationError as exc:
         print(f"tome-export: validation failed: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_CHECK_FAILED
     except KeyboardInterrupt:
         print("tome-export: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (``| head``): nothing more to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:  # (after its subclass BrokenPipeError) disk, permissions, names: the user's to fix
+        print(f"tome-export: error: {os_error_message(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in BUILD_STACK:
+            return _internal_error(exc)
+        print(f"tome-export: error: {build_stack_missing(exc.name or '', 'this command')}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:  # a bug: the traceback is for the report
+        return _internal_error(exc)
+
+
+def _dispatch(argv: List[str]) -> int:
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"tome-export {__version__}")
+        return 0
+    known = commands()
+    if argv and argv[0] in known and argv[0] != DEFAULT:
+        return known[argv[0]].run(argv[1:])
+    return known[DEFAULT].run(argv)
+
+
+def _internal_error(exc: BaseException) -> int:
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    print(f"tome-export: internal error ({type(exc).__name__}: {exc}); this is a bug in tome-export {__version__}: "
+          f"please report it with the traceback above", file=sys.stderr)
+    return INTERNAL_ERROR
 
 
 def _terminated(signum: int, frame: object) -> None:

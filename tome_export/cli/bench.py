@@ -20,12 +20,9 @@ n01440764 ... order), or folders named 0, 1, ... give them directly.
 """
 
 
-def run(argv: Sequence[str]) -> int:
-    from ..bench.config import load_config
-    from ..bench.harness import run_bench
-
+def parser() -> argparse.ArgumentParser:
     p = Parser(prog="tome-export bench", epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-                description="Benchmark ToMe x precision x backend x batch size; writes results, report.md and plots.")
+               description="Benchmark ToMe x precision x backend x batch size; writes results, report.md and plots.")
     p.add_argument("--config", type=Path, required=True, help="benchmark YAML (see benchmarks/)")
     p.add_argument("--out", "-o", type=Path, help="output directory (default bench-out/<config name>)")
     p.add_argument("--data", type=Path, help="ImageFolder of labelled images for top-1/top-5 accuracy")
@@ -34,15 +31,24 @@ def run(argv: Sequence[str]) -> int:
     weights.add_argument("--checkpoint", type=Path, help="a timm state_dict for the config's (single) model")
     p.add_argument("--cache", type=Path, help="where built artifacts are kept (default OUT/artifacts)")
     p.add_argument("--force", action="store_true", help="measure every cell again instead of resuming")
+    p.add_argument("--allow-large", action="store_true", help="run a matrix over the cell limit, or batches whose "
+                   "memory estimate exceeds half of this machine's memory")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(argv: Sequence[str]) -> int:
+    args = parser().parse_args(argv)
+    from ..bench.config import load_config
+    from ..bench.harness import run_bench
+
     config = load_config(args.config).with_weights(args.weights, args.checkpoint)
     out = args.out if args.out is not None else Path("bench-out") / config.name
     try:
         # a progress bar on a terminal; one line per step in logs (long runs), nothing with --quiet
         log = (lambda msg: None) if args.quiet else (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
         result = run_bench(config, out, data=args.data, force=args.force, cache=args.cache, progress=not args.quiet,
-                           log=log)
+                           log=log, allow_large=args.allow_large)
     except KeyboardInterrupt:
         print(f"tome-export bench: interrupted; finished groups are saved in {out} (re-run to resume)", file=sys.stderr)
         return 130

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
+from .._version import __version__
 from ..errors import UserError
 from .common import Command, Parser, Progress
 from .serve import add_build_arguments, print_served
 
+DEFAULT_R = "16"
 EXAMPLES = """examples:
   tome-export --model vit_b16 --r 16 --target onnx --weights random
   tome-export --model deit_s --r 16:-1 --dynamic-batch --output out/deit_s
@@ -54,9 +57,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="alias (vit_b16, deit_s, tv_vit_b16, ...), a timm or torchvision ViT name, "
                    "hf:<repo id> (transformers, hub or its cache), a save_pretrained directory, or any name a "
                    "supported family recognises (see --list-models)")
-    p.add_argument("--r", default="16", help="tokens merged per block: 16 | 16:-1 | 8,8,... (default 16)")
+    p.add_argument("--r", help="tokens merged per block: 16 | 16:-1 | 8,8,... (default 16; capped per block "
+                   "silently when defaulted, with a warning when given)")
     p.add_argument("--target", help=f"one of {', '.join(sorted(targets()))} (default onnx)")
-    p.add_argument("--precision", help="fp32 | fp16 | bf16 | int8 ... as the target supports (default fp32)")
+    p.add_argument("--precision", help="fp32 | fp16 | bf16 | int8 ... as the target supports (default fp32; fp16 "
+                   "for the GPU targets tensorrt and tensorrt-rtx)")
     p.add_argument("--recipe", type=Path, help="a recipe YAML file (default: the built-in "
                    "tome_export/recipes/<target>-<precision>.yaml)")
     batch = p.add_mutually_exclusive_group()
@@ -79,11 +84,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--trace-source", action="store_true",
                    help="add a 'source' output (which patches each final token holds; see `tome-export visualize`)")
     p.add_argument("--force", action="store_true", help="replace an output directory holding another model's build")
+    p.add_argument("--allow-large", action="store_true",
+                   help="build even when the memory estimate exceeds half of this machine's memory")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     p.add_argument("--list-models", action="store_true", help="print the model aliases and supported families")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (the build's directory "
+                   "and manifest, or the --list-models listing)")
+    p.add_argument("--version", "-V", action="version", version=f"tome-export {__version__}")
     _target_arguments(p)
     add_build_arguments(p)
     return p
+
+
+def list_models_json() -> Dict[str, Any]:
+    """What ``--list-models --json`` prints."""
+    from ..models import families, list_models, verified_families
+    from ..models.paper import PAPER_CHECKPOINTS, describe
+
+    return {"aliases": [{"alias": a, "source": s, "name": n} for a, s, n in list_models()],
+            "families": [{"name": f.name, "description": f.description} for f in families()],
+            "verified": [{"source": s, "family": f, "models": n, "checked": c} for s, f, n, c in verified_families()],
+            "paper_checkpoints": [describe(entry) for entry in PAPER_CHECKPOINTS]}
 
 
 def list_models() -> int:
@@ -125,40 +146,41 @@ def _target_options(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def run(argv: Sequence[str]) -> int:
-    from ..inspection import build_summary
-    from ..manifest import Manifest
-    from ..pipeline import BuildRequest, build, prepare
-    from ..schedule import parse_r_text
-
-    args = parser().parse_args(argv)
+    args = parser().parse_args(argv)  # before the build stack is imported: --help stays quick
     if args.list_models:
+        if args.json:
+            print(json.dumps(list_models_json(), indent=2))
+            return 0
         return list_models()
     if not args.model:
         raise UserError("--model is required (e.g. --model vit_b16; see --list-models)")
+    from ..inspection import build_summary
+    from ..manifest import Manifest
+    from ..pipeline import BuildRequest, build, prepare
+    from ..schedule import CAP_WARNING, parse_r_text
+
     request = BuildRequest(
-        model=args.model, r=parse_r_text(args.r), target=args.target, precision=args.precision,
+        model=args.model, r=parse_r_text(args.r or DEFAULT_R), target=args.target, precision=args.precision,
         batch=args.batch, dynamic_batch=bool(args.dynamic_batch), opset=args.opset, output=args.output,
         weights=args.weights, checkpoint=args.checkpoint, seed=args.seed, merge_impl=args.merge_impl,
         prop_attn=not args.no_prop_attn, img_size=args.img_size, force=args.force, recipe=args.recipe,
+        allow_large=args.allow_large,
         target_options=_target_options(args), trace_source=args.trace_source,
     )
     prepared = prepare(request)  # cheap checks first, before any progress display
-    serving = None
-    if args.serve:  # refused before any work when the repository entry could not be written
-        from ..serve import TritonOptions, check_request
-
-        serving = TritonOptions(variant=args.serve_variant)
-        check_request(prepared.output, args.serve, args.serve_repository, serving, args.force)
     progress = Progress(4, args.quiet)
+    # The default r caps in the last blocks of most models, as in the reference: said only for a chosen r.
+    warn = progress.warn if args.r is not None else (
+        lambda message: None if message.startswith(CAP_WARNING) else progress.warn(message))
     try:
-        result = build(prepared, log=progress, warn=progress.warn)
+        result = build(prepared, log=progress, warn=warn)
+        progress.done()
     finally:
         progress.close()
-    print("\n".join(build_summary(result.path, Manifest.from_dict(result.manifest))))
-    if serving is not None:
-        from ..serve import serve_artifact
-
-        print_served(serve_artifact(result.path, args.serve, args.serve_repository, serving, args.force))
+    if args.json:
+        print(json.dumps({"path": str(result.path), "manifest": result.manifest}, indent=2, default=str))
+    else:
+        print("\n".join(build_summary(result.path, Manifest.from_dict(result.manifest))))
     return 0
 
 

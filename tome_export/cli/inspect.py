@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -9,17 +10,21 @@ from typing import Sequence
 from .common import Command, Parser
 
 
-def run(argv: Sequence[str]) -> int:
-    from ..inspection import checksum_failures, format_report, inspect_path
-    from ..manifest import dumps
-
+def parser() -> argparse.ArgumentParser:
     p = Parser(prog="tome-export inspect",
                description="Show what a build directory (or a bare model.onnx) holds: schedule, tokens, FLOPs, "
                "op histogram, TensorRT compatibility, validation, sizes and checksums. Exit 1 when a checksum "
                "does not match.")
     p.add_argument("path", type=Path, help="a directory written by tome-export, or a .onnx file")
     p.add_argument("--json", action="store_true", help="the full report as JSON")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(argv: Sequence[str]) -> int:
+    args = parser().parse_args(argv)
+    from ..inspection import checksum_failures, format_report, inspect_path
+    from ..manifest import dumps
+
     report = inspect_path(args.path)
     print(dumps(report) if args.json else format_report(report))
     failures = checksum_failures(report)

@@ -15,7 +15,7 @@ EXAMPLES = """examples:
   tome-export visualize photo.jpg --model deit_s --r 16 --blocks 1,4,8,12 -o merges.png
   tome-export visualize chelsea --artifact tome-out/vit_b16-r16-onnx-fp32 -o deployed.png
 
-IMAGE is an image file or a photo bundled with scikit-image (astronaut, chelsea, coffee, rocket,
+IMAGE is an image file or a photo bundled with tome-export (astronaut, chelsea, coffee, rocket,
 motorcycle_left, ...). Each colour is one final token: its patches filled with their mean colour and
 outlined in the token's colour. --artifact runs a build made with --trace-source through its own runner.
 """

@@ -129,9 +129,15 @@ def create_model(name: str, weights: str = "pretrained", checkpoint: Optional[os
     """Build a model by name, in eval mode, with pretrained, checkpoint or seeded random weights. ``kwargs`` go to
     the model's constructor (``img_size`` works for every family).
 
-    Offline without cached pretrained weights this raises a :class:`UserError` naming the flags that work
-    offline; it never falls back to random weights.
+    timm's habit ``pretrained=True/False`` is read as ``weights="pretrained"/"random"``. Offline without cached
+    pretrained weights this raises a :class:`UserError` naming the flags that work offline; it never falls back
+    to random weights.
     """
+    if "pretrained" in kwargs:
+        pretrained = kwargs.pop("pretrained")
+        if not isinstance(pretrained, bool):
+            raise UserError(f"pretrained={pretrained!r}: pass weights='pretrained' or weights='random'")
+        weights = "pretrained" if pretrained else "random"
     ref = resolve(name)
     family = FAMILIES[ref.family]
     if checkpoint is not None:
@@ -159,11 +165,21 @@ def _create_pretrained(family: Family, ref: ModelName, kwargs: Dict[str, Any]) -
     except UserError:
         raise
     except Exception as exc:
+        if not _download_failure(exc):  # e.g. a constructor argument the model does not take
+            raise UserError(f"cannot create {ref.alias} ({ref.name}) with pretrained weights: "
+                            f"{type(exc).__name__}: {exc}") from None
         raise UserError(
             f"cannot load pretrained weights for {ref.alias} ({ref.name}): {type(exc).__name__}. Offline and not "
             f"cached? Use --checkpoint PATH for a local {ref.source} state_dict or --weights random for seeded "
             "random weights"
         ) from None
+
+
+def _download_failure(exc: BaseException) -> bool:
+    """Whether fetching weights failed (network, hub, missing cache file), as opposed to creating the model."""
+    module = type(exc).__module__ or ""
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError)) or module.startswith(
+        ("huggingface_hub", "httpx", "requests", "urllib", "http.", "ssl", "socket"))
 
 
 def family_of(model: torch.nn.Module) -> Family:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -179,6 +179,17 @@ class ToMeModel:
     """
 
     tome: ToMeConfig
+
+    @property
+    def r(self) -> Tuple[int, ...]:
+        """The requested r per block (read-only: the reference's ``model.r = 16`` has no effect here)."""
+        return self.tome.r
+
+    @r.setter
+    def r(self, value: Any) -> None:
+        # The schedule lives in each block's TokenMerge; silently storing a new r would change nothing.
+        raise AttributeError(f"model.r is fixed when the model is patched: call tome_export.patch(model, {value!r}) "
+                             f"again to re-configure (it keeps the weights)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, size, _ = self.tome_features(x)

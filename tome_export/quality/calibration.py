@@ -15,10 +15,10 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from ..errors import UserError
 from ..images import sample_photos
-from ..preprocess import Preprocessing, open_image
+from ..preprocess import Preprocessing, open_image, to_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-BUNDLED = "bundled sample photos (scikit-image)"
+BUNDLED = "bundled sample photos (tome_export/photos)"
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def calibration_images(count: int, data_dir: Optional[os.PathLike] = None, augme
         files = image_files(data_dir)
         if len(files) > count:
             files = [files[i] for i in sorted(rng.choice(len(files), count, replace=False))]
-        originals = [open_image(f).convert("RGB") for f in files]
+        originals = [to_rgb(open_image(f)) for f in files]
     else:
         originals = sample_photos()
     images = []

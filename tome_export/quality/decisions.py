@@ -236,3 +236,57 @@ def summary_line(report: Mapping[str, Any]) -> Optional[str]:
     if isinstance(other, dict):
         line += f" ({other['agreement']:.3f} without fp32 protection)"
     return line
+
+
+def _decision_margin(metric: Any, r: int, num_protected: int) -> np.ndarray:
+    """Per image, the smallest score gap one block's matching rests on ``(B,)``: between the r-th and (r+1)-th
+    ranked A token, and between each merged A token's best and second-best B token. 0 for an exact tie."""
+    import torch
+
+    from ..merge import _layout, _scores
+    from ..schedule import cap_r
+
+    r = cap_r(r, metric.shape[1], num_protected)
+    scores = _scores(metric.float(), _layout(metric.shape[1], num_protected, r, metric.device))
+    n_a, n_b = scores.shape[1], scores.shape[2]
+    top = scores.topk(min(2, n_b), dim=-1).values
+    best = top[..., 0]
+    second = best - top[..., 1] if n_b > 1 else torch.full_like(best, float("inf"))
+    order = best.argsort(dim=-1, descending=True, stable=True)
+    ranked = best.gather(1, order)
+    rank_gap = ranked[:, r - 1] - ranked[:, r] if 0 < r < n_a else torch.full_like(best[:, 0], float("inf"))
+    merged_gap = second.gather(1, order[:, :r]).amin(dim=-1) if r > 0 else torch.full_like(rank_gap, float("inf"))
+    return torch.minimum(rank_gap, merged_gap).cpu().numpy().astype(np.float64)
+
+
+def matching_margins(model: Any, batches: Sequence[np.ndarray]) -> np.ndarray:
+    """Per image ``(N,)``, the smallest score gap any merge decision of the PyTorch model rests on (over every
+    merging block). Where it is below the difference two backends' arithmetic makes, they may decide the merge
+    differently: a near-tie flip, not an error of the graph."""
+    import torch
+
+    from ..models.base import TokenMatch, TokenMerge
+
+    margins: List[np.ndarray] = []
+    found: List[np.ndarray] = []  # this batch's margins, one array per merging block
+
+    def record(module: TokenMatch, inputs: Tuple[Any, ...], output: Any) -> None:
+        found.append(_decision_margin(inputs[0].mean(dim=1), module.r, module.num_protected))
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, TokenMatch)]
+    merges = [m for m in model.modules() if isinstance(m, TokenMerge)]
+    fused = [m.fused for m in merges]
+    try:
+        for m in merges:  # the fused kernel bypasses TokenMatch (and so these hooks)
+            m.fused = False
+        for x in batches:
+            found.clear()
+            with torch.inference_mode():
+                model(torch.from_numpy(np.ascontiguousarray(x)))
+            margins.append(np.min(found, axis=0) if found else np.full(len(x), np.inf))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, was in zip(merges, fused):
+            m.fused = was
+    return np.concatenate(margins)

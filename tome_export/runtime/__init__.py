@@ -41,7 +41,7 @@ def runtime_settings(manifest: Manifest) -> Dict[str, Any]:
         raise UserError(f"no runner for target {manifest.target!r}; available: {', '.join(sorted(LEGACY_RUNNERS))} "
                         f"(or rebuild the artifact with a tome-export that has this target)")
     runtime["runner"] = LEGACY_RUNNERS[manifest.target]
-    runtime.setdefault("install", LEGACY_INSTALL.get(manifest.target, "pip install onnxruntime"))
+    runtime.setdefault("install", LEGACY_INSTALL.get(manifest.target, "pip install 'tome-export[onnxruntime]'"))
     trt = manifest.section("tensorrt") or {}
     if manifest.target.startswith("tensorrt"):
         runtime.update(file="model.engine", library=trt.get("library", "tensorrt"),
@@ -86,7 +86,14 @@ def open_artifact(directory: os.PathLike, verify: bool = True) -> Artifact:
     if not directory.is_dir():
         raise UserError(f"{str(directory)!r} is not a directory: pass a directory written by tome-export")
     manifest = load_manifest(directory, verify=verify)
-    return Artifact(directory, manifest, ArtifactIO.from_manifest(directory, manifest, runtime_settings(manifest)))
+    runtime = runtime_settings(manifest)
+    covered = runtime.get("file")
+    if verify and covered and covered not in manifest.artifacts and (directory / str(covered)).exists():
+        # e.g. an engine built afterwards by build_engine.sh: never validated nor checksummed by the build
+        raise UserError(f"{covered} in {str(directory)!r} is not covered by its manifest (built after it, so never "
+                        f"validated nor checksummed): rebuild with tome-export where it can build {covered} "
+                        f"(--require-engine), or pass verify=False to run it unchecked")
+    return Artifact(directory, manifest, ArtifactIO.from_manifest(directory, manifest, runtime))
 
 
 def load(directory: os.PathLike, threads: Optional[int] = None, throughput: bool = False, verify: bool = True,

@@ -9,6 +9,7 @@ measurement, ``visualize --artifact``, the bench and deployments all run the sam
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -47,9 +48,13 @@ class Runner:
     ``extra_outputs``: names of intermediate tensors to return as well (where the backend can expose them),
     e.g. the merge-decision tensors. Use as a context manager, or call :meth:`close`, to free the backend's
     resources (sessions, compiled models, device memory) before the object is collected.
+
+    Thread safety: one runner may be shared by any number of threads. Backends whose ``_infer`` is safe to call
+    concurrently say so with ``concurrent = True``; for the others this class runs one call at a time.
     """
 
     backend = "base"
+    concurrent = False  # whether _infer may run in several threads at once
 
     def __init__(self, io: ArtifactIO, threads: Optional[int] = None, throughput: bool = False,
                  extra_outputs: Sequence[str] = ()) -> None:
@@ -64,6 +69,7 @@ class Runner:
         self.preprocessing = io.preprocessing
         self.output_names: List[str] = list(io.outputs) + [n for n in extra_outputs if n not in io.outputs]
         self.closed = False
+        self._serial = threading.Lock()
 
     def preprocess(self, image: Union[Image.Image, str, os.PathLike]) -> np.ndarray:
         """One image (PIL or path) -> ``(C, H, W)`` array, as the model was trained."""
@@ -91,7 +97,7 @@ class Runner:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Logits ``(N, classes)`` of a preprocessed batch ``(N, C, H, W)``."""
-        return self._infer(self.check(batch), [OUTPUT_NAME])[OUTPUT_NAME]
+        return self._run(self.check(batch), [OUTPUT_NAME])[OUTPUT_NAME]
 
     def infer(self, batch: np.ndarray, outputs: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
         """Named outputs of a preprocessed batch: ``outputs`` (default: every output, extra outputs included)."""
@@ -99,11 +105,21 @@ class Runner:
         unknown = [n for n in names if n not in self.output_names]
         if unknown:
             raise UserError(f"the artifact has no output {unknown[0]!r}; it has {', '.join(self.output_names)}")
-        return self._infer(self.check(batch), names)
+        return self._run(self.check(batch), names)
 
     def run_many(self, batches: Sequence[np.ndarray]) -> List[np.ndarray]:
         """Logits of several batches; in throughput mode backends overlap them (batch serving)."""
-        return self._infer_many([self.check(b) for b in batches])
+        checked = [self.check(b) for b in batches]
+        if self.concurrent:
+            return self._infer_many(checked)
+        with self._serial:
+            return self._infer_many(checked)
+
+    def _run(self, batch: np.ndarray, names: Sequence[str]) -> Dict[str, np.ndarray]:
+        if self.concurrent:
+            return self._infer(batch, names)
+        with self._serial:
+            return self._infer(batch, names)
 
     def _infer(self, batch: np.ndarray, names: Sequence[str]) -> Dict[str, np.ndarray]:  # backends implement this
         raise NotImplementedError

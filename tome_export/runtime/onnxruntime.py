@@ -66,9 +66,13 @@ class OnnxRuntimeRunner(Runner):
     single-threaded requests in parallel (:meth:`run_many`), which keeps every core busy on small batches.
 
     ``graph`` runs another graph than the artifact's file (a build's candidate, in memory) with the same settings.
+
+    Thread-safe: ONNX Runtime documents ``InferenceSession.run`` as safe to call from several threads at once on one
+    session, so calls share the session and run concurrently.
     """
 
     backend = "onnxruntime"
+    concurrent = True
 
     def __init__(self, io: ArtifactIO, threads: Optional[int] = None, throughput: bool = False,
                  extra_outputs: Sequence[str] = (), graph: Optional[Graph] = None) -> None:

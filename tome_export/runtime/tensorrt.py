@@ -109,6 +109,9 @@ class TensorRTRunner(Runner):
     """Runs ``model.engine`` with the library the runtime settings name (``tensorrt`` or ``tensorrt_rtx``).
 
     Outputs are the engine's own; intermediate tensors cannot be exposed (``extra_outputs`` is refused).
+
+    Thread-safe by serialising: one execution context and one set of device buffers serve every call, so calls
+    from several threads run one at a time (:class:`~tome_export.runtime.base.Runner` holds the lock).
     """
 
     backend = "tensorrt"

@@ -16,8 +16,9 @@ TESTED = ("tome-export's tests serve Python-backend repositories on a real `trit
           "wheel and were not run: their configurations are checked against Triton's ModelConfig schema and against "
           "the graph's names and dimensions, and their parameters follow the backends' source.")
 
-BACKEND_PACKAGES = {"onnx": "onnxruntime", "onnxruntime": "onnxruntime", "openvino": "openvino",
-                    "tensorrt": "tensorrt cuda-python", "tensorrt-rtx": "tensorrt-rtx-cu13 cuda-python"}
+# The runtime extras of each target (tensorrt itself comes from NVIDIA's package index, beside them)
+BACKEND_EXTRAS = {"onnx": "onnxruntime", "onnxruntime": "onnxruntime", "openvino": "openvino",
+                  "tensorrt": "cuda", "tensorrt-rtx": "tensorrt-rtx,cuda"}
 
 
 def validation_line(manifest: Manifest) -> str:
@@ -77,12 +78,13 @@ def _client_lines(plan: ModelPlan) -> List[str]:
 def _server_lines(plan: ModelPlan, manifest: Manifest, repository: Path) -> List[str]:
     lines = ["```", f"tritonserver --model-repository {os.path.abspath(repository)}", "```"]
     if plan.variant == "python":
-        packages = BACKEND_PACKAGES.get(manifest.target, "")
+        extras = BACKEND_EXTRAS.get(manifest.target, "onnxruntime")
+        nvidia = "   # and tensorrt from NVIDIA's package index" if manifest.target == "tensorrt" else ""
         lines += ["", "The Python backend runs `1/model.py`, which loads `1/artifact/` with `tome_export.runtime.load` "
                   "(checksums verified) — the code path the build validated. The server's Python needs tome-export "
                   "and the backend, no torch:",
-                  "", "```", f"pip install --no-deps /path/to/tome-export   # its source tree or wheel, version {__version__}",
-                  f"pip install numpy pillow {packages}", "```"]
+                  "", "```", f"pip install '/path/to/tome-export[{extras}]'   # its source tree or wheel, version "
+                  f"{__version__}{nvidia}", "```"]
     else:
         lines += ["", f"Triton's native `{plan.backend}` backend loads `1/{plan.default_model_filename}`."]
     return lines

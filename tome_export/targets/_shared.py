@@ -10,7 +10,7 @@ import numpy as np
 from ..graph_names import OUTPUT_NAME
 from ..quality.calibration import calibrate
 from ..quality.decisions import Decisions, merge_decision_report, torch_merge_decisions
-from ..quality.validate import check_thresholds, measure_against_torch
+from ..quality.validate import validate_against_torch
 from ..runtime.base import Runner
 from .base import BuildContext
 
@@ -18,9 +18,10 @@ SAME_GRAPH = "same graph: this precision step never touches the ToMe nodes"
 
 
 def validate(ctx: BuildContext, runner: Runner, what: str) -> Dict[str, Any]:
-    """Logits of the artifact's runner vs the PyTorch ToMe model on the photos, against the recipe's thresholds."""
-    metrics = measure_against_torch(ctx.model, lambda x: runner.infer(x, [OUTPUT_NAME]), ctx.validation_batches())
-    return check_thresholds(metrics, ctx.settings.validation.thresholds(), what)
+    """Logits of the artifact's runner vs the PyTorch ToMe model on the photos, against the recipe's thresholds
+    (images whose merge decisions rest on a near-tie reported apart)."""
+    return validate_against_torch(ctx.model, lambda x: runner.infer(x, [OUTPUT_NAME]), ctx.validation_batches(),
+                                  ctx.settings.validation.thresholds(), what)
 
 
 def calibration(ctx: BuildContext) -> Tuple[List[np.ndarray], Dict[str, Any]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,15 +66,37 @@ def _checked(where: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+# The range of a recipe key wherever it appears (counts, fractions, seeds), checked before any work.
+RANGES: Dict[str, Tuple[Optional[float], Optional[float]]] = {
+    "images": (1, None), "batch": (1, None), "seed": (0, 2**64 - 1), "max_abs_diff": (0, None),
+    "min_cosine": (-1, 1), "min_top1_agreement": (0, 1), "min_token_group_agreement": (0, 1),
+}
+
+
+def _in_range(where: str, key: str, value: Any) -> Any:
+    """``value`` if it is a finite number within ``RANGES[key]`` (lists: each item), or not a number at all."""
+    if isinstance(value, tuple):
+        return tuple(_in_range(f"{where}[{i}]", key, v) for i, v in enumerate(value))
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return value
+    low, high = RANGES.get(key, (None, None))
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"between {low:g} and {high:g}" if low is not None and high is not None else (
+            f"at least {low:g}" if low is not None else "a finite number")
+        raise UserError(f"{where} = {value!r}: must be {bounds}")
+    return value
+
+
 def parse_section(cls: type, values: Mapping[str, Any], where: str) -> Any:
-    """An instance of the section dataclass ``cls`` from a recipe's mapping: unknown keys and wrong types are
-    one-line UserErrors, missing keys take the dataclass's defaults."""
+    """An instance of the section dataclass ``cls`` from a recipe's mapping: unknown keys, wrong types and numbers
+    out of range (:data:`RANGES`, NaN, infinity) are one-line UserErrors; missing keys take the defaults."""
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in fields:
             raise UserError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(fields)) or 'none'})")
-    return cls(**{key: _checked(f"{where}.{key}", value, hints[key]) for key, value in values.items()})
+    return cls(**{key: _in_range(f"{where}.{key}", key, _checked(f"{where}.{key}", value, hints[key]))
+                  for key, value in values.items()})
 
 
 @dataclass(frozen=True)
@@ -245,6 +268,7 @@ class Target:
     install_hint: str = "pip install tome-export"  # how to get them (and the runtime)
     needs_onnx: bool = True  # False: the pipeline exports no ONNX and the target builds from ctx.model
     device: str = "cpu"  # where its artifacts run: cpu | cuda
+    default_precision: str = "fp32"  # without --precision
     version_modules: Tuple[str, ...] = ()  # libraries whose versions benchmark results record
 
     def settings_for(self, recipe: Recipe) -> Settings:

@@ -45,6 +45,6 @@ TARGET = register(Target(
     build=build,
     settings=OnnxSettings,
     requires=("onnxruntime",),
-    install_hint="pip install onnxruntime",
+    install_hint="pip install 'tome-export[onnxruntime]'",
     version_modules=("onnxruntime",),
 ))

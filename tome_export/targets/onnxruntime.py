@@ -367,6 +367,6 @@ TARGET = register(Target(
     precision_defaults={p: {"quantization": {"method": m}} for p, m in DEFAULT_METHOD.items()},
     check=check,
     requires=("onnxruntime",),
-    install_hint="pip install onnxruntime",
+    install_hint="pip install 'tome-export[onnxruntime]'",
     version_modules=("onnxruntime",),
 ))

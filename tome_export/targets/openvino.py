@@ -11,7 +11,10 @@ Steps, each set by the recipe:
 3. the inference precision is a compile property, ``INFERENCE_PRECISION_HINT``, stored in the manifest for the
    runner: without it the CPU plugin silently runs bf16 on CPUs with bf16 support. bf16/f16 are refused unless
    the CPU lists them in ``OPTIMIZATION_CAPABILITIES``. After compiling, the precision each layer ran in is read
-   back from the runtime model and recorded.
+   back from the runtime model and recorded. The same properties are written beside the IR as
+   ``openvino_config.json`` (``{"CPU": {...}}``) for ``benchmark_app -load_config`` and OpenVINO Model Server's
+   ``plugin_config``: a plain ``compile_model("model.xml", "CPU")`` cannot see them (the IR has no place the CPU
+   plugin reads them from).
 
 Artifacts run with :class:`tome_export.runtime.openvino.OpenVINORunner`.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import tempfile
 import xml.etree.ElementTree as ET
@@ -44,6 +48,7 @@ KEEP_PRECISION = {"name": "DisablePrecisionConversion", "version": "0", "value":
 
 
 RUNNER = "tome_export.runtime.openvino:OpenVINORunner"
+DEVICE_CONFIG = "openvino_config.json"  # the compile properties, for tools that do not read the manifest
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,7 @@ def check(plan: BuildPlan) -> None:
             import nncf  # noqa: F401
         except ImportError:
             raise UserError("--precision int8 for openvino quantizes with NNCF, which is not installed: "
-                            "pip install 'tome-export[openvino]'") from None
+                            "pip install 'tome-export[openvino-int8]'") from None
     hint = plan.settings.build.inference_precision
     needed = CAPABILITY[hint]
     if needed is not None:
@@ -183,6 +188,13 @@ def _save(model, directory: Path, prefixes: Sequence[str], compress: bool) -> Di
     return {"layers_marked_keep_precision": mark_keep_precision(directory / "model.xml", prefixes)}
 
 
+def write_device_config(path: Path, config: Dict[str, Any]) -> None:
+    """The validated compile properties as ``{"CPU": {...}}``: the file ``benchmark_app -load_config`` reads, and
+    the ``plugin_config`` OpenVINO Model Server takes. The IR cannot carry them: OpenVINO 2026.4's CPU plugin
+    ignores ``runtime_options`` in the model's rt_info (checked: hints set there do not read back compiled)."""
+    path.write_text(json.dumps({"CPU": config}, indent=2) + "\n")
+
+
 def _versions(with_nncf: bool) -> Dict[str, str]:
     import openvino as ov
 
@@ -228,6 +240,7 @@ def build(ctx: BuildContext) -> TargetResult:
     protected = _protected_ops(converted, b.keep_fp32)
     model, step, calibration_batches = _precision_step(ctx, converted, protected)
     step.update(_save(model, ctx.workdir, KEEP_FP32[b.keep_fp32], b.compress_to_fp16))
+    write_device_config(ctx.workdir / DEVICE_CONFIG, runtime["config"])
     with OpenVINORunner(ctx.artifact_io(runtime)) as runner:
         ran = runtime_precisions(runner.compiled)
         validation = validate(ctx, runner, f"OpenVINO {ctx.precision} (inference precision {b.inference_precision})")

@@ -90,10 +90,12 @@ def tune(request: Optional[TuneRequest] = None, log: Log = lambda msg: None, **f
 def write_output(out: Path, source: Path, section: Dict[str, Any], model: str) -> Path:
     """Copy the winning build to ``out`` with ``tune.md``, the plot and the manifest's ``tune`` section; the
     manifest is rewritten last, with the checksums of every file, so ``runtime.load`` verifies the report too."""
-    from ..pipeline import staged_output
+    from ..pipeline import output_lock, staged_output
     from .report import PLOT, REPORT, markdown, pareto_plot
 
-    with staged_output(Path(out)) as tmp:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out), staged_output(out) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         manifest = load_manifest(tmp, verify=True)
         (tmp / REPORT).write_text(markdown(section, model) + "\n")

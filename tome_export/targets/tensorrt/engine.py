@@ -229,13 +229,14 @@ SCRIPT = """#!/usr/bin/env bash
 # Builds {engine} from {onnx} with {display} on the machine that will run it.
 # Written by tome-export {version}; equivalent to the build it ran (or would have run) through the Python API.
 # Precision is in the graph (strongly typed network): {precision_note}
+# Extra arguments go to {tool} (e.g. --verbose, --device=1); editing this file makes runtime.load refuse the directory.
 set -euo pipefail
 cd "$(dirname "$0")"
 if ! command -v {tool} >/dev/null 2>&1; then
     echo "build_engine.sh: {tool} not found: {tool_install}; put that directory on PATH" >&2
     exit 2
 fi
-{command}
+{command} "$@"
 """
 
 

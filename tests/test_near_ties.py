@@ -1,0 +1,70 @@
+"""The validation gate tells a near-tie flip from a wrong graph: an image whose merge decision rests on a score
+gap below what two backends' rounding can move may merge differently and still be a correct export; a graph that
+is wrong on the other images still fails."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_model
+from tome_export import patch
+from tome_export.errors import ValidationError
+from tome_export.images import sample_photos
+from tome_export.models import preprocessing
+from tome_export.quality.decisions import matching_margins
+from tome_export.quality.validate import TIE_MARGIN, Thresholds, check_with_near_ties
+
+STRICT = Thresholds(max_abs_diff=1e-4, min_top1_agreement=1.0)
+
+
+@pytest.fixture(scope="module")
+def logits():
+    """PyTorch logits of 8 photos, and those of the same images where image 3 merged differently (one more token
+    merged in every block: another decision, computed, not invented)."""
+    model = patch(make_model("vit", depth=4), 8)
+    pre = preprocessing(model)
+    photos = torch.from_numpy(pre.batch(sample_photos(8)))
+    with torch.no_grad():
+        reference = model(photos).numpy()
+        flipped = patch(make_model("vit", depth=4), 9)(photos[3:4]).numpy()
+    candidate = reference + np.float32(1e-6)
+    candidate[3] = flipped[0]
+    return reference, candidate
+
+
+def test_a_flip_on_a_near_tie_image_passes_and_is_reported_apart(logits):
+    reference, candidate = logits
+    margins = np.full(8, 0.05)
+    margins[3] = TIE_MARGIN / 10
+    result = check_with_near_ties(reference, candidate, margins, STRICT, "test")
+    assert result["passed"] and result["near_tie_images"] == [3] and result["images"] == 7
+    assert result["all_images"]["max_abs_diff"] > 1e-4
+
+
+def test_the_same_difference_without_a_near_tie_fails(logits):
+    reference, candidate = logits
+    with pytest.raises(ValidationError, match="differs from PyTorch"):
+        check_with_near_ties(reference, candidate, np.full(8, 0.05), STRICT, "test")
+
+
+def test_a_wrong_graph_fails_even_with_a_near_tie_image(logits):
+    reference, _ = logits
+    wrong = reference + np.float32(0.01)  # wrong on every image
+    margins = np.full(8, 0.05)
+    margins[3] = 0.0
+    with pytest.raises(ValidationError, match="near-tie"):
+        check_with_near_ties(reference, wrong, margins, STRICT, "test")
+    with pytest.raises(ValidationError):  # ties on most images cannot excuse them
+        check_with_near_ties(reference, wrong, np.zeros(8), STRICT, "test")
+
+
+def test_margins_of_photos_are_positive_and_an_exact_tie_is_zero():
+    model = patch(make_model("vit", depth=2), 8)
+    pre = preprocessing(model)
+    photos = pre.batch(sample_photos(2))
+    margins = matching_margins(model, [photos])
+    assert margins.shape == (2,) and (margins > 0).all() and np.isfinite(margins).all()
+    with torch.no_grad():
+        model.pos_embed.zero_()  # a flat image then gives every patch the same key: every decision is a tie
+    flat = np.zeros((1, *pre.input_size), np.float32)
+    assert matching_margins(model, [flat])[0] == 0.0

@@ -1,0 +1,56 @@
+"""Estimates of what heavy work will need, checked before it starts: memory of a forward pass, bench cell counts.
+
+The estimates are deliberately rough (upper-side) and torch-free; their job is to refuse requests that cannot fit
+(an ``--img-size 4096`` attention matrix, a batch of 100,000) in a second instead of after minutes of work or an
+out-of-memory kill. Every refusal names the flag that lifts it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from .errors import UserError
+from .info import ModelInfo
+
+MEMORY_FRACTION = 0.5  # refuse work estimated to need more than this share of the machine's memory
+MAX_CELLS = 2000  # a benchmark matrix larger than this is refused unless asked for
+LIFT_FLAG = "--allow-large"
+
+GB = 1e9
+
+
+def physical_memory() -> Optional[int]:
+    """Bytes of physical memory, or None where the platform does not say."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def forward_bytes(info: ModelInfo, batch: int) -> int:
+    """Peak bytes of one fp32 forward of ``batch`` images without ToMe (ToMe only shrinks it): the weights, the
+    attention logits and probabilities of one block, and its MLP activations, doubled for the exporter's copies."""
+    tokens = info.num_tokens
+    weights = info.num_blocks * (4 * info.embed_dim * info.attn_dim + 2 * info.embed_dim * info.mlp_hidden)
+    attention = 2 * info.num_heads * tokens * tokens
+    activations = tokens * (3 * info.attn_dim + 2 * info.mlp_hidden + 4 * info.embed_dim)
+    return 4 * (weights + 2 * batch * (attention + activations))
+
+
+def check_memory(info: ModelInfo, batch: int, what: str, allow: bool = False) -> None:
+    """Refuse ``what`` when a forward of ``batch`` images needs more than :data:`MEMORY_FRACTION` of memory."""
+    total = physical_memory()
+    need = forward_bytes(info, batch)
+    if allow or total is None or need <= MEMORY_FRACTION * total:
+        return
+    raise UserError(f"{what} needs about {need / GB:.0f} GB of memory ({info.num_tokens} tokens x batch {batch}); "
+                    f"this machine has {total / GB:.0f} GB: use a smaller --img-size or batch, or pass {LIFT_FLAG} "
+                    f"to try anyway")
+
+
+def check_cells(cells: int, allow: bool = False) -> None:
+    """Refuse a benchmark matrix of more than :data:`MAX_CELLS` cells unless asked for."""
+    if cells > MAX_CELLS and not allow:
+        raise UserError(f"the benchmark matrix has {cells:,} cells (more than {MAX_CELLS:,}): narrow the config's "
+                        f"lists, or pass {LIFT_FLAG} to run them all")
