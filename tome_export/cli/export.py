@@ -154,8 +154,6 @@ def run(argv: Sequence[str]) -> int:
         return list_models()
     if not args.model:
         raise UserError("--model is required (e.g. --model vit_b16; see --list-models)")
-    from ..inspection import build_summary
-    from ..manifest import Manifest
     from ..pipeline import BuildRequest, build, prepare
     from ..schedule import CAP_WARNING, parse_r_text
 
@@ -168,6 +166,7 @@ def run(argv: Sequence[str]) -> int:
         target_options=_target_options(args), trace_source=args.trace_source,
     )
     prepared = prepare(request)  # cheap checks first, before any progress display
+    serving = _serving(args, prepared.output)
     progress = Progress(4, args.quiet)
     # The default r caps in the last blocks of most models, as in the reference: said only for a chosen r.
     warn = progress.warn if args.r is not None else (
@@ -177,11 +176,39 @@ def run(argv: Sequence[str]) -> int:
         progress.done()
     finally:
         progress.close()
-    if args.json:
-        print(json.dumps({"path": str(result.path), "manifest": result.manifest}, indent=2, default=str))
-    else:
-        print("\n".join(build_summary(result.path, Manifest.from_dict(result.manifest))))
+    served = None
+    if serving is not None:
+        from ..serve import serve_artifact
+
+        served = serve_artifact(result.path, args.serve, args.serve_repository, serving, args.force)
+    _report(args, result, served)
     return 0
+
+
+def _serving(args: argparse.Namespace, output: Path) -> Any:
+    """``--serve``'s options, its repository entry checked before any work (None without ``--serve``)."""
+    if not args.serve:
+        return None
+    from ..serve import TritonOptions, check_request
+
+    serving = TritonOptions(variant=args.serve_variant)
+    check_request(output, args.serve, args.serve_repository, serving, args.force)
+    return serving
+
+
+def _report(args: argparse.Namespace, result: Any, served: Any) -> None:
+    """What was built (and served): the summary, or with ``--json`` one JSON document."""
+    if args.json:
+        report = {"path": str(result.path), "manifest": result.manifest,
+                  "served": str(served.model_dir) if served else None}
+        print(json.dumps(report, indent=2, default=str))
+        return
+    from ..inspection import build_summary
+    from ..manifest import Manifest
+
+    print("\n".join(build_summary(result.path, Manifest.from_dict(result.manifest))))
+    if served is not None:
+        print_served(served)
 
 
 COMMAND = Command("export", run, "build a ToMe model for a target (the default command)")
