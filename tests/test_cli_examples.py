@@ -29,7 +29,7 @@ def help_commands():
     for name in commands():
         module = importlib.import_module(f"tome_export.cli.{name}")
         epilog = getattr(module, "EXAMPLES", None) or getattr(module, "BENCH_EXAMPLES", "")
-        for line in epilog.splitlines():
+        for line in epilog.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
             if line.startswith("tome-export"):
                 yield line
