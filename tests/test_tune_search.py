@@ -110,3 +110,20 @@ def test_when_tome_loses_or_nothing_keeps_the_budget_it_says_so():
     assert none.winner is base_out and not none.met_budget and "fp32 r=0" in none.reason
     latency = choose([base, slower], Budget(max_accuracy_drop=1.0, max_latency_ms=1.0), ("fp32",), base, 0.0)
     assert not latency.met_budget and latency.winner is base and "latency" in latency.reason
+
+
+def test_tune_output_refuses_what_tome_export_did_not_write(tmp_path):
+    from tome_export.errors import UserError
+    from tome_export.tuning.request import check_output
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="did not write"):
+        check_output(foreign, force=True)
+    (tmp_path / "empty").mkdir()
+    check_output(tmp_path / "empty", force=False)
+    check_output(tmp_path / "new", force=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="not a directory"):
+        check_output(tmp_path / "file", force=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -24,7 +25,7 @@ FORMAT = "tome-export/1"
 SELF_DIGEST = "manifest_sha256"  # digest of the manifest's own content: edits are detected
 
 __all__ = ["MANIFEST", "FORMAT", "InputSpec", "Manifest", "artifact_table", "dumps", "load_manifest",
-           "read_manifest", "sha256_file", "unchanged_since_build", "write_manifest"]
+           "output_holds", "read_manifest", "sha256_file", "unchanged_since_build", "write_manifest"]
 
 
 @dataclass(frozen=True)
@@ -255,3 +256,28 @@ def _verify(directory: Path, path: Path, data: Dict[str, Any]) -> None:
 def load_manifest(directory: Path, verify: bool = True) -> Manifest:
     """The typed :class:`Manifest` of an artifact directory (see :func:`read_manifest`)."""
     return Manifest.from_dict(read_manifest(directory, verify))
+
+
+def output_holds(out: Path) -> Tuple[bool, Optional[Manifest]]:
+    """Whether the output directory ``out`` is taken, and by which build.
+
+    ``(False, None)`` when it does not exist or is empty; ``(True, manifest)`` when it holds an artifact
+    (``manifest`` None when it cannot be read). Anything else (a file, an unwritable directory, files that
+    tome-export did not write) is refused.
+    """
+    out = Path(out)
+    if not out.exists():
+        return False, None
+    if not out.is_dir():
+        raise UserError(f"--output {str(out)!r} exists and is not a directory: choose another --output")
+    if not os.access(out, os.W_OK):
+        raise UserError(f"cannot write to {str(out)!r}: choose another --output")
+    if not any(out.iterdir()):
+        return False, None
+    if not (out / MANIFEST).is_file():
+        raise UserError(f"--output {str(out)!r} already holds files that tome-export did not write: choose another "
+                        f"--output")
+    try:
+        return True, load_manifest(out, verify=False)
+    except UserError:
+        return True, None

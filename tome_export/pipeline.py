@@ -31,7 +31,7 @@ from .errors import UserError
 from .export import MIN_OPSET, export_onnx, max_opset
 from .flops import flops_summary
 from .info import ModelInfo
-from .manifest import MANIFEST, Manifest, load_manifest, write_manifest
+from .manifest import Manifest, output_holds, write_manifest
 from .merge import MERGE_IMPLS
 from .models import ModelName, ModelSpec, create_model, family_libraries, model_info, patch, preprocessing, resolve
 from .preprocess import Preprocessing
@@ -213,22 +213,8 @@ def _check_output(out: Path, identity: Tuple[Any, ...], force: bool) -> None:
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {str(parent)!r} (not a writable directory): choose another --output")
     _check_name_length(out, probe)
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UserError(f"--output {str(out)!r} exists and is not a directory: choose another --output")
-    if not os.access(out, os.W_OK):
-        raise UserError(f"cannot write to {str(out)!r}: choose another --output")
-    if not any(out.iterdir()):
-        return
-    if not (out / MANIFEST).is_file():
-        raise UserError(f"--output {str(out)!r} already holds files that tome-export did not write: choose another "
-                        f"--output")
-    try:
-        existing: Optional[Manifest] = load_manifest(out, verify=False)
-    except UserError:
-        existing = None
-    if (existing is None or existing.identity != identity) and not force:
+    taken, existing = output_holds(out)
+    if taken and (existing is None or existing.identity != identity) and not force:
         old = existing.model.get("alias", "another model") if existing else "another model"
         what = f" ({existing.target}, {existing.precision})" if existing else ""
         raise UserError(f"--output {str(out)!r} already holds artifacts of {old}{what}: choose another --output or "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..errors import UserError
-from ..manifest import MANIFEST, load_manifest
+from ..manifest import output_holds
 
 DIGITS_DATA = "digits"  # --data digits: the embedded case's held-out split
 TUNE_SECTION = "tune"  # the manifest section a tuned artifact carries
@@ -215,20 +215,9 @@ def check_output(out: Path, force: bool) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise UserError(f"cannot write under {str(probe)!r}: choose another --output")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UserError(f"--output {str(out)!r} exists and is not a directory: choose another --output")
-    if not any(out.iterdir()):
-        return
-    if not (out / MANIFEST).is_file():
-        raise UserError(f"--output {str(out)!r} already holds files that tome-export did not write: choose another "
-                        f"--output")
-    try:
-        tuned = load_manifest(out, verify=False).section(TUNE_SECTION) is not None
-    except UserError:
-        tuned = False
-    if not tuned and not force:
+    taken, existing = output_holds(out)
+    tuned = existing is not None and existing.section(TUNE_SECTION) is not None
+    if taken and not tuned and not force:
         raise UserError(f"--output {str(out)!r} holds a build that tune did not write: choose another --output or "
                         f"pass --force to replace it")
 
