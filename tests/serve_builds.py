@@ -7,23 +7,21 @@ Builds go through the same pipeline as the CLI, with the built-in recipe's valid
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import pytest
 import yaml
 
+from cpu_builds import recipe_data
 from tome_export.pipeline import BuildRequest, build
-from tome_export.recipes import recipe_for
 
 
 def trimmed_recipe(target: str, precision: str, directory: Path) -> Path:
-    data = recipe_for(target, precision).to_dict()
-    data.pop("file")
-    data["validation"] = {**(data.get("validation") or {}), "images": 2}
+    validation: Dict[str, Any] = {"images": 2}
     if target.startswith("tensorrt"):
-        data["validation"]["merge_agreement"] = False
+        validation["merge_agreement"] = False
     path = directory / f"{target}-{precision}.yaml"
-    path.write_text(yaml.safe_dump({k: v for k, v in data.items() if v is not None}))
+    path.write_text(yaml.safe_dump(recipe_data(target, precision, validation=validation)))
     return path
 
 

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from conftest import nontrivial
+from cpu_builds import recipe_data
 from hf_models import unpatched_output
 from reference_tome import REFERENCES
 from tome_export.devices import gpu_available
@@ -53,14 +54,11 @@ def _tiny_model() -> torch.nn.Module:
 
 def _recipe(directory, target: str, precision: str):
     """The built-in recipe with fewer images (only keys the target takes), as a user's edited copy."""
-    data = recipe_for(target, precision).to_dict()
-    data.pop("file")
     known = targets()[target].settings_for(recipe_for(target, precision))
-    for section, values in FEW.items():
-        fields = getattr(known, section).__dataclass_fields__
-        data[section] = {**(data.get(section) or {}), **{k: v for k, v in values.items() if k in fields}}
+    sections = {section: {k: v for k, v in values.items() if k in getattr(known, section).__dataclass_fields__}
+                for section, values in FEW.items()}
     path = directory / f"{target}-{precision}.yaml"
-    path.write_text(yaml.safe_dump({k: v for k, v in data.items() if v is not None}))
+    path.write_text(yaml.safe_dump(recipe_data(target, precision, **sections)))
     return path
 
 
