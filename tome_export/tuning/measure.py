@@ -12,7 +12,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -263,7 +263,7 @@ class Workbench:
             self.say(f"timing {len(runs)} candidates side by side at batch {request.batch}, "
                      f"{request.resolved_threads} thread(s)")
             load_before = list(os.getloadavg())
-            timings = measure_interleaved(runs, **request.timing.to_dict())
+            timings = measure_interleaved(runs, **request.timing.for_batch(request.batch))
             load_after = list(os.getloadavg())
         finally:
             for subject in subjects.values():
@@ -271,7 +271,7 @@ class Workbench:
         for e in built:
             if e.candidate.key in timings:
                 e.timing = timings[e.candidate.key].summary(request.batch)
-        return {**request.timing.to_dict(), "interleaved": len(runs), "batch": request.batch,
+        return {**request.timing.for_batch(request.batch), "interleaved": len(runs), "batch": request.batch,
                 "threads": request.resolved_threads, "load_average": {"before": load_before, "after": load_after}}
 
 

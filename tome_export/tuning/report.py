@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from ..flops import flops_summary
 from ..info import ModelInfo
 from .measure import Evaluation
-from .select import Decision, throughput
+from .select import Decision
 
 REPORT, PLOT = "tune.md", "tune-pareto.png"
 
@@ -119,7 +119,7 @@ def _context(section: Dict[str, Any], model: str) -> List[str]:
         f"{_loads(timing.get('load_average', {}).get('after'))}",
         f"- Time: {section['elapsed_s'] / 60:.1f} of {section['time_budget_min']:g} minutes; {section['search']['probes']} "
         f"probes" + (f"; **stopped early** ({section['search']['stopped']})" if section["search"]["stopped"] else ""),
-        f"- Versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
     ]
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+from ..bench.config import Timing
 from ..errors import UserError
 from ..manifest import output_holds
 
@@ -59,17 +60,8 @@ class Budget:
                 "description": self.describe()}
 
 
-@dataclass(frozen=True)
-class TimingSettings:
-    """How the finalists are timed side by side (:func:`tome_export.bench.timing.measure_interleaved`)."""
-
-    warmup: int = 2
-    rounds: int = 5
-    per_round: int = 5
-    pause_s: float = 0.2
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"warmup": self.warmup, "rounds": self.rounds, "per_round": self.per_round, "pause_s": self.pause_s}
+# How the finalists are timed side by side: the bench's interleaved-timing settings.
+TimingSettings = Timing
 
 
 @dataclass(frozen=True)
