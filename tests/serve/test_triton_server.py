@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -49,9 +50,18 @@ def served(vit_t16_build, tmp_path_factory):
         yield server, models
 
 
-def statistics(client, model: str) -> dict:
-    """(inferences, executions, {batch size: executions}) so far."""
-    stats = client.get_inference_statistics(model)["model_stats"][0]
+def statistics(client, model: str, at_least: int = 0, wait_s: float = 30.0) -> dict:
+    """(inferences, executions, {batch size: executions}) so far.
+
+    The server sends a response before it records that request's statistics, so a count read right after the
+    last response can lag: wait (up to ``wait_s``) until ``at_least`` inferences are counted.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        stats = client.get_inference_statistics(model)["model_stats"][0]
+        if int(stats["inference_count"]) >= at_least or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     sizes = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
     return {"inferences": int(stats["inference_count"]), "executions": int(stats["execution_count"]), "sizes": sizes}
 
@@ -73,7 +83,7 @@ def test_concurrent_requests_are_batched_and_exact(served, model):
     got = np.concatenate([p.get_result().as_numpy("logits") for p in pending])
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() <= TOLERANCE
-    after = statistics(client, model)
+    after = statistics(client, model, at_least=before["inferences"] + len(images))
     assert after["inferences"] - before["inferences"] == 6
     executions = after["executions"] - before["executions"]
     batched = {size: n - before["sizes"].get(size, 0) for size, n in after["sizes"].items()}
