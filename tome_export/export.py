@@ -26,6 +26,7 @@ import torch
 
 from .errors import UserError
 from .graph_names import DYNAMIC_OPS, INPUT_NAME, MATCH_PREFIX, MERGE_PREFIX, OUTPUT_NAME, SOURCE_NAME
+from .onnx_files import save_onnx
 
 MIN_OPSET = 18
 
@@ -105,7 +106,8 @@ def export_onnx(
     trace_source: bool = False,
     metadata: Optional[Iterable[Tuple[str, str]]] = None,
 ) -> Path:
-    """Write ``model`` (eval mode) as one self-contained ONNX file with input ``images`` ``(B, C, H, W)``.
+    """Write ``model`` (eval mode) as an ONNX graph with input ``images`` ``(B, C, H, W)``: one self-contained
+    file, or over protobuf's 2 GB limit the graph plus one data file beside it (see :mod:`.onnx_files`).
 
     Outputs ``logits`` (and ``source`` with ``trace_source``: which input tokens each final token holds).
     """
@@ -148,7 +150,4 @@ def export_onnx(
     problems = static_shape_problems(proto, dynamic_batch)
     if problems:
         raise RuntimeError("exported graph is not static-shaped: " + "; ".join(problems[:5]))
-    if proto.ByteSize() >= 2**31:
-        raise UserError("the model is over 2 GB, the limit of a single-file ONNX; use a smaller model")
-    onnx.save_model(proto, str(path))
-    return path
+    return save_onnx(proto, path)

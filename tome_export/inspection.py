@@ -90,7 +90,7 @@ def graph_summary(path: Path) -> Dict[str, Any]:
     import onnx
 
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)  # the graph, not gigabytes of weights
     except Exception as exc:  # a truncated or foreign file: say so in the report
         return {"error": f"cannot read {path.name} as ONNX ({type(exc).__name__})"}
     roles: Dict[str, collections.Counter] = {"tome_match": collections.Counter(), "tome_merge": collections.Counter(),

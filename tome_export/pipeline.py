@@ -34,6 +34,7 @@ from .info import ModelInfo
 from .manifest import Manifest, output_holds, write_manifest
 from .merge import MERGE_IMPLS
 from .models import ModelName, ModelSpec, create_model, family_libraries, model_info, patch, preprocessing, resolve
+from .onnx_files import copy_onnx
 from .preprocess import Preprocessing
 from .recipes import load_recipe, recipe_for
 from .resources import check_memory
@@ -323,7 +324,7 @@ def build_into(prepared: PreparedBuild, model: PreparedModel, workdir: Path, log
         onnx_path = scratch / "model.onnx"
         if export_from is not None:
             scratch.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(export_from, onnx_path)
+            copy_onnx(export_from, onnx_path)
         else:
             export(prepared, model, onnx_path, log)
     result = build_target(prepared, model, workdir, onnx_path, log)

@@ -23,6 +23,7 @@ import onnx
 
 from .errors import UserError
 from .graph_names import KEEP_FP32
+from .onnx_files import data_location, needs_external_data, save_onnx
 
 
 def protected_node_names(model: onnx.ModelProto, keep_fp32: str = "tome") -> List[str]:
@@ -124,8 +125,11 @@ def preprocess_for_quantization(onnx_in: os.PathLike, onnx_out: os.PathLike, opt
     kept = [v for v in model.graph.value_info if v.name not in weights]
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept)
-    onnx.save(model, str(onnx_out))
-    quant_pre_process(str(onnx_out), str(onnx_out), skip_optimization=not optimize, skip_symbolic_shape=True)
+    external = needs_external_data(model)
+    cleaned = save_onnx(model, Path(onnx_out).with_name(f"cleaned-{Path(onnx_out).name}"))
+    quant_pre_process(str(cleaned), str(onnx_out), skip_optimization=not optimize, skip_symbolic_shape=True,
+                      save_as_external_data=external, all_tensors_to_one_file=True,
+                      external_data_location=data_location(Path(onnx_out)))
     return Path(onnx_out)
 
 

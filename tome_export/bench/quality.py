@@ -123,7 +123,7 @@ def artifact_decision_agreement(artifact: Any, reference_model: Any, x: np.ndarr
         return {"agreement": None, "reason": f"the {manifest.target} build recorded no merge decisions"}
     import onnx
 
-    tensors = decision_tensors(onnx.load(str(graph)))
+    tensors = decision_tensors(onnx.load(str(graph), load_external_data=False))
     with artifact.load(extra_outputs=decision_output_names(tensors)) as runner:
         size = runner.batch_size or len(x)
         if len(x) < size:  # a static batch larger than the decision images: repeat the last image

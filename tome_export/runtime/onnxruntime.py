@@ -18,9 +18,11 @@ import numpy as np
 
 from ..errors import UserError
 from ..graph_names import OUTPUT_NAME
+from ..onnx_files import external_locations, refuse_outside_data
 from .base import ArtifactIO, Runner
 
 LEVELS = ("disabled", "basic", "extended", "all")
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
 
 
 def session_options(optimization: str = "all", threads: Optional[int] = None):
@@ -79,6 +81,7 @@ class OnnxRuntimeRunner(Runner):
         super().__init__(io, threads, throughput, extra_outputs)
         self.optimization = str(io.runtime.get("session_optimization", "all"))
         self.streams = (self.threads or os.cpu_count() or 1) if self.throughput else 1
+        self.data_folder: Optional[Path] = None
         self.model = self._model_bytes(graph, extra_outputs)
         self.session = self._session(self.optimization, 1 if self.throughput else self.threads)
         self.input_name = self.session.get_inputs()[0].name
@@ -87,19 +90,26 @@ class OnnxRuntimeRunner(Runner):
 
     def _model_bytes(self, graph: Optional[Graph], extra_outputs: Sequence[str]) -> Union[str, bytes]:
         source = graph if graph is not None else self.directory / self.io.runtime.get("file", "model.onnx")
+        if isinstance(source, Path):
+            refuse_outside_data(source)
         if not extra_outputs and isinstance(source, (Path, bytes)):
             return str(source) if isinstance(source, Path) else source
         import onnx
 
-        model = onnx.load(str(source)) if isinstance(source, Path) else (
-            onnx.ModelProto.FromString(source) if isinstance(source, bytes) else source)
+        if isinstance(source, Path):  # weights stay in their file: the graph alone is re-serialized (< 2 GB)
+            model = onnx.load(str(source), load_external_data=False)
+            self.data_folder = source.parent if external_locations(model) else None
+        else:
+            model = onnx.ModelProto.FromString(source) if isinstance(source, bytes) else source
         return expose_outputs(model, extra_outputs).SerializeToString()
 
     def _session(self, optimization: str, threads: Optional[int], options: Any = None):
         import onnxruntime as ort
 
-        return ort.InferenceSession(self.model, options or session_options(optimization, threads),
-                                    providers=["CPUExecutionProvider"])
+        options = options or session_options(optimization, threads)
+        if self.data_folder is not None:  # a graph given as bytes finds its data files there
+            options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(self.data_folder))
+        return ort.InferenceSession(self.model, options, providers=["CPUExecutionProvider"])
 
     def _infer(self, batch: np.ndarray, names: Sequence[str]) -> Dict[str, np.ndarray]:
         return dict(zip(names, self.session.run(list(names), {self.input_name: batch})))

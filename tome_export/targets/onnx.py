@@ -5,10 +5,10 @@ Artifacts run with :class:`tome_export.runtime.onnxruntime.OnnxRuntimeRunner`.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from typing import Optional
 
+from ..onnx_files import move_onnx
 from .base import BuildContext, Settings, Target, TargetResult, Validation
 from . import register
 
@@ -29,7 +29,7 @@ def build(ctx: BuildContext) -> TargetResult:
     from ..runtime.onnxruntime import OnnxRuntimeRunner
     from ._shared import validate
 
-    shutil.move(str(ctx.onnx_path), ctx.workdir / RUNTIME["file"])  # the artifact is the export itself
+    move_onnx(ctx.onnx_path, ctx.workdir / RUNTIME["file"])  # the artifact is the export itself (and its data)
     with OnnxRuntimeRunner(ctx.artifact_io(RUNTIME)) as runner:
         validation = validate(ctx, runner, "ONNX Runtime fp32")
     return TargetResult(runtime=dict(RUNTIME),

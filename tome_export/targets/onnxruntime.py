@@ -16,7 +16,6 @@ Artifacts run with :class:`tome_export.runtime.onnxruntime.OnnxRuntimeRunner`.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Literal, Mapping, O
 import numpy as np
 
 from ..errors import UserError
+from ..onnx_files import copy_onnx, data_files, data_location, move_onnx, save_onnx
 from ..quality.calibration import Calibration, image_files
 from ..quality.decisions import artifact_merge_decisions, decision_output_names, decision_tensors
 from .base import (BuildContext, BuildPlan, CalibrationOptions, Settings, Target, TargetResult, Validation)
@@ -160,7 +160,7 @@ def _collapse_round_trips(model: onnx.ModelProto, keep: Sequence[str]) -> int:
 
 
 def _fp32(src: Path, dst: Path, ctx: BuildContext, keep: Sequence[str]) -> Dict[str, Any]:
-    shutil.copyfile(src, dst)
+    copy_onnx(src, dst)
     return {}
 
 
@@ -175,7 +175,7 @@ def _fp16(src: Path, dst: Path, ctx: BuildContext, keep: Sequence[str]) -> Dict[
                                      op_block_list=fp32_ops)
     _drop_duplicate_nodes(model)
     _collapse_round_trips(model, keep)
-    onnx.save(model, str(dst))
+    save_onnx(model, dst)
     return {"method": "fp16 (onnxruntime.transformers.float16), fp32 inputs and outputs", "fp32_op_types": fp32_ops}
 
 
@@ -198,7 +198,7 @@ def _bf16_weights(src: Path, dst: Path, ctx: BuildContext, keep: Sequence[str]) 
         stored += weights.size
     for i, cast in enumerate(casts):  # before every consumer: topological order stays valid
         model.graph.node.insert(i, cast)
-    onnx.save(model, str(dst))
+    save_onnx(model, dst)
     return {"method": "bf16 weight storage (matmul and conv weights), fp32 compute", "bf16_weights": int(stored)}
 
 
@@ -255,7 +255,7 @@ class _Converter:
         converted = self.scratch / f"converted-{len(keep)}.onnx"
         details = self.step(self.source, converted, self.ctx, keep)
         if self.ctx.precision == "int8":  # check the exclusion really happened (and, unprotected, what got quantized)
-            touched = quantized_protected_nodes(onnx.load(str(converted)), self.protected)
+            touched = quantized_protected_nodes(onnx.load(str(converted), load_external_data=False), self.protected)
             if keep and touched["replaced"]:
                 raise RuntimeError(f"quantization replaced protected ToMe nodes: {touched['replaced'][:5]}")
             details["tome_nodes_quantized"] = len(touched["replaced"])
@@ -267,7 +267,7 @@ class _Converter:
 
 def _save_optimized(src: Path, dst: Path, level: str) -> None:
     if level == "disabled":
-        shutil.copyfile(src, dst)
+        copy_onnx(src, dst)
         return
     import onnxruntime as ort
 
@@ -275,6 +275,10 @@ def _save_optimized(src: Path, dst: Path, level: str) -> None:
 
     opts = session_options(level)
     opts.optimized_model_filepath = str(dst)
+    if data_files(src):  # too big for one file: ORT writes the optimised weights to one data file beside it
+        (dst.parent / data_location(dst)).unlink(missing_ok=True)
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_location(dst))
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
 
 
@@ -312,12 +316,12 @@ def build(ctx: BuildContext) -> TargetResult:
     from ._shared import merge_decisions, validate
 
     keep_fp32, method = ctx.settings.build.keep_fp32, ctx.settings.quantization.method
-    exported = onnx.load(str(ctx.onnx_path))
+    exported = onnx.load(str(ctx.onnx_path), load_external_data=False)  # names and shapes only
     protected, tensors = protected_node_names(exported, keep_fp32), decision_tensors(exported)
     runtime = _runtime(ctx)
     with tempfile.TemporaryDirectory(prefix="tome-ort-") as tmp:
         source = Path(tmp) / "exported.onnx"
-        shutil.move(str(ctx.onnx_path), source)
+        move_onnx(ctx.onnx_path, source)
         converter = _Converter(ctx, source, Path(tmp), protected)
         ctx.log(f"{ctx.precision}: {method}")
         details = converter.convert(protected, ctx.workdir / "model.onnx")

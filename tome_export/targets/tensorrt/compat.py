@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 from ...graph_names import DYNAMIC_OPS
 
@@ -29,7 +30,8 @@ FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 def _constants(model: onnx.ModelProto) -> Dict[str, np.ndarray]:
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    # Tensors left in a data file are weights (small constants such as TopK's K are always stored inline).
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if not uses_external_data(t)}
     for node in model.graph.node:
         if node.op_type == "Constant":
             attr = next((a for a in node.attribute if a.name == "value"), None)
