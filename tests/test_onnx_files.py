@@ -110,3 +110,15 @@ def test_a_data_file_outside_the_artifact_directory_is_refused(tmp_path, small_l
     for extra in ((), ["hidden"]):
         with pytest.raises(UserError, match="not a file inside"):
             OnnxRuntimeRunner(_io(artifact), extra_outputs=extra)
+
+
+def test_runner_runs_an_in_memory_graph_over_the_limit_from_a_file(tmp_path, small_limit):
+    model = _graph()
+    x = np.ones(SHAPE, np.float32)
+    runner = OnnxRuntimeRunner(_io(tmp_path), graph=model)
+    scratch = Path(runner.scratch.name)
+    assert sorted(p.name for p in scratch.iterdir()) == ["model.onnx", "model.onnx.data"]
+    np.testing.assert_allclose(runner(x), _expected(model, x), rtol=1e-5)
+    runner.close()
+    assert not scratch.exists()
+    assert model.graph.initializer[0].HasField("raw_data")  # the caller's graph keeps its weights

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..graph_names import OUTPUT_NAME
-from ..onnx_files import external_locations, refuse_outside_data
+from ..onnx_files import external_locations, needs_external_data, refuse_outside_data, save_onnx
 from .base import ArtifactIO, Runner
 
 LEVELS = ("disabled", "basic", "extended", "all")
@@ -67,7 +67,8 @@ class OnnxRuntimeRunner(Runner):
     """Latency mode: one request at a time on ``threads`` intra-op threads. Throughput mode: ``threads``
     single-threaded requests in parallel (:meth:`run_many`), which keeps every core busy on small batches.
 
-    ``graph`` runs another graph than the artifact's file (a build's candidate, in memory) with the same settings.
+    ``graph`` runs another graph than the artifact's file (a build's candidate, in memory) with the same settings;
+    graphs with external data run from their file (a session made from bytes finds the data in its folder).
 
     Thread-safe: ONNX Runtime documents ``InferenceSession.run`` as safe to call from several threads at once on one
     session, so calls share the session and run concurrently.
@@ -82,6 +83,7 @@ class OnnxRuntimeRunner(Runner):
         self.optimization = str(io.runtime.get("session_optimization", "all"))
         self.streams = (self.threads or os.cpu_count() or 1) if self.throughput else 1
         self.data_folder: Optional[Path] = None
+        self.scratch: Optional[tempfile.TemporaryDirectory] = None
         self.model = self._model_bytes(graph, extra_outputs)
         self.session = self._session(self.optimization, 1 if self.throughput else self.threads)
         self.input_name = self.session.get_inputs()[0].name
@@ -101,7 +103,11 @@ class OnnxRuntimeRunner(Runner):
             self.data_folder = source.parent if external_locations(model) else None
         else:
             model = onnx.ModelProto.FromString(source) if isinstance(source, bytes) else source
-        return expose_outputs(model, extra_outputs).SerializeToString()
+        if not needs_external_data(model):
+            return expose_outputs(model, extra_outputs).SerializeToString()
+        # An in-memory graph over 2 GB cannot be serialized: it runs from a file kept until close()
+        self.scratch = tempfile.TemporaryDirectory(prefix="tome-ort-graph-")
+        return str(save_onnx(expose_outputs(model, extra_outputs), Path(self.scratch.name) / "model.onnx"))
 
     def _session(self, optimization: str, threads: Optional[int], options: Any = None):
         import onnxruntime as ort
@@ -132,4 +138,6 @@ class OnnxRuntimeRunner(Runner):
 
     def close(self) -> None:
         self.session = None
+        if self.scratch is not None:
+            self.scratch.cleanup()
         super().close()

@@ -16,6 +16,7 @@ import onnx
 from ..._version import __version__
 from ...errors import UserError
 from ...graph_names import OUTPUT_NAME, SOURCE_NAME
+from ...onnx_files import save_onnx
 from ...preprocess import Preprocessing
 from ...quality.calibration import calibrate
 from ...quality.validate import check_thresholds, measure_against_torch
@@ -176,9 +177,9 @@ def _engine(ctx: BuildContext, library: Library, profile: Profile, graph: onnx.M
 def build(ctx: BuildContext, library: Library) -> TargetResult:
     profile = profile_for(ctx.plan)
     plugin = scatter_plugin(ctx.plan, library)
-    _check_graph(onnx.load(str(ctx.onnx_path)), library, plugin, "exported fp32 graph")
+    _check_graph(onnx.load(str(ctx.onnx_path), load_external_data=False), library, plugin, "exported fp32 graph")
     graph, info, validation = _graph(ctx, library, plugin)
-    onnx.save_model(graph, str(ctx.workdir / ONNX))  # the graph the engine is built from
+    save_onnx(graph, ctx.workdir / ONNX)  # the graph the engine is built from (with its data file over 2 GB)
     engine, note, facts = _engine(ctx, library, profile, graph, info.get("method", "float32"))
     notes = [note]
     if validation.get("token_group_agreement", 1.0) < 1.0:

@@ -86,7 +86,7 @@ def cpu_runner(graph: onnx.ModelProto, precision: str, io: Optional[ArtifactIO] 
     optimization = "disabled" if precision in ("int8", "fp8") else "all"
     io = io or graph_io(graph)
     io = replace(io, runtime={**io.runtime, "session_optimization": optimization})
-    return OnnxRuntimeRunner(io, threads=threads, graph=graph.SerializeToString())
+    return OnnxRuntimeRunner(io, threads=threads, graph=graph)  # the runner serializes it, or saves it over 2 GB
 
 
 def graph_io(graph: onnx.ModelProto) -> ArtifactIO:
