@@ -58,6 +58,7 @@ def test_the_export_is_a_graph_and_one_data_file_beside_it(big_builds):
     assert sorted(p.name for p in directory.iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data"]
     assert data.stat().st_size > LIMIT > 100 * graph.stat().st_size
     assert data_files(graph) == [data]
+    assert data.stat().st_mode == graph.stat().st_mode
     assert graph_summary(graph)["nodes"] > 0  # inspect reads the graph without the weights
 
 

@@ -56,6 +56,7 @@ def test_over_the_limit_the_weights_go_to_one_data_file_beside_the_graph(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
     assert onnx_files.data_files(tmp_path / "model.onnx") == [tmp_path / "model.onnx.data"]
     assert (tmp_path / "model.onnx").stat().st_size < 1024 < (tmp_path / "model.onnx.data").stat().st_size
+    assert (tmp_path / "model.onnx.data").stat().st_mode == (tmp_path / "model.onnx").stat().st_mode
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"x": np.ones(SHAPE, np.float32)})[0], expected, rtol=1e-5)
 

@@ -53,6 +53,7 @@ def save_onnx(model: Any, path: os.PathLike) -> Path:
         return path
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
+    os.chmod(data, path.stat().st_mode & 0o777)  # onnx creates it private; it ships with the graph
     return path
 
 
