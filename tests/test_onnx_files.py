@@ -77,10 +77,15 @@ def test_move_and_copy_take_the_data_file_along(tmp_path, small_limit):
     (tmp_path / "b").mkdir()
     onnx_files.save_onnx(_graph(), tmp_path / "a" / "model.onnx")
     onnx_files.copy_onnx(tmp_path / "a" / "model.onnx", tmp_path / "b" / "copy.onnx")
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["copy.onnx", "model.onnx.data"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["copy.onnx", "copy.onnx.data"]
+    onnx_files.copy_onnx(tmp_path / "a" / "model.onnx", tmp_path / "a" / "beside.onnx")  # never onto its source
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["beside.onnx", "beside.onnx.data", "model.onnx",
+                                                                  "model.onnx.data"]
     onnx_files.move_onnx(tmp_path / "a" / "model.onnx", tmp_path / "moved.onnx")
-    assert not any((tmp_path / "a").iterdir())
-    onnx.load(str(tmp_path / "moved.onnx"))  # finds its data file
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["beside.onnx", "beside.onnx.data"]
+    expected = _expected(_graph(), np.ones(SHAPE, np.float32))
+    for path in (tmp_path / "moved.onnx", tmp_path / "a" / "beside.onnx", tmp_path / "b" / "copy.onnx"):
+        np.testing.assert_allclose(_expected(onnx.load(str(path)), np.ones(SHAPE, np.float32)), expected)
 
 
 def test_runner_reads_extra_outputs_of_a_graph_with_external_data(tmp_path, small_limit):

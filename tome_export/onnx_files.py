@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Callable, List
 
 from .errors import UserError
 
@@ -27,9 +27,7 @@ def data_location(path: Path) -> str:
 def tensor_bytes(model: Any) -> int:
     """Bytes of the tensors an ``onnx.ModelProto`` holds in memory, counted without serializing it (protobuf
     cannot even measure a message over 2 GiB: ``ByteSize`` serializes it)."""
-    from onnx.external_data_helper import _get_all_tensors
-
-    return sum(len(t.raw_data) if t.HasField("raw_data") else t.ByteSize() for t in _get_all_tensors(model))
+    return sum(len(t.raw_data) if t.HasField("raw_data") else t.ByteSize() for t in _tensors(model))
 
 
 def needs_external_data(model: Any) -> bool:
@@ -57,11 +55,18 @@ def save_onnx(model: Any, path: os.PathLike) -> Path:
     return path
 
 
+def _tensors(model: Any) -> Any:
+    """Every tensor of a model: initializers and node attributes, subgraphs included."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(model)
+
+
 def external_locations(model: Any) -> List[str]:
     """The data-file locations a model's tensors refer to (empty for a self-contained model)."""
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    found = {ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)}
+    found = {ExternalDataInfo(t).location for t in _tensors(model) if uses_external_data(t)}
     return sorted(found)
 
 
@@ -73,22 +78,38 @@ def data_files(path: os.PathLike) -> List[Path]:
     return [path.parent / rel for rel in external_locations(onnx.load(str(path), load_external_data=False))]
 
 
-def move_onnx(src: os.PathLike, dst: os.PathLike) -> Path:
-    """Move an ONNX graph and its data files; the data files keep their names (the graph refers to them by name)."""
-    src, dst = Path(src), Path(dst)
-    for data in data_files(src):
-        shutil.move(str(data), dst.parent / data.relative_to(src.parent))
-    shutil.move(str(src), dst)
+def _transfer(src: Path, dst: Path, transfer: Callable[[str, str], Any]) -> Path:
+    """Move or copy a graph and its data file; a single data file is renamed after ``dst`` (``dst.data``) and
+    the graph's references rewritten, so a copy beside its source never lands on the source's data file."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    locations = external_locations(model)
+    if len(locations) != 1:  # self-contained, or several data files (not written here): names kept as they are
+        for rel in locations:
+            transfer(str(src.parent / rel), str(dst.parent / rel))
+        transfer(str(src), str(dst))
+        return dst
+    location = data_location(dst)
+    transfer(str(src.parent / locations[0]), str(dst.parent / location))
+    for tensor in _tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(model, str(dst))
+    if transfer is shutil.move and src != dst:
+        src.unlink()
     return dst
+
+
+def move_onnx(src: os.PathLike, dst: os.PathLike) -> Path:
+    """Move an ONNX graph and its data file (renamed ``dst.data``)."""
+    return _transfer(Path(src), Path(dst), shutil.move)
 
 
 def copy_onnx(src: os.PathLike, dst: os.PathLike) -> Path:
-    """Copy an ONNX graph and its data files (see :func:`move_onnx`)."""
-    src, dst = Path(src), Path(dst)
-    for data in data_files(src):
-        shutil.copyfile(data, dst.parent / data.relative_to(src.parent))
-    shutil.copyfile(src, dst)
-    return dst
+    """Copy an ONNX graph and its data file (the copy's named ``dst.data``)."""
+    return _transfer(Path(src), Path(dst), shutil.copyfile)
 
 
 def refuse_outside_data(path: Path) -> None:
