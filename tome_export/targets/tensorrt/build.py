@@ -24,7 +24,7 @@ from ..base import BuildContext, TargetResult
 from . import PRECISIONS, TensorRTSettings, profile_for, scatter_plugin
 from .compat import tensorrt_problems
 from .engine import Library, Profile, build_command, build_engine, engine_unavailable_reason, write_build_script
-from .precision import convert_float_precision, weight_types
+from ...float_precision import convert_float_precision, weight_types
 from .qdq import quantize_for_tensorrt
 from .validation import HOW_RUN, cpu_runner
 
