@@ -25,7 +25,7 @@ from ..base import BuildContext, TargetResult
 from . import PRECISIONS, TensorRTSettings, profile_for, scatter_plugin
 from .compat import tensorrt_problems
 from .engine import Library, Profile, build_command, build_engine, engine_unavailable_reason, write_build_script
-from .precision import convert_float_precision, weight_types
+from ...float_precision import convert_float_precision, weight_types
 from .qdq import quantize_for_tensorrt
 from .validation import HOW_RUN, cpu_runner
 
@@ -177,8 +177,12 @@ def _engine(ctx: BuildContext, library: Library, profile: Profile, graph: onnx.M
 def build(ctx: BuildContext, library: Library) -> TargetResult:
     profile = profile_for(ctx.plan)
     plugin = scatter_plugin(ctx.plan, library)
-    _check_graph(onnx.load(str(ctx.onnx_path), load_external_data=False), library, plugin, "exported fp32 graph")
+    from ...export import carry_metadata
+
+    exported = onnx.load(str(ctx.onnx_path), load_external_data=False)  # the graph, not its weights
+    _check_graph(exported, library, plugin, "exported fp32 graph")
     graph, info, validation = _graph(ctx, library, plugin)
+    carry_metadata(exported, graph)  # the source-tracing twin it may come from was exported without it
     save_onnx(graph, ctx.workdir / ONNX)  # the graph the engine is built from (with its data file over 2 GB)
     engine, note, facts = _engine(ctx, library, profile, graph, info.get("method", "float32"))
     notes = [note]
