@@ -1,8 +1,10 @@
-"""A model over protobuf's 2 GB limit builds for every CPU target: a random ViT one block deep but 4096 wide with
-a 15x MLP (2.3 GB of fp32 weights) at 32 px, so the export and validation stay cheap (5 tokens).
+"""A model over protobuf's 2 GB limit builds: a random ViT one block deep but 4096 wide with a 15x MLP (2.3 GB of
+fp32 weights) at 32 px, so the export and validation stay cheap (5 tokens).
 
-One export is shared by the three targets (the pipeline's own steps, as ``tests/cpu_builds.py`` does); peak
-memory stays near three times the weights (the PyTorch model, one ONNX Runtime or OpenVINO copy, its packing).
+One export is shared by the targets (the pipeline's own steps, as ``tests/cpu_builds.py`` does). The targets are
+``onnx`` (ONNX Runtime from the path) and ``onnxruntime`` (the optimised save, which writes its own data file):
+measured peak memory 8.7 GB. The ``openvino`` target built, validated and ran this model too, but raised the
+peak to 15.8 GB (OpenVINO holds the converted model and its compiled copies beside PyTorch's), too much for CI.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tome_export.pipeline import BuildRequest, build_into, export, prepare, prep
 pytestmark = pytest.mark.slow
 
 WIDE = {"depth": 1, "embed_dim": 4096, "num_heads": 16, "mlp_ratio": 15.0}
-TARGETS = ("onnx", "onnxruntime", "openvino")
+TARGETS = ("onnx", "onnxruntime")
 LIMIT = 2**31
 
 
@@ -49,7 +51,7 @@ def big_builds(tmp_path_factory) -> Iterator[Dict[str, Path]]:
     del model
     shutil.rmtree(root / "export")
     yield builds
-    shutil.rmtree(root, ignore_errors=True)  # 7 GB of artifacts
+    shutil.rmtree(root, ignore_errors=True)  # 4.6 GB of artifacts
 
 
 def test_the_export_is_a_graph_and_one_data_file_beside_it(big_builds):
@@ -63,18 +65,18 @@ def test_the_export_is_a_graph_and_one_data_file_beside_it(big_builds):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_every_cpu_target_builds_validates_and_checksums_the_weights(big_builds, target):
+def test_each_target_builds_validates_and_checksums_the_weights(big_builds, target):
     directory = big_builds[target]
     manifest = read_manifest(directory)
     assert manifest["validation"]["passed"] is True
-    weights = [rel for rel in manifest["artifacts"] if rel.endswith((".data", ".bin"))]
+    weights = [rel for rel in manifest["artifacts"] if rel.endswith(".data")]
     assert weights, manifest["artifacts"]
     for rel in weights:
         assert manifest["artifacts"][rel]["sha256"] == sha256_file(directory / rel)
     assert sum(manifest["artifacts"][rel]["bytes"] for rel in weights) > LIMIT
 
 
-def test_runtime_runs_every_target_and_they_agree(big_builds):
+def test_runtime_runs_each_target_and_they_agree(big_builds):
     logits = {}
     for target in TARGETS:
         with runtime.load(big_builds[target]) as runner:
