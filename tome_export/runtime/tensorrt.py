@@ -128,8 +128,8 @@ class TensorRTRunner(Runner):
         engine_path = self.directory / io.runtime.get("file", "model.engine")
         if not engine_path.is_file():
             raise UserError(f"{str(self.directory)!r} holds no {engine_path.name}: it was not built on this machine "
-                            f"({io.runtime.get('engine_note', 'no engine')}); run ./build_engine.sh in that "
-                            f"directory on the target GPU machine, then load it again")
+                            f"({io.runtime.get('engine_note', 'no engine')}); on the target GPU machine run "
+                            f"`tome-export engine {self.directory}` (or ./build_engine.sh), then load it again")
         try:
             trt = importlib.import_module(module)
         except (ImportError, OSError):
