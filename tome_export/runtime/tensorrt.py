@@ -21,10 +21,7 @@ class _CudaPython:
     """Device buffers and a stream through cuda-python's runtime bindings."""
 
     def __init__(self) -> None:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart  # cuda-python < 12.6
+        cudart = _cudart()
         self.cudart = cudart
         err, count = cudart.cudaGetDeviceCount()
         if err != cudart.cudaError_t.cudaSuccess or count == 0:
@@ -103,6 +100,41 @@ def _device() -> Any:
     except ImportError:
         raise UserError("running a TensorRT engine needs cuda-python (pip install cuda-python) or torch with CUDA "
                         "for device memory; neither is installed") from None
+
+
+def _cudart() -> Any:
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        from cuda import cudart  # cuda-python < 12.6
+    return cudart
+
+
+def cuda_device() -> Optional[Dict[str, str]]:
+    """The CUDA GPU engines run on here (name, compute capability), asked of cuda-python, else torch.cuda (what
+    :class:`TensorRTRunner` allocates with); None without a GPU or without either package."""
+    try:
+        cudart = _cudart()
+    except ImportError:
+        cudart = None
+    if cudart is not None:
+        err, count = cudart.cudaGetDeviceCount()
+        if err != cudart.cudaError_t.cudaSuccess or count == 0:
+            return None
+        err, props = cudart.cudaGetDeviceProperties(0)
+        if err != cudart.cudaError_t.cudaSuccess:
+            return None
+        name = props.name.decode(errors="replace").rstrip("\0") if isinstance(props.name, bytes) else str(props.name)
+        return {"name": name, "compute_capability": f"{props.major}.{props.minor}"}
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability(0)
+        return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+    except Exception:  # no torch, or a CUDA build of torch without a driver
+        return None
 
 
 class TensorRTRunner(Runner):

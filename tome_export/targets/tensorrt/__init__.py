@@ -84,7 +84,8 @@ class EngineOptions(CalibrationOptions):
     dynamic_batch: Optional[str] = field(default=None, metadata={"core": True})  # --dynamic-batch MIN:OPT:MAX
     require_engine: bool = field(default=False, metadata={
         "help": "fail unless the engine is built here (TensorRT needs its Python package and a GPU; TensorRT-RTX "
-                "builds on the CPU); without it a missing engine is left to build_engine.sh"})
+                "builds on the CPU); without it a missing engine is left to `tome-export engine DIR` (or "
+                "build_engine.sh) on the GPU machine"})
     no_engine: bool = field(default=False, metadata={
         "help": "write model.onnx, build_engine.sh and the manifest but no engine, even where one could be built "
                 "here; on the GPU machine `tome-export engine DIR` builds, validates and records it"})

@@ -24,6 +24,7 @@ from ...graph_names import OUTPUT_NAME
 from ...manifest import Manifest, load_manifest, write_manifest
 from ...preprocess import Preprocessing
 from ...quality.validate import Thresholds, check_thresholds, compare_logits, validation_batches
+from ...runtime.tensorrt import cuda_device
 from .engine import (ENGINE, ONNX, TENSORRT, TENSORRT_RTX, EngineSpec, Library, engine_note,
                      engine_unavailable_reason)
 
@@ -65,16 +66,14 @@ def _library(manifest: Manifest) -> Library:
     return library
 
 
-def gpu_device() -> Optional[Dict[str, Any]]:
-    """The CUDA GPU engines would run on here (name, compute capability), or None without one."""
-    from ...devices import gpu_available
-
-    if not gpu_available():
-        return None
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(0)
-    return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+def _validation_stack() -> None:
+    """Validation runs the ONNX in ONNX Runtime: refuse before building when that cannot run here."""
+    for module in ("onnx", "onnxruntime"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise UserError(f"validating the engine runs {ONNX} in ONNX Runtime, and {module!r} is not installed "
+                            f"here: pip install onnx onnxruntime") from None
 
 
 def validate_engine(directory: Path, manifest: Manifest, engine_file: str) -> Dict[str, Any]:
@@ -135,7 +134,9 @@ def finish_engine(directory: Path, force: bool = False, validate_only: bool = Fa
         raise UserError(f"{str(directory)!r} already holds {ENGINE} ({covered}): pass --force to build it again "
                         f"and replace it, or --validate-only to validate the recorded one")
     spec = _spec(manifest)
-    device = gpu_device()
+    device = cuda_device()
+    if device is not None:
+        _validation_stack()
     cache = directory / spec.timing_cache if spec.timing_cache and library.timing_cache else None
     with atomic_path(directory / ENGINE) as engine_tmp, _cache_copy(cache) as cache_tmp:
         log(f"building {ENGINE} with {library.display} from {ONNX}")
@@ -167,13 +168,14 @@ def _validate_recorded(directory: Path, manifest: Manifest, log: Callable[[str],
     if ENGINE not in manifest.artifacts or not trt.get("engine"):
         raise UserError(f"{str(directory)!r} holds no {ENGINE} recorded in its manifest: run `tome-export engine "
                         f"{directory}` to build one")
-    device = gpu_device()
+    device = cuda_device()
     if device is None:
         raise UserError(f"{NO_GPU}: an engine is validated on the GPU it runs on; run this on the GPU machine")
     library = _library(manifest)
+    _validation_stack()
     log(f"validating {ENGINE} on {device['name']} against {ONNX} in ONNX Runtime")
     validation = validate_engine(directory, manifest, ENGINE)
-    engine = {**trt["engine"], "device": device}
+    engine = {**trt["engine"], "sha256": manifest.artifacts[ENGINE]["sha256"], "device": device}
     _record(directory, manifest, library, engine, validation)
     return EngineResult(directory, engine, validation)
 
@@ -182,7 +184,7 @@ def _record(directory: Path, manifest: Manifest, library: Library, engine: Mappi
             validation: Mapping[str, Any]) -> None:
     """The manifest with the engine, its device and its validation; checksums recomputed (the engine's too)."""
     note = engine_note(library, engine)
-    note += "; validated on this GPU" if validation.get("passed") else \
+    note += f"; validated on {engine['device']['name']}" if validation.get("passed") else \
         f"; NOT validated ({validation.get('reason')}): {validation.get('how')}"
     trt = {**manifest.section("tensorrt"), "engine_built": True, "engine": dict(engine),
            "engine_validation": dict(validation), "engine_note": note}
