@@ -164,8 +164,12 @@ def _engine(ctx: BuildContext, library: Library, profile: Profile, graph: onnx.M
 def build(ctx: BuildContext, library: Library) -> TargetResult:
     profile = profile_for(ctx.plan)
     plugin = scatter_plugin(ctx.plan, library)
-    _check_graph(onnx.load(str(ctx.onnx_path)), library, plugin, "exported fp32 graph")
+    from ...export import carry_metadata
+
+    exported = onnx.load(str(ctx.onnx_path))
+    _check_graph(exported, library, plugin, "exported fp32 graph")
     graph, info, validation = _graph(ctx, library, plugin)
+    carry_metadata(exported, graph)  # the source-tracing twin it may come from was exported without it
     onnx.save_model(graph, str(ctx.workdir / ONNX))  # the graph the engine is built from
     engine, note, facts = _engine(ctx, library, profile, graph, info.get("method", "float32"))
     notes = [note]
