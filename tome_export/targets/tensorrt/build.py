@@ -25,7 +25,7 @@ from . import PRECISIONS, TensorRTSettings, profile_for, scatter_plugin
 from .compat import tensorrt_problems
 from .engine import (ENGINE, ONNX, SCRIPT, TIMING_CACHE, EngineSpec, Library, Profile, engine_note,
                      engine_unavailable_reason, write_build_script)
-from .precision import convert_float_precision, weight_types
+from ...float_precision import convert_float_precision, weight_types
 from .qdq import quantize_for_tensorrt
 from .validation import HOW_RUN, cpu_runner
 
