@@ -146,6 +146,22 @@ def test_checkpoint_roundtrip(tmp_path, suffix, photo_cache):
     assert spec.weights == "checkpoint"
 
 
+def test_checkpoint_with_ema_weights_loads_them_as_timm_does(tmp_path, photo_cache):
+    """A training checkpoint with both weights: the EMA ones, as timm's own evaluation reads it; ``module.``
+    prefixes (DDP) removed."""
+    trained, ema = make_model("vit"), make_model("vit")
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.01)
+    path = tmp_path / "train.pth"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()},
+                "state_dict_ema": ema.state_dict()}, path)
+    loaded, _ = create_model("vit_t16", checkpoint=path)
+    x = photo_cache(ema, 1)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ema(x)) and not torch.equal(loaded(x), trained(x))
+
+
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         create_model("vit_t16", checkpoint=tmp_path / "missing.pth")
@@ -162,7 +178,7 @@ def test_checkpoint_errors(tmp_path):
 def test_pretrained_offline_fails_loudly(tmp_path, monkeypatch):
     from tome_export.models import timm_vit
 
-    monkeypatch.setattr(timm_vit, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(timm_vit, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     import huggingface_hub.constants as hub
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))

@@ -77,26 +77,16 @@ def tensorrt_graph(onnx_path: Path, precision: str, settings: TensorRTSettings, 
 
 def without_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """``model`` without the named outputs and every node and initializer only they needed."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    g = model.graph
-    kept_outputs = [o for o in g.output if o.name not in names]
-    del g.output[:]
-    g.output.extend(kept_outputs)
-    needed = {o.name for o in g.output}
-    nodes = []
-    for node in reversed(g.node):
-        if any(o in needed for o in node.output):
-            nodes.append(node)
-            needed.update(node.input)
-    del g.node[:]
-    g.node.extend(reversed(nodes))
-    inits = [t for t in g.initializer if t.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    infos = [v for v in g.value_info if v.name in needed]
-    del g.value_info[:]
-    g.value_info.extend(infos)
-    return model
+    from onnx.utils import Extractor
+
+    stored = {t.name for t in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in stored]
+    outputs = [o.name for o in model.graph.output if o.name not in names]
+    pruned = Extractor(model).extract_model(inputs, outputs)
+    pruned.graph.name = model.graph.name
+    pruned.producer_name, pruned.producer_version = model.producer_name, model.producer_version
+    pruned.metadata_props.extend(model.metadata_props)  # the extractor drops the model's own metadata
+    return pruned
 
 
 def validate(ctx: BuildContext, graph: onnx.ModelProto, with_source: bool) -> Dict[str, Any]:
