@@ -331,3 +331,18 @@ def test_cli_refuses_before_any_work(tmp_path, capsys, args, message):
     code, stdout, err = _cli(["--model", "vit_t16", "--output", str(out)] + args, capsys)
     assert code == 2 and message in err and err.count("\n") == 1
     assert not out.exists() and not any(tmp_path.iterdir())
+
+
+def test_engine_spec_round_trips_through_the_manifest():
+    """What the build records is what `tome-export engine` builds with, for manifests from before the spec too."""
+    from tome_export.targets.tensorrt.engine import EngineSpec
+
+    spec = EngineSpec(TENSORRT, "images", (3, 224, 224), Profile.parse("1:8:64"), 4, "timing.cache", ("89", "120"))
+    facts = spec.facts()
+    assert EngineSpec.from_facts(TENSORRT, facts, (3, 224, 224)) == spec
+    assert facts["build_command"] == " ".join(spec.command())
+    older = {k: v for k, v in facts.items() if k not in ("timing_cache", "compute_capabilities")}
+    assert EngineSpec.from_facts(TENSORRT, older, (3, 224, 224)) == spec
+    plain = EngineSpec(TENSORRT_RTX, "images", (3, 224, 224), Profile(2, 2, 2))
+    older = {k: v for k, v in plain.facts().items() if k not in ("timing_cache", "compute_capabilities")}
+    assert EngineSpec.from_facts(TENSORRT_RTX, older, (3, 224, 224)) == plain
