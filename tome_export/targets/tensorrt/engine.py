@@ -142,6 +142,9 @@ def _builder_config(trt: Any, builder: Any, input_name: str, image_shape: Sequen
     if not 0 <= optimization_level <= 5:
         raise UserError(f"build.optimization_level = {optimization_level}: choose 0..5")
     config.builder_optimization_level = optimization_level
+    # TF32 is on by default: float32 matmuls would round their inputs to 10 mantissa bits, in fp32 engines and in
+    # the matching path the graph keeps in fp32; the graph's types are what was validated.
+    config.clear_flag(trt.BuilderFlag.TF32)
     if profile.dynamic:
         opt_profile = builder.create_optimization_profile()
         opt_profile.set_shape(input_name, *profile.shapes(image_shape))
@@ -222,11 +225,15 @@ def build_command(
     timing_cache: Optional[str] = None,
     compute_capabilities: Sequence[str] = (),
 ) -> List[str]:
-    """The command-line equivalent of :func:`build_engine` (trtexec / tensorrt_rtx)."""
+    """The command-line equivalent of :func:`build_engine` (trtexec / tensorrt_rtx).
+
+    trtexec gets ``--noTF32`` as the Python API build clears TF32; the tensorrt_rtx tool's spelling of that is not
+    verified here (no such tool on this machine), so its command leaves it out.
+    """
     cmd = [library.tool, f"--onnx={onnx_name}", f"--saveEngine={engine_name}"]
     if library is TENSORRT:
         # Strong typing: needed on TensorRT 10 (no FP16/INT8 flags: precision is in the graph), default on 11.
-        cmd += ["--stronglyTyped", f"--builderOptimizationLevel={optimization_level}"]
+        cmd += ["--stronglyTyped", "--noTF32", f"--builderOptimizationLevel={optimization_level}"]
         if timing_cache:
             cmd.append(f"--timingCacheFile={timing_cache}")
     if profile.dynamic:

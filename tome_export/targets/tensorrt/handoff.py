@@ -73,7 +73,7 @@ def _validation_stack() -> None:
             __import__(module)
         except ImportError:
             raise UserError(f"validating the engine runs {ONNX} in ONNX Runtime, and {module!r} is not installed "
-                            f"here: pip install onnx onnxruntime") from None
+                            f"here: pip install 'tome-export[engine]'") from None
 
 
 def validate_engine(directory: Path, manifest: Manifest, engine_file: str) -> Dict[str, Any]:
