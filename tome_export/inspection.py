@@ -243,6 +243,27 @@ def _validation_line(v: Dict[str, Any], precision: Optional[str]) -> str:
             + ", ".join(parts))
 
 
+def _engine_line(trt: Any) -> Optional[str]:
+    """A TensorRT build's engine: what built it, where, and how it validated against the ONNX."""
+    if not isinstance(trt, dict):
+        return None
+    engine = trt.get("engine")
+    if not engine:
+        return f"engine     none: {trt.get('engine_note', 'not built')}"
+    device = engine.get("device") or {}
+    where = f" on {device['name']} (compute capability {device.get('compute_capability', '?')})" \
+        if device.get("name") else ""
+    text = (f"engine     {engine.get('file')} {_size(engine.get('bytes', 0))}, {engine.get('library')} "
+            f"{engine.get('library_version')}, built in {engine.get('build_seconds')} s{where}; ")
+    v = trt.get("engine_validation")
+    if v is None:  # built by the build itself, before the handoff step existed or on the build machine
+        return text + "validated: the ONNX it was built from (above); the engine itself was not run"
+    if not v.get("run"):
+        return text + f"NOT validated ({v.get('reason')}): {v.get('how')}"
+    return text + (f"validation against the ONNX {'passed' if v.get('passed') else 'FAILED'} on {v.get('images')} "
+                   f"photos: min cosine {v.get('min_cosine', 0):.6f}, top-1 agreement {v.get('top1_agreement', 0):.3f}")
+
+
 def _model_line(model: Dict[str, Any], upstream: Optional[str]) -> str:
     seed = f" seed {model['seed']}" if model.get("weights") == "random" else ""
     checkpoint = f" {model['checkpoint']}" if model.get("checkpoint") else ""
@@ -269,6 +290,9 @@ def manifest_lines(m: Manifest) -> List[str]:
         lines.append(f"FLOPs      {fl.get('gmacs')} GMACs vs {fl.get('gmacs_r0')} at r=0: {fl.get('ratio')}x fewer")
     if m.validation:
         lines.append(_validation_line(m.validation, m.precision))
+    engine = _engine_line(m.section("tensorrt"))
+    if engine:
+        lines.append(engine)
     added = {**m.sections, "runtime": m.runtime, "notes": list(m.notes)}
     merges = summary_line(m.merge_decisions or {})  # the per-block figures: --json
     if merges:
