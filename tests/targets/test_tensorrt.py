@@ -257,7 +257,7 @@ def test_cli_tensorrt_rtx_fp16(rtx_fp16):
     assert "--minShapes=images:1x3x224x224" in (rtx_fp16 / "build_engine.sh").read_text()
     v = m["validation"]
     assert v["passed"] and v["min_cosine"] >= 0.999 and v["token_group_agreement"] >= 0.9
-    assert v["images"] == 32 and v["runs"] == 32 + 9  # 32 views at one batch size, one per photo (8, filled to 9) at the other
+    assert v["images"] == 32 and v["runs"] == 32 + 9  # 32 views at one size; one per photo, filled to 9, at the other
     graph = onnx.load(str(rtx_fp16 / "model.onnx"))
     assert [o.name for o in graph.graph.output] == ["logits"]  # the source output was only for validation
     stored = t["precision_in_graph"]["weights"]
