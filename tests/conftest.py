@@ -126,7 +126,7 @@ from serve_builds import vit_t16_build  # noqa: E402,F401  (session fixture: pip
 
 # --- the quick selection: `pytest -m "not slow"` -------------------------------------------------------------------
 # Fixtures that build whole artifacts or train/export models (each costs tens of seconds to minutes on 2 cores).
-HEAVY_FIXTURES = {"cpu_build", "traced_artifact", "artifact_variants", "vit_t16_build", "served", "rtx_fp16",
+HEAVY_FIXTURES = {"cpu_build", "traced_artifact", "artifact_variants", "vit_t16_build", "served", "rtx_fp16", "rtx_no_engine",
                   "built_t16", "built", "onnx_artifact", "small_artifact", "tiny_run", "small_digits", "zoo",
                   "exported", "onnx_cache"}
 # Calls in a test's own body that run a whole build.

@@ -12,9 +12,11 @@ it matches the independent reference of ``tests/reference_tome.py``; exported, O
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any, Dict, Tuple
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -30,7 +32,7 @@ from tome_export.export import export_onnx
 from tome_export.images import sample_photos
 from tome_export.inspection import format_report, inspect_path
 from tome_export.models import ModelName, ModelSpec, families, model_info, patch, preprocessing
-from tome_export.pipeline import BuildRequest, PreparedBuild, PreparedModel, build_into, plan_build
+from tome_export.pipeline import BuildRequest, PreparedBuild, PreparedModel, build_into, graph_metadata, plan_build
 from tome_export.quality.validate import Thresholds, check_thresholds, compare_logits
 from tome_export.recipes import recipe_for
 from tome_export.runtime import load
@@ -82,7 +84,8 @@ def built(tmp_path_factory):
                 prepared_model = PreparedModel(
                     model, ModelSpec("tiny", "vit_tiny_patch16_224", "random", 0), info,
                     resolve_schedule(R, info.num_blocks, info.num_tokens, info.num_protected), preprocessing(model))
-                path = export_onnx(model, root / f"{plan.merge_impl}.onnx", prepared_model.preprocessing.input_size)
+                path = export_onnx(model, root / f"{plan.merge_impl}.onnx", prepared_model.preprocessing.input_size,
+                                   metadata=graph_metadata(prepared_model))
                 exports[plan.merge_impl] = (path, prepared_model)
             path, prepared_model = exports[plan.merge_impl]
             prepared = PreparedBuild(request, target_, plan, ModelName("tiny", "timm", "vit_tiny_patch16_224",
@@ -105,6 +108,9 @@ def test_target_builds_loads_validates_and_inspects(built, target, precision):
     assert (manifest["target"], manifest["precision"]) == (target, precision)
     assert manifest["runtime"]["runner"] == targets()[target].runner
     assert f"target     {target} {precision}" in format_report(report)
+    for graph in directory.glob("*.onnx"):  # what a reader without the manifest needs is in every shipped graph
+        metadata = {p.key: p.value for p in onnx.load(str(graph), load_external_data=False).metadata_props}
+        assert json.loads(metadata["tome_export.preprocessing"]).items() >= manifest["preprocessing"].items(), graph
     if targets()[target].device == "cuda" and not gpu_available():
         with pytest.raises(UserError):
             load(directory)

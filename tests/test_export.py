@@ -135,6 +135,7 @@ def test_static_token_shapes(onnx_cache):
     assert [d.dim_value for d in dynamic.graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 224, 224]
 
 
+@pytest.mark.slow  # two full exports
 def test_two_exports_are_byte_identical_and_runs_bit_identical(tmp_path, photo_cache):
     from tome_export import patch
 

@@ -20,7 +20,7 @@ LAYERS: List[Tuple[str, ...]] = [
      "recipes", "flops", "resources"),
     ("runtime",),
     ("merge", "kernels", "models", "export"),
-    ("quality", "quantization"),
+    ("quality", "quantization", "float_precision"),
     ("targets",),
     ("pipeline", "inspection", "visualize", "serve"),
     ("bench",),

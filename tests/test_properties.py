@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -197,6 +198,7 @@ def _ort_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.slow  # twelve exports
 @_settings(12)
 @given(export_cases())
 def test_export_matches_pytorch_and_the_reference_or_fails_clearly(case):

@@ -36,6 +36,7 @@ def _finetune(model, x, steps: int, lr: float):
     return before, eval_loss(), first_grads
 
 
+@pytest.mark.slow  # trains, then exports
 def test_finetune_timm_vit_with_tome_then_export(photo_cache, tmp_path):
     model = make_named("vit_tiny_patch16_224", depth=4, num_classes=10,
                        drop_path_rate=0.1, proj_drop_rate=0.1, attn_drop_rate=0.1)

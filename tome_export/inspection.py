@@ -205,6 +205,13 @@ def _graph_lines(name: str, g: Dict[str, Any]) -> List[str]:
         lines.append("  ToMe blocks none (no tome_match/ or tome_merge/ nodes: not a ToMe graph, or r=0)")
     if "tome_export.r_schedule" in g["metadata"]:
         lines.append(f"  r (metadata) {g['metadata']['tome_export.r_schedule']}")
+    if "tome_export.preprocessing" in g["metadata"]:
+        try:
+            described = json.loads(g["metadata"]["tome_export.preprocessing"])
+            lines.append(f"  preprocessing (metadata) {described['steps']}; mean {described['mean']}, "
+                         f"std {described['std']}")
+        except (ValueError, KeyError, TypeError):
+            lines.append("  preprocessing (metadata) unreadable: not written by this version of tome-export")
     trt = g["tensorrt"]
     lines.append(f"  TensorRT   {trt['verdict']}")
     problems = trt.get("problems_with_scatter_plugin") or trt.get("problems") or []
@@ -244,6 +251,27 @@ def _validation_line(v: Dict[str, Any], precision: Optional[str]) -> str:
             + ", ".join(parts))
 
 
+def _engine_line(trt: Any) -> Optional[str]:
+    """A TensorRT build's engine: what built it, where, and how it validated against the ONNX."""
+    if not isinstance(trt, dict):
+        return None
+    engine = trt.get("engine")
+    if not engine:
+        return f"engine     none: {trt.get('engine_note', 'not built')}"
+    device = engine.get("device") or {}
+    where = f" on {device['name']} (compute capability {device.get('compute_capability', '?')})" \
+        if device.get("name") else ""
+    text = (f"engine     {engine.get('file')} {_size(engine.get('bytes', 0))}, {engine.get('library')} "
+            f"{engine.get('library_version')}, built in {engine.get('build_seconds')} s{where}; ")
+    v = trt.get("engine_validation")
+    if v is None:  # built by the build itself, before the handoff step existed or on the build machine
+        return text + "validated: the ONNX it was built from (above); the engine itself was not run"
+    if not v.get("run"):
+        return text + f"NOT validated ({v.get('reason')}): {v.get('how')}"
+    return text + (f"validation against the ONNX {'passed' if v.get('passed') else 'FAILED'} on {v.get('images')} "
+                   f"photos: min cosine {v.get('min_cosine', 0):.6f}, top-1 agreement {v.get('top1_agreement', 0):.3f}")
+
+
 def _model_line(model: Dict[str, Any], upstream: Optional[str]) -> str:
     seed = f" seed {model['seed']}" if model.get("weights") == "random" else ""
     checkpoint = f" {model['checkpoint']}" if model.get("checkpoint") else ""
@@ -254,6 +282,8 @@ def _model_line(model: Dict[str, Any], upstream: Optional[str]) -> str:
 def manifest_lines(m: Manifest) -> List[str]:
     """The manifest's facts as aligned text lines (model, target, input, schedule, FLOPs, validation, what the
     target added)."""
+    from .quality.decisions import summary_line
+
     lines = [_model_line(m.model, m.upstream_name),
              f"target     {m.target} {m.precision}, merge {m.merge_impl}, opset {m.opset}, proportional attention "
              f"{'on' if m.prop_attn else 'off'}",
@@ -268,12 +298,31 @@ def manifest_lines(m: Manifest) -> List[str]:
         lines.append(f"FLOPs      {fl.get('gmacs')} GMACs vs {fl.get('gmacs_r0')} at r=0: {fl.get('ratio')}x fewer")
     if m.validation:
         lines.append(_validation_line(m.validation, m.precision))
+    engine = _engine_line(m.section("tensorrt"))
+    if engine:
+        lines.append(engine)
     added = {**m.sections, "runtime": m.runtime, "notes": list(m.notes)}
-    if m.merge_decisions is not None:
-        added["merge_decisions"] = m.merge_decisions
+    merges = summary_line(m.merge_decisions or {})  # the per-block figures: --json
+    if merges:
+        lines.append(f"merges     {merges}")
+    lines += [f"note       {note}" for note in added.pop("notes")]
     for key in sorted(k for k, v in added.items() if v):  # what the target added (settings, quantization, ...)
-        lines.append(f"{key:10s} {json.dumps(added[key], sort_keys=True)}")
+        value = added[key]
+        items = sorted(value.items()) if isinstance(value, dict) else [("", value)]
+        for i, (name, item) in enumerate(items):  # one setting per line, nested names dotted
+            text = _readable(item, f"{name}.") if isinstance(item, dict) and item else f"{name} {_readable(item)}"
+            lines.append(f"{key if i == 0 else '':10s} {text.strip()}")
     return lines
+
+
+def _readable(value: Any, prefix: str = "") -> str:
+    """A section as ``name value`` pairs (nested names dotted), for people; ``--json`` keeps the structure."""
+    if isinstance(value, dict):
+        return "; ".join(_readable(v, f"{prefix}{k}.") if isinstance(v, dict) and v else f"{prefix}{k} {_readable(v)}"
+                         for k, v in sorted(value.items()))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_readable(v) for v in value) + "]"
+    return "-" if value is None else str(value)
 
 
 def _checksum_lines(c: Dict[str, Any]) -> List[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import sys
@@ -19,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 try:
     import fcntl
@@ -273,8 +274,13 @@ def export(prepared: PreparedBuild, model: PreparedModel, path: Path, log: Log =
     path.parent.mkdir(parents=True, exist_ok=True)
     return export_onnx(model.model, path, model.preprocessing.input_size, batch=plan.batch,
                        dynamic_batch=plan.dynamic_batch, opset=plan.opset, trace_source=plan.trace_source,
-                       metadata=[("tome_export.version", __version__),
-                                 ("tome_export.r_schedule", str(list(model.schedule.r)))])
+                       metadata=graph_metadata(model))
+
+
+def graph_metadata(model: PreparedModel) -> List[Tuple[str, str]]:
+    """What the ONNX carries for readers without the manifest: version, r schedule, preprocessing (JSON)."""
+    return [("tome_export.version", __version__), ("tome_export.r_schedule", str(list(model.schedule.r))),
+            ("tome_export.preprocessing", json.dumps(model.preprocessing.describe()))]
 
 
 def build_target(prepared: PreparedBuild, model: PreparedModel, workdir: Path, onnx_path: Optional[Path],

@@ -68,6 +68,21 @@ class Preprocessing:
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
+    @property
+    def resize_to(self) -> Tuple[int, int]:
+        """(H, W) the image is resized to before the crop (the shorter edge, for ``center`` with a square input)."""
+        _, h, w = self.input_size
+        return math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)
+
+    def describe(self) -> Dict[str, Any]:
+        """The steps as data, for readers without this package: an ONNX graph's metadata, a serving README."""
+        (rh, rw), (_, h, w) = self.resize_to, self.input_size
+        resize = (f"resize ({self.interpolation}) keeping the aspect ratio so the image covers {rh}x{rw} (H x W)"
+                  if self.crop_mode == "center" else f"resize ({self.interpolation}) to {rh}x{rw} (H x W)")
+        return {"layout": "NCHW", "channels": "RGB", "dtype": "float32", **self.to_dict(), "resize_to": [rh, rw],
+                "steps": f"{resize}; centre crop {h}x{w}; scale to [0, 1]; subtract mean, divide by std "
+                         f"(per channel); channels first"}
+
     def __call__(self, image: Union[Image.Image, str, os.PathLike]) -> np.ndarray:
         """One image (PIL or path) as a ``(C, H, W)`` float32 array."""
         img = to_rgb(open_image(image) if not isinstance(image, Image.Image) else image)
@@ -75,7 +90,7 @@ class Preprocessing:
         interp = _INTERP.get(self.interpolation)
         if interp is None:
             raise UserError(f"unsupported interpolation {self.interpolation!r} in the preprocessing config")
-        scale_h, scale_w = math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)
+        scale_h, scale_w = self.resize_to
         if self.crop_mode == "squash":
             img = img.resize((scale_w, scale_h), interp)
         elif self.crop_mode == "center":

@@ -62,6 +62,7 @@ def _run_interpreted(code: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow  # the Triton interpreter runs the kernels element by element
 def test_triton_kernel_matches_portable_lowering_under_interpreter():
     _run_interpreted(INTERPRETED)
 

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # runs the benchmark script end to end
 def test_gpu_benchmark_smoke_path_writes_results(tmp_path):
     out = tmp_path / "gpu_smoke"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_speedup.py"), "--smoke", "--out", str(out)],

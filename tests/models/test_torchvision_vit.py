@@ -177,7 +177,7 @@ def test_checkpoint_roundtrip_infers_image_size_and_classes(tmp_path, photos):
 
 
 def test_pretrained_offline_fails_loudly(tmp_path, monkeypatch):
-    monkeypatch.setattr(torchvision_vit, "host_reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(torchvision_vit, "url_reachable", lambda url, timeout=3.0: False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(UserError, match="cannot load pretrained weights for tv_vit_b16.*--checkpoint.*--weights random"):
         create_model("tv_vit_b16", weights="pretrained")

@@ -202,7 +202,7 @@ def test_build_command_and_script(tmp_path):
     profile = Profile.parse("1:8:64")
     cmd = build_command(TENSORRT, "model.onnx", "model.engine", "images", (3, 224, 224), profile,
                         optimization_level=4, timing_cache="timing.cache")
-    assert cmd == ["trtexec", "--onnx=model.onnx", "--saveEngine=model.engine", "--stronglyTyped",
+    assert cmd == ["trtexec", "--onnx=model.onnx", "--saveEngine=model.engine", "--stronglyTyped", "--noTF32",
                    "--builderOptimizationLevel=4", "--timingCacheFile=timing.cache",
                    "--minShapes=images:1x3x224x224", "--optShapes=images:8x3x224x224",
                    "--maxShapes=images:64x3x224x224", "--skipInference"]
@@ -331,3 +331,29 @@ def test_cli_refuses_before_any_work(tmp_path, capsys, args, message):
     code, stdout, err = _cli(["--model", "vit_t16", "--output", str(out)] + args, capsys)
     assert code == 2 and message in err and err.count("\n") == 1
     assert not out.exists() and not any(tmp_path.iterdir())
+
+
+def test_engine_spec_round_trips_through_the_manifest():
+    """What the build records is what `tome-export engine` builds with, for manifests from before the spec too."""
+    from tome_export.targets.tensorrt.engine import EngineSpec
+
+    spec = EngineSpec(TENSORRT, "images", (3, 224, 224), Profile.parse("1:8:64"), 4, "timing.cache", ("89", "120"))
+    facts = spec.facts()
+    assert EngineSpec.from_facts(TENSORRT, facts, (3, 224, 224)) == spec
+    assert facts["build_command"] == " ".join(spec.command())
+    older = {k: v for k, v in facts.items() if k not in ("timing_cache", "compute_capabilities")}
+    assert EngineSpec.from_facts(TENSORRT, older, (3, 224, 224)) == spec
+    plain = EngineSpec(TENSORRT_RTX, "images", (3, 224, 224), Profile(2, 2, 2))
+    older = {k: v for k, v in plain.facts().items() if k not in ("timing_cache", "compute_capabilities")}
+    assert EngineSpec.from_facts(TENSORRT_RTX, older, (3, 224, 224)) == plain
+
+
+def test_engine_builds_keep_float32_out_of_tf32():
+    """TF32 is on by default in NVIDIA's builders; our builds turn it off, so float32 layers compute in float32."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu12/-cu13 is not installed")
+    from tome_export.targets.tensorrt.engine import _builder_config
+
+    builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
+    assert builder.create_builder_config().get_flag(trt.BuilderFlag.TF32)  # the default this guards against
+    config = _builder_config(trt, builder, "images", (3, 224, 224), Profile(1, 1, 1), 3, ())
+    assert not config.get_flag(trt.BuilderFlag.TF32)

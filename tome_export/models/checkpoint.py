@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Dict
 
@@ -11,38 +10,57 @@ import torch
 from ..errors import UserError
 
 
-def host_reachable(host: str, timeout: float = 3.0) -> bool:
-    """Whether ``host:443`` accepts a connection (downloads would otherwise retry for a long time offline)."""
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers, as its client would reach it: ``HF_HUB_OFFLINE`` means no, the
+    endpoint is ``HF_ENDPOINT`` (a mirror) where set, and proxies come from the environment. Offline, the hub
+    client would otherwise retry each download for about a minute before it reads its cache."""
+    import huggingface_hub.constants as hub
+    from huggingface_hub.utils import get_session
+
+    if hub.HF_HUB_OFFLINE:
+        return False
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        get_session().head(hub.ENDPOINT, timeout=timeout)
         return True
-    except OSError:
+    except Exception:  # any failure to connect (DNS, refused, proxy, TLS, timeout) is "not reachable"
         return False
 
 
-def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
-    """A state_dict from a ``.pth`` (possibly wrapped in ``{"model": ...}`` etc.) or ``.safetensors`` file."""
+def url_reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether ``url``'s server answers a HEAD request (through the environment's proxies, as downloads go)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+        return True
+    except urllib.error.HTTPError:  # the server answered, if only with an error status
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def read_state_dict(path: Path, prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """A state_dict from a ``.pth`` or ``.safetensors`` file, read by timm's ``load_state_dict`` (tensors only,
+    wrappers such as ``{"state_dict": ...}`` and ``module.`` prefixes removed); ``prefer_ema``: EMA weights
+    where the file holds them, as timm evaluates its own checkpoints."""
+    from timm.models import load_state_dict
+
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist: pass the path of a .pth or .safetensors file")
+    no_state_dict = UserError(f"checkpoint {str(path)!r} holds no state_dict of tensors: save model.state_dict()")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        sd = load_state_dict(str(path), use_ema=prefer_ema, weights_only=True)
+    except (AttributeError, TypeError):  # it read, but what it holds is not a mapping (a list, a tensor)
+        raise no_state_dict from None
     except Exception as exc:  # any unreadable file is the same user problem
         raise UserError(
             f"cannot read checkpoint {str(path)!r} ({type(exc).__name__}): "
             "pass a state_dict saved with torch.save or safetensors"
         ) from None
-    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"checkpoint {str(path)!r} holds no state_dict of tensors: save model.state_dict()")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise no_state_dict
+    return sd
 
 
 def load_checked(model: torch.nn.Module, sd: Dict[str, torch.Tensor], checkpoint: str, what: str) -> None:

@@ -32,7 +32,7 @@ from ..errors import UserError
 from ..info import ModelInfo
 from ..preprocess import Preprocessing
 from .base import State, ToMeConfig, ToMeModel, attention, patch_model, run_blocks
-from .checkpoint import host_reachable
+from .checkpoint import hub_reachable
 from .family import Family
 
 NAME = "transformers-vit"
@@ -65,7 +65,6 @@ VERIFIED: Tuple[Tuple[str, str, str], ...] = (
 CONFIG_FILE = "config.json"
 PROCESSOR_FILE = "preprocessor_config.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-_HUB_HOST = "huggingface.co"
 
 
 class _Layout(NamedTuple):
@@ -284,10 +283,9 @@ def hub_snapshot(repo: str, weights: bool) -> Path:
     Downloads what is missing when the hub is reachable and ``HF_HUB_OFFLINE`` is not set; otherwise reads the cache
     only. Never falls back to anything else: a repo that cannot be had is a one-line error.
     """
-    import huggingface_hub.constants as hub
     from huggingface_hub import snapshot_download
 
-    offline = bool(hub.HF_HUB_OFFLINE) or not host_reachable(_HUB_HOST)
+    offline = not hub_reachable()
     wanted = [[CONFIG_FILE, PROCESSOR_FILE]]
     if weights:  # safetensors first; .bin only for repos that have no safetensors
         wanted = [[CONFIG_FILE, PROCESSOR_FILE, "model.safetensors", "model.safetensors.index.json",

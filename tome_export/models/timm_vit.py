@@ -20,7 +20,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from ..info import ModelInfo
 from ..preprocess import Preprocessing
 from .base import State, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
-from .checkpoint import host_reachable, read_state_dict
+from .checkpoint import hub_reachable, read_state_dict
 from .family import Family
 
 NAME = "timm-vit"
@@ -232,10 +232,6 @@ def resolve(name: str) -> Optional[str]:
     return name if timm.is_model(name) or timm.is_model(name.split(".")[0]) else None
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    return host_reachable("huggingface.co", timeout)
-
-
 def create(name: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
     """``timm.create_model``; for pretrained weights offline, the hub client is told to use its cache only (it
     would otherwise retry for a minute)."""
@@ -245,7 +241,7 @@ def create(name: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
     offline_before = hub.HF_HUB_OFFLINE
-    if not offline_before and not _hub_reachable():
+    if not offline_before and not hub_reachable():
         hub.HF_HUB_OFFLINE = True
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
@@ -255,7 +251,7 @@ def create(name: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
 
 def load_checkpoint(name: str, path: Path, kwargs: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """A timm state_dict, with the class count of its head and average pooling for MAE fine-tuned checkpoints."""
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, prefer_ema=True)
     kwargs = dict(kwargs)
     head = sd.get("head.weight")
     if head is not None and head.ndim == 2 and "num_classes" not in kwargs:

@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..info import ModelInfo
 from ..preprocess import Preprocessing
 from .base import State, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
-from .checkpoint import host_reachable, read_state_dict
+from .checkpoint import read_state_dict, url_reachable
 from .family import Family
 
 NAME = "torchvision-vit"
@@ -50,7 +50,6 @@ VERIFIED: Tuple[Tuple[str, str, str], ...] = (
      "preprocessing == the weights' transforms, checkpoints, CLI build, training"),
 )
 
-_WEIGHTS_HOST = "download.pytorch.org"
 
 
 def canonical_name(name: str) -> Optional[str]:
@@ -114,8 +113,8 @@ def build(name: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
 
 def _pretrained_state_dict(weights) -> Dict[str, torch.Tensor]:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
-    if not cached.is_file() and not host_reachable(_WEIGHTS_HOST):
-        raise ConnectionError(f"{_WEIGHTS_HOST} is not reachable and {cached} is not cached")
+    if not cached.is_file() and not url_reachable(weights.url):
+        raise ConnectionError(f"{weights.url} is not reachable and {cached} is not cached")
     return weights.get_state_dict(progress=False, check_hash=True)
 
 

@@ -231,11 +231,12 @@ def summary_line(report: Mapping[str, Any]) -> Optional[str]:
     built = report.get("as_built")
     if not isinstance(built, dict):
         return None
-    line = f"{built['agreement']:.3f} of {built['decisions']} block x image decisions identical"
+    line = (f"{built['agreement']:.1%} of {built['decisions']} merge decisions (which tokens one block merges, "
+            f"for one image) as PyTorch fp32 makes them")
     other = report.get("without_protection")
     if isinstance(other, dict):
-        line += f" ({other['agreement']:.3f} without fp32 protection)"
-    return line
+        line += f"; {other['agreement']:.1%} without the fp32 protection of the matching"
+    return line + "; rounding flips near-tied matches, and the logits are validated apart"
 
 
 def _decision_margin(metric: Any, r: int, num_protected: int) -> np.ndarray:

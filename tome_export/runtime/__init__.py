@@ -91,8 +91,8 @@ def open_artifact(directory: os.PathLike, verify: bool = True) -> Artifact:
     if verify and covered and covered not in manifest.artifacts and (directory / str(covered)).exists():
         # e.g. an engine built afterwards by build_engine.sh: never validated nor checksummed by the build
         raise UserError(f"{covered} in {str(directory)!r} is not covered by its manifest (built after it, so never "
-                        f"validated nor checksummed): rebuild with tome-export where it can build {covered} "
-                        f"(--require-engine), or pass verify=False to run it unchecked")
+                        f"validated nor checksummed): run `tome-export engine {directory} --force` on the GPU "
+                        f"machine to build, validate and record it, or pass verify=False to run it unchecked")
     return Artifact(directory, manifest, ArtifactIO.from_manifest(directory, manifest, runtime))
 
 

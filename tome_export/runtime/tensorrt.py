@@ -21,10 +21,7 @@ class _CudaPython:
     """Device buffers and a stream through cuda-python's runtime bindings."""
 
     def __init__(self) -> None:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart  # cuda-python < 12.6
+        cudart = _cudart()
         self.cudart = cudart
         err, count = cudart.cudaGetDeviceCount()
         if err != cudart.cudaError_t.cudaSuccess or count == 0:
@@ -105,6 +102,41 @@ def _device() -> Any:
                         "for device memory; neither is installed") from None
 
 
+def _cudart() -> Any:
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        from cuda import cudart  # cuda-python < 12.6
+    return cudart
+
+
+def cuda_device() -> Optional[Dict[str, str]]:
+    """The CUDA GPU engines run on here (name, compute capability), asked of cuda-python, else torch.cuda (what
+    :class:`TensorRTRunner` allocates with); None without a GPU or without either package."""
+    try:
+        cudart = _cudart()
+    except ImportError:
+        cudart = None
+    if cudart is not None:
+        err, count = cudart.cudaGetDeviceCount()
+        if err != cudart.cudaError_t.cudaSuccess or count == 0:
+            return None
+        err, props = cudart.cudaGetDeviceProperties(0)
+        if err != cudart.cudaError_t.cudaSuccess:
+            return None
+        name = props.name.decode(errors="replace").rstrip("\0") if isinstance(props.name, bytes) else str(props.name)
+        return {"name": name, "compute_capability": f"{props.major}.{props.minor}"}
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability(0)
+        return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+    except Exception:  # no torch, or a CUDA build of torch without a driver
+        return None
+
+
 class TensorRTRunner(Runner):
     """Runs ``model.engine`` with the library the runtime settings name (``tensorrt`` or ``tensorrt_rtx``).
 
@@ -128,8 +160,8 @@ class TensorRTRunner(Runner):
         engine_path = self.directory / io.runtime.get("file", "model.engine")
         if not engine_path.is_file():
             raise UserError(f"{str(self.directory)!r} holds no {engine_path.name}: it was not built on this machine "
-                            f"({io.runtime.get('engine_note', 'no engine')}); run ./build_engine.sh in that "
-                            f"directory on the target GPU machine, then load it again")
+                            f"({io.runtime.get('engine_note', 'no engine')}); on the target GPU machine run "
+                            f"`tome-export engine {self.directory}` (or ./build_engine.sh), then load it again")
         try:
             trt = importlib.import_module(module)
         except (ImportError, OSError):

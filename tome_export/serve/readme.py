@@ -8,6 +8,7 @@ from typing import List
 
 from .._version import __version__
 from ..manifest import Manifest
+from ..preprocess import Preprocessing
 from .triton import ModelPlan
 
 TESTED = ("tome-export's tests serve Python-backend repositories on a real `tritonserver` 2.51 (the one in the "
@@ -45,12 +46,8 @@ def _io_lines(plan: ModelPlan) -> List[str]:
 
 
 def _preprocessing_lines(manifest: Manifest) -> List[str]:
-    p = manifest.preprocessing
-    _, height, width = p["input_size"]
-    return [f"1. RGB; resize ({p['interpolation']}) so the image covers {int(height / p['crop_pct'])} px "
-            f"(crop_pct {p['crop_pct']}, crop mode {p['crop_mode']});",
-            f"2. centre crop {height}x{width}; scale to [0, 1]; subtract mean {p['mean']}, divide by std {p['std']};",
-            "3. channels first (C, H, W), float32; stack images into a batch.",
+    described = Preprocessing.from_dict(manifest.preprocessing).describe()
+    return [f"{described['steps']}; mean {described['mean']}, std {described['std']}; stack images into a batch.",
             "",
             "The same values are in config.pbtxt as `preprocessing.*` parameters, which the client below reads back; "
             "`tome_export.preprocess.Preprocessing` implements these steps with NumPy and PIL (no torch)."]

@@ -110,53 +110,7 @@ FLOAT_KERNELS = {"MatMul", "FusedMatMul", "Gemm", "Conv", "Attention"}
 ELEMENT_TYPES = {"float": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
-
-
 # --- precision steps: (source onnx, destination onnx, context, nodes kept fp32) -> manifest details -------------
-
-def _drop_duplicate_nodes(model: onnx.ModelProto) -> None:
-    """ORT's fp16 converter emits the same fp32 Cast once per blocked consumer; ONNX forbids the duplicates."""
-    seen, kept = set(), []
-    for node in model.graph.node:
-        key = node.SerializeToString()
-        if key not in seen:
-            seen.add(key)
-            kept.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-
-
-def _collapse_round_trips(model: onnx.ModelProto, keep: Sequence[str]) -> int:
-    """Remove the fp32 -> fp16 -> fp32 Cast pairs that ORT's converter puts between two blocked nodes.
-
-    The converter casts every blocked node's output to fp16 and back before the next blocked node reads it, so
-    a kept-fp32 chain (the ToMe matching path) would still be rounded to fp16 at every step. Consumers of such a
-    pair read the fp32 tensor directly instead. Returns how many pairs were removed.
-    """
-    import onnx
-
-    kept = set(keep)
-    producer = {out: n for n in model.graph.node for out in n.output}
-    rewire: Dict[str, str] = {}
-    for node in model.graph.node:
-        if node.op_type != "Cast" or node.attribute[0].i != onnx.TensorProto.FLOAT:
-            continue
-        first = producer.get(node.input[0])
-        if first is None or first.op_type != "Cast" or first.attribute[0].i != onnx.TensorProto.FLOAT16:
-            continue
-        origin = producer.get(first.input[0])
-        if origin is not None and origin.name in kept:
-            rewire[node.output[0]] = first.input[0]
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if name in rewire:
-                node.input[i] = rewire[name]
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    nodes = [n for n in model.graph.node if not (n.op_type == "Cast" and not any(o in used for o in n.output))]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    return len(rewire)
-
 
 
 def _fp32(src: Path, dst: Path, ctx: BuildContext, keep: Sequence[str]) -> Dict[str, Any]:
@@ -166,17 +120,17 @@ def _fp32(src: Path, dst: Path, ctx: BuildContext, keep: Sequence[str]) -> Dict[
 
 def _fp16(src: Path, dst: Path, ctx: BuildContext, keep: Sequence[str]) -> Dict[str, Any]:
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
 
-    # Op types the CPU provider cannot run in fp16 at all (ScatterElements with reduction=add) stay fp32 even
-    # without ToMe protection, or the artifact would not run.
+    from ..float_precision import convert_float_precision
+
+    # Op types the CPU provider cannot run in fp16 at all (ScatterElements with reduction=add; ORT's own list of
+    # ops without fp16 kernels) stay fp32 even without ToMe protection, or the artifact would not run.
     fp32_ops = list(ctx.settings.build.fp32_op_types)
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, node_block_list=list(keep),
-                                     op_block_list=fp32_ops)
-    _drop_duplicate_nodes(model)
-    _collapse_round_trips(model, keep)
+    model = convert_float_precision(onnx.load(str(src)), "fp16", keep, [*fp32_ops, *DEFAULT_OP_BLOCK_LIST])
     onnx.save(model, str(dst))
-    return {"method": "fp16 (onnxruntime.transformers.float16), fp32 inputs and outputs", "fp32_op_types": fp32_ops}
+    return {"method": "fp16 conversion in the graph, Casts at the fp32 boundaries, fp32 inputs and outputs",
+            "fp32_op_types": fp32_ops}
 
 
 def _bf16_weights(src: Path, dst: Path, ctx: BuildContext, keep: Sequence[str]) -> Dict[str, Any]:

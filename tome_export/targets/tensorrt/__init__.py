@@ -84,7 +84,11 @@ class EngineOptions(CalibrationOptions):
     dynamic_batch: Optional[str] = field(default=None, metadata={"core": True})  # --dynamic-batch MIN:OPT:MAX
     require_engine: bool = field(default=False, metadata={
         "help": "fail unless the engine is built here (TensorRT needs its Python package and a GPU; TensorRT-RTX "
-                "builds on the CPU); without it a missing engine is left to build_engine.sh"})
+                "builds on the CPU); without it a missing engine is left to `tome-export engine DIR` (or "
+                "build_engine.sh) on the GPU machine"})
+    no_engine: bool = field(default=False, metadata={
+        "help": "write model.onnx, build_engine.sh and the manifest but no engine, even where one could be built "
+                "here; on the GPU machine `tome-export engine DIR` builds, validates and records it"})
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,8 @@ def check(plan: BuildPlan, library: Library) -> None:
     calib_data = plan.options.calib_data
     if calib_data is not None and not Path(calib_data).is_dir():
         raise UserError(f"--calib-data {calib_data!r} is not a directory: pass a folder of JPEG/PNG photos")
+    if plan.options.require_engine and plan.options.no_engine:
+        raise UserError("--require-engine and --no-engine contradict each other: choose one")
     if plan.options.require_engine:
         reason = engine_unavailable_reason(library)
         if reason is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import onnx
 
@@ -23,15 +23,12 @@ from ...quantization import protected_node_names
 from ..base import BuildContext, TargetResult
 from . import PRECISIONS, TensorRTSettings, profile_for, scatter_plugin
 from .compat import tensorrt_problems
-from .engine import Library, Profile, build_command, build_engine, engine_unavailable_reason, write_build_script
-from .precision import convert_float_precision, weight_types
+from .engine import (ENGINE, ONNX, SCRIPT, TIMING_CACHE, EngineSpec, Library, Profile, engine_note,
+                     engine_unavailable_reason, write_build_script)
+from ...float_precision import convert_float_precision, weight_types
 from .qdq import quantize_for_tensorrt
 from .validation import HOW_RUN, cpu_runner
 
-ONNX = "model.onnx"
-ENGINE = "model.engine"
-SCRIPT = "build_engine.sh"
-TIMING_CACHE = "timing.cache"
 
 
 def _check_graph(model: onnx.ModelProto, library: Library, plugin: bool, what: str) -> None:
@@ -80,26 +77,16 @@ def tensorrt_graph(onnx_path: Path, precision: str, settings: TensorRTSettings, 
 
 def without_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """``model`` without the named outputs and every node and initializer only they needed."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    g = model.graph
-    kept_outputs = [o for o in g.output if o.name not in names]
-    del g.output[:]
-    g.output.extend(kept_outputs)
-    needed = {o.name for o in g.output}
-    nodes = []
-    for node in reversed(g.node):
-        if any(o in needed for o in node.output):
-            nodes.append(node)
-            needed.update(node.input)
-    del g.node[:]
-    g.node.extend(reversed(nodes))
-    inits = [t for t in g.initializer if t.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    infos = [v for v in g.value_info if v.name in needed]
-    del g.value_info[:]
-    g.value_info.extend(infos)
-    return model
+    from onnx.utils import Extractor
+
+    stored = {t.name for t in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in stored]
+    outputs = [o.name for o in model.graph.output if o.name not in names]
+    pruned = Extractor(model).extract_model(inputs, outputs)
+    pruned.graph.name = model.graph.name
+    pruned.producer_name, pruned.producer_version = model.producer_name, model.producer_version
+    pruned.metadata_props.extend(model.metadata_props)  # the extractor drops the model's own metadata
+    return pruned
 
 
 def validate(ctx: BuildContext, graph: onnx.ModelProto, with_source: bool) -> Dict[str, Any]:
@@ -147,37 +134,32 @@ def _engine(ctx: BuildContext, library: Library, profile: Profile, graph: onnx.M
             ) -> Tuple[Optional[Dict[str, Any]], str, Dict[str, Any]]:
     """``build_engine.sh`` always, the engine where it can be built here: (engine facts, note, command facts)."""
     b = ctx.settings.build
-    cache = TIMING_CACHE if library.timing_cache and b.timing_cache else None
-    input_name, image_shape = graph.graph.input[0].name, ctx.preprocessing.input_size
-    command = build_command(library, ONNX, ENGINE, input_name, image_shape, profile,
-                            optimization_level=b.optimization_level, timing_cache=cache,
-                            compute_capabilities=b.compute_capabilities)
-    write_build_script(ctx.workdir / SCRIPT, library, command, f"{ctx.precision} ({method})", __version__)
-    facts = {"profile": {"input": input_name, **profile.to_dict()}, "optimization_level": b.optimization_level,
-             "build_script": SCRIPT, "build_command": " ".join(command)}
-    reason = engine_unavailable_reason(library)
+    spec = EngineSpec(library, graph.graph.input[0].name, tuple(ctx.preprocessing.input_size), profile,
+                      b.optimization_level, TIMING_CACHE if library.timing_cache and b.timing_cache else None,
+                      tuple(b.compute_capabilities))
+    write_build_script(ctx.workdir / SCRIPT, library, spec.command(), f"{ctx.precision} ({method})", __version__)
+    facts = spec.facts()
+    reason = "--no-engine" if ctx.options.no_engine else engine_unavailable_reason(library)
     if reason is not None:
         if ctx.options.require_engine:
             raise UserError(f"--require-engine: no {library.display} engine can be built here: {reason}")
-        return None, (f"engine NOT built here ({reason}): it must be built on the target GPU machine: "
-                      f"copy this directory there and run ./{SCRIPT}"), facts
+        return None, (f"engine NOT built here ({reason}): it must be built on the target GPU machine: copy this "
+                      f"directory there and run `tome-export engine DIR` (builds, validates and records it) or "
+                      f"./{SCRIPT}"), facts
     ctx.log(f"building the {library.display} engine")
-    engine = build_engine(library, ctx.workdir / ONNX, ctx.workdir / ENGINE, input_name, image_shape, profile,
-                          optimization_level=b.optimization_level,
-                          timing_cache=ctx.workdir / cache if cache else None,
-                          compute_capabilities=b.compute_capabilities)
-    note = f"engine {ENGINE} built with {library.display} {engine['library_version']} " \
-           f"({engine['bytes'] / 1e6:.1f} MB, {engine['build_seconds']} s)"
-    if library.builds_without_gpu:
-        note += "; kernels are compiled for the GPU on first run"
-    return engine, note, facts
+    engine = spec.build(ctx.workdir, ctx.workdir / ENGINE)
+    return engine, engine_note(library, engine), facts
 
 
 def build(ctx: BuildContext, library: Library) -> TargetResult:
     profile = profile_for(ctx.plan)
     plugin = scatter_plugin(ctx.plan, library)
-    _check_graph(onnx.load(str(ctx.onnx_path)), library, plugin, "exported fp32 graph")
+    from ...export import carry_metadata
+
+    exported = onnx.load(str(ctx.onnx_path))
+    _check_graph(exported, library, plugin, "exported fp32 graph")
     graph, info, validation = _graph(ctx, library, plugin)
+    carry_metadata(exported, graph)  # the source-tracing twin it may come from was exported without it
     onnx.save_model(graph, str(ctx.workdir / ONNX))  # the graph the engine is built from
     engine, note, facts = _engine(ctx, library, profile, graph, info.get("method", "float32"))
     notes = [note]

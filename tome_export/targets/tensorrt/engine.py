@@ -11,12 +11,16 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ...devices import gpu_available
 from ...errors import UserError
 
 MAX_BATCH = 4096  # the exporter's dynamic batch dimension allows up to this
+ONNX = "model.onnx"
+ENGINE = "model.engine"
+SCRIPT = "build_engine.sh"
+TIMING_CACHE = "timing.cache"
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,9 @@ def _builder_config(trt: Any, builder: Any, input_name: str, image_shape: Sequen
     if not 0 <= optimization_level <= 5:
         raise UserError(f"build.optimization_level = {optimization_level}: choose 0..5")
     config.builder_optimization_level = optimization_level
+    # TF32 is on by default: float32 matmuls would round their inputs to 10 mantissa bits, in fp32 engines and in
+    # the matching path the graph keeps in fp32; the graph's types are what was validated.
+    config.clear_flag(trt.BuilderFlag.TF32)
     if profile.dynamic:
         opt_profile = builder.create_optimization_profile()
         opt_profile.set_shape(input_name, *profile.shapes(image_shape))
@@ -197,6 +204,15 @@ def build_engine(
     }
 
 
+def engine_note(library: Library, engine: Mapping[str, Any]) -> str:
+    """The manifest's one-line account of a built engine."""
+    note = f"engine {ENGINE} built with {library.display} {engine['library_version']} " \
+           f"({engine['bytes'] / 1e6:.1f} MB, {engine['build_seconds']} s)"
+    if library.builds_without_gpu:
+        note += "; kernels are compiled for the GPU on first run"
+    return note
+
+
 def build_command(
     library: Library,
     onnx_name: str,
@@ -209,11 +225,15 @@ def build_command(
     timing_cache: Optional[str] = None,
     compute_capabilities: Sequence[str] = (),
 ) -> List[str]:
-    """The command-line equivalent of :func:`build_engine` (trtexec / tensorrt_rtx)."""
+    """The command-line equivalent of :func:`build_engine` (trtexec / tensorrt_rtx).
+
+    trtexec gets ``--noTF32`` as the Python API build clears TF32; the tensorrt_rtx tool's spelling of that is not
+    verified here (no such tool on this machine), so its command leaves it out.
+    """
     cmd = [library.tool, f"--onnx={onnx_name}", f"--saveEngine={engine_name}"]
     if library is TENSORRT:
         # Strong typing: needed on TensorRT 10 (no FP16/INT8 flags: precision is in the graph), default on 11.
-        cmd += ["--stronglyTyped", f"--builderOptimizationLevel={optimization_level}"]
+        cmd += ["--stronglyTyped", "--noTF32", f"--builderOptimizationLevel={optimization_level}"]
         if timing_cache:
             cmd.append(f"--timingCacheFile={timing_cache}")
     if profile.dynamic:
@@ -225,7 +245,7 @@ def build_command(
     return cmd
 
 
-SCRIPT = """#!/usr/bin/env bash
+SCRIPT_TEXT = """#!/usr/bin/env bash
 # Builds {engine} from {onnx} with {display} on the machine that will run it.
 # Written by tome-export {version}; equivalent to the build it ran (or would have run) through the Python API.
 # Precision is in the graph (strongly typed network): {precision_note}
@@ -244,8 +264,58 @@ def write_build_script(path: Path, library: Library, command: Sequence[str], pre
     onnx_name = next(c.split("=", 1)[1] for c in command if c.startswith("--onnx="))
     engine_name = next(c.split("=", 1)[1] for c in command if c.startswith("--saveEngine="))
     body = " \\\n    ".join(shlex.quote(c) for c in command)
-    path.write_text(SCRIPT.format(engine=engine_name, onnx=onnx_name, display=library.display, version=version,
+    path.write_text(SCRIPT_TEXT.format(engine=engine_name, onnx=onnx_name, display=library.display, version=version,
                                   precision_note=precision_note, tool=library.tool, tool_install=library.tool_install,
                                   command=body))
     path.chmod(0o755)
     return path
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How an artifact's engine is built: the build, ``build_engine.sh`` and ``tome-export engine`` all use the
+    settings recorded here, so an engine built later on the GPU machine is the one the build describes."""
+
+    library: Library
+    input_name: str
+    image_shape: Tuple[int, ...]
+    profile: Profile
+    optimization_level: int = 3
+    timing_cache: Optional[str] = None  # file name beside the ONNX; None: no timing cache kept
+    compute_capabilities: Tuple[str, ...] = ()
+
+    def command(self) -> List[str]:
+        """The command-line builder's equivalent (what ``build_engine.sh`` runs)."""
+        return build_command(self.library, ONNX, ENGINE, self.input_name, self.image_shape, self.profile,
+                             optimization_level=self.optimization_level, timing_cache=self.timing_cache,
+                             compute_capabilities=self.compute_capabilities)
+
+    def build(self, directory: Path, engine_path: Path, timing_cache: Optional[Path] = None) -> Dict[str, Any]:
+        """Build ``directory``'s ONNX into ``engine_path`` (``timing_cache``: the cache file to read and update,
+        default the one named beside the ONNX)."""
+        if timing_cache is None and self.timing_cache:
+            timing_cache = directory / self.timing_cache
+        return build_engine(self.library, directory / ONNX, engine_path, self.input_name, self.image_shape,
+                            self.profile, optimization_level=self.optimization_level, timing_cache=timing_cache,
+                            compute_capabilities=self.compute_capabilities)
+
+    def facts(self) -> Dict[str, Any]:
+        """The settings as the manifest's ``tensorrt`` section records them."""
+        return {"profile": {"input": self.input_name, **self.profile.to_dict()},
+                "optimization_level": self.optimization_level, "timing_cache": self.timing_cache,
+                "compute_capabilities": list(self.compute_capabilities), "build_script": SCRIPT,
+                "build_command": " ".join(self.command())}
+
+    @classmethod
+    def from_facts(cls, library: Library, facts: Mapping[str, Any], image_shape: Sequence[int]) -> "EngineSpec":
+        """The spec a manifest's ``tensorrt`` section records (:meth:`facts`); builds written before it kept the
+        timing cache and compute capabilities only in their build command."""
+        profile = facts["profile"]
+        flags = dict(arg.split("=", 1) for arg in str(facts.get("build_command", "")).split() if "=" in arg)
+        cache = facts.get("timing_cache", flags.get("--timingCacheFile"))
+        caps = facts.get("compute_capabilities")
+        if caps is None:
+            caps = [c for c in flags.get("--computeCapabilities", "").split(",") if c]
+        return cls(library, str(profile["input"]), tuple(int(d) for d in image_shape),
+                   Profile(int(profile["min"]), int(profile["opt"]), int(profile["max"])),
+                   int(facts.get("optimization_level", 3)), cache, tuple(str(c) for c in caps))
