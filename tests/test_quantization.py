@@ -5,13 +5,14 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from PIL import Image
 
 from tome_export import quantization as q
 from tome_export.errors import UserError
 from tome_export.export import tome_nodes
-from tome_export.images import sample_photo_paths, sample_photos
+from tome_export.images import MAX_VIEWS, sample_photo_paths, sample_photos, sample_views
 from tome_export.models import preprocessing
-from tome_export.preprocess import Preprocessing
+from tome_export.preprocess import Preprocessing, to_rgb
 from tome_export.quality import calibration as cal
 from tome_export.quality import decisions as d
 from tome_export.quality.validate import validation_batches
@@ -25,17 +26,30 @@ def test_calibration_images_are_real_photos_seeded_and_augmented():
     originals = sample_photos()
     images = cal.calibration_images(len(originals) + 6, seed=3)
     assert len(images) == len(originals) + 6
-    for image, original in zip(images, originals):  # the first pass is the photos themselves
-        assert np.array_equal(np.asarray(image), np.asarray(original))
-    extra = [np.asarray(im, np.float32) for im in images[len(originals):]]
-    assert all(a.ndim == 3 and a.shape[2] == 3 and a.std() > 10 for a in extra)
+    arrays = [np.asarray(im, np.float32) for im in images]
+    assert all(a.ndim == 3 and a.shape[2] == 3 and a.std() > 10 for a in arrays)
     again = cal.calibration_images(len(originals) + 6, seed=3)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again))
     other = cal.calibration_images(len(originals) + 6, seed=4)
     assert not np.array_equal(np.asarray(images[-1]), np.asarray(other[-1]))
-    # augmentation crops/flips/jitters a photo: it is not one of the originals
-    assert not any(a.shape == np.asarray(o).shape and np.array_equal(a, np.asarray(o, np.float32))
-                   for a in extra for o in originals)
+
+
+def test_bundled_calibration_shares_no_image_with_validation():
+    """Validation runs on the bundled photos and fixed views of them; calibration augments every bundled image,
+    so a quantizer never sees an image it is then validated on."""
+    views = {(im.size, im.tobytes()) for im in sample_views(MAX_VIEWS)}
+    calibration = cal.calibration_images(64, seed=0)
+    assert not any((im.size, im.tobytes()) in views for im in calibration)
+
+
+def test_a_calibration_folder_starts_with_its_photos_then_augments(tmp_path):
+    for path in sample_photo_paths()[:3]:
+        shutil.copy(path, tmp_path / path.name)
+    originals = [to_rgb(Image.open(p)) for p in sorted(tmp_path.iterdir())]
+    images = cal.calibration_images(5, data_dir=tmp_path, seed=1)
+    assert all(np.array_equal(np.asarray(a), np.asarray(o)) for a, o in zip(images, originals))
+    assert not any(a.size == o.size and np.array_equal(np.asarray(a), np.asarray(o))
+                   for a in images[3:] for o in originals)  # crops, flips, jitter: not one of the originals
 
 
 def test_calibration_batches_from_a_folder(tmp_path):

@@ -222,6 +222,12 @@ def _graph_lines(name: str, g: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def _interval(v: Dict[str, Any]) -> str:
+    """The top-1 agreement's 95 % interval as text (empty for manifests written before it was recorded)."""
+    interval = v.get("top1_interval_95")
+    return f" (95% interval {interval[0]:.3f}-{interval[1]:.3f})" if interval else ""
+
+
 def _validation_line(v: Dict[str, Any], precision: Optional[str]) -> str:
     parts = []
     if isinstance(v.get("max_abs_diff"), (int, float)):
@@ -230,14 +236,16 @@ def _validation_line(v: Dict[str, Any], precision: Optional[str]) -> str:
     if isinstance(v.get("min_cosine"), (int, float)):
         parts.append(f"min cosine {v['min_cosine']:.6f}")
     if isinstance(v.get("top1_agreement"), (int, float)):
-        parts.append(f"top-1 agreement {v['top1_agreement']:.3f}")
+        parts.append(f"top-1 agreement {v['top1_agreement']:.3f}{_interval(v)}")
     shown = {"backend", "precision_ran", "passed", "max_abs_diff", "threshold_max_abs_diff", "min_cosine",
-             "top1_agreement", "images", "thresholds"}
+             "top1_agreement", "top1_interval_95", "images", "runs", "thresholds"}
     others = {k: val for k, val in (v.get("thresholds") or {}).items() if k != "max_abs_diff"}  # that one: allowed
     if others:
         parts.append(f"thresholds {json.dumps(others)}")
     parts += [f"{k} {json.dumps(val)}" for k, val in v.items() if k not in shown]  # what targets add
     images = f" on {v['images']} images" if "images" in v else ""
+    if "runs" in v:
+        images += f" ({v['runs']} runs over the batch sizes)"
     verdict = "passed" if v.get("passed") else "FAILED"
     return (f"validation {v.get('backend')} at {v.get('precision_ran', precision)}: {verdict}{images}; "
             + ", ".join(parts))
@@ -362,7 +370,7 @@ def build_summary(path: Path, m: Manifest) -> List[str]:
              f"  tokens     {m.num_tokens} -> {list(m.tokens_per_block)}",
              f"  GMACs      {fl['gmacs']} vs {fl['gmacs_r0']} at r=0 ({fl['ratio']}x fewer)",
              f"  validation {v['backend']}: max |diff| {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.5f}, "
-             f"top-1 agreement {v['top1_agreement']:.3f} on {v['images']} photos"]
+             f"top-1 agreement {v['top1_agreement']:.3f}{_interval(v)} on {v['images']} images"]
     if "precision_ran" in v:
         lines.append(f"  ran        {v['precision_ran']}")
     merges = summary_line(m.merge_decisions or {})

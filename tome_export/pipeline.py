@@ -68,7 +68,7 @@ class BuildRequest:
     force: bool = False
     allow_large: bool = False  # skip the memory estimate's refusal
     trace_source: bool = False
-    validation_images: int = 8
+    validation_images: int = 32  # the default when the recipe names none (quality.validate.DEFAULT_IMAGES)
     recipe: Optional[Path] = None  # a recipe file; default: the built-in <target>-<precision> recipe
     target_options: Mapping[str, Any] = field(default_factory=dict)  # the target's own flags (e.g. calib_data)
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # architecture arguments (e.g. depth)
@@ -175,6 +175,15 @@ def _check_request(request: BuildRequest, target: Target) -> None:
     expand_schedule(request.r, len(request.r) if isinstance(request.r, list) else 2)
 
 
+def _check_validation_images(plan: BuildPlan) -> None:
+    from .images import MAX_VIEWS, SAMPLE_PHOTOS, VIEWS
+
+    if not 1 <= plan.validation_images <= MAX_VIEWS:
+        where = f"{plan.recipe.path}: validation.images" if plan.recipe.path else "validation.images"
+        raise UserError(f"{where} is {plan.validation_images}: validation runs on 1 to {MAX_VIEWS} distinct images "
+                        f"({len(SAMPLE_PHOTOS)} bundled photos x {len(VIEWS)} views); ask for at most {MAX_VIEWS}")
+
+
 def plan_build(request: BuildRequest) -> Tuple[BuildRequest, Target, BuildPlan]:
     """The request with target, precision and opset filled in, its target, and the target's plan (checked)."""
     recipe, target, settings = _recipe_and_target(request)
@@ -189,6 +198,7 @@ def plan_build(request: BuildRequest) -> Tuple[BuildRequest, Target, BuildPlan]:
         options=target.options.from_values(request.target_options, target.name), batch=request.batch,
         dynamic_batch=request.dynamic_batch, opset=opset, merge_impl=merge_impl, trace_source=request.trace_source,
         validation_images=settings.validation.images or request.validation_images)
+    _check_validation_images(plan)
     if target.check is not None:
         target.check(plan)
     return request, target, plan

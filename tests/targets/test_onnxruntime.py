@@ -13,9 +13,10 @@ from tome_export.images import sample_photo_paths
 from tome_export.manifest import read_manifest
 from tome_export.recipes import parse_recipe
 from tome_export.runtime import load
+from tome_export.quality.validate import wilson_interval
 from tome_export.targets import recipe_settings
 
-MERGING_BLOCKS, IMAGES = 6, 8  # vit_d6 at r=8 merges in all 6 blocks; recipes validate on 8 photos
+MERGING_BLOCKS, IMAGES = 6, 32  # vit_d6 at r=8 merges in all 6 blocks; recipes validate on 32 views
 
 
 def _decisions(result):
@@ -33,6 +34,14 @@ def test_fp32_matches_pytorch_and_saves_a_portable_graph(cpu_build):
     assert result["runtime"] == {"file": "model.onnx", "session_optimization": "all"}
     assert result["precision_ran"]["matmul_like_kernels"].keys() == {"fp32"}
     assert _decisions(result)["agreement"] == 1.0 and _decisions(result)["decisions"] == MERGING_BLOCKS * IMAGES
+
+
+def test_a_recipe_asking_for_n_images_validates_on_n_distinct_views(cpu_build):
+    _, result = cpu_build("onnxruntime", "fp32", validation={"images": 12})
+    v = result["validation"]
+    assert v["passed"] and v["images"] == 12 and "runs" not in v  # batch 1: each view run once, all distinct
+    assert v["top1_interval_95"] == [round(x, 4) for x in wilson_interval(round(12 * v["top1_agreement"]), 12)]
+    assert result["merge_decisions"]["as_built"]["decisions"] == MERGING_BLOCKS * 12
 
 
 def test_int8_default_is_dynamic_and_leaves_tome_nodes_alone(cpu_build):

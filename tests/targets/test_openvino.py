@@ -15,7 +15,7 @@ from tome_export.images import sample_photo_paths
 from tome_export.runtime import load
 from tome_export.targets.openvino import cpu_capabilities
 
-MERGING_BLOCKS, IMAGES = 6, 8
+MERGING_BLOCKS, IMAGES = 6, 32
 HAS_BF16 = "BF16" in cpu_capabilities()
 HAS_FP16 = "FP16" in cpu_capabilities()
 

@@ -154,7 +154,7 @@ def test_engine_validated_on_the_gpu(copy, capsys):
     assert code == 0, err
     m = read_manifest(copy)
     validation, engine = m["tensorrt"]["engine_validation"], m["tensorrt"]["engine"]
-    assert validation["passed"] and validation["images"] == 8 and validation["min_cosine"] >= 0.999
+    assert validation["passed"] and validation["images"] == 32 and validation["min_cosine"] >= 0.999
     assert engine["device"]["compute_capability"] and "validation on" in out
     from tome_export.images import sample_photos
 

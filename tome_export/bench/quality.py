@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..errors import UserError
-from ..images import sample_photos
+from ..images import MAX_VIEWS, SAMPLE_PHOTOS, sample_views
 from ..preprocess import Preprocessing
 from ..quality.calibration import IMAGE_SUFFIXES
 from ..quality.decisions import (Decisions, artifact_merge_decisions, decision_output_names, decision_tensors,
@@ -29,8 +29,10 @@ class EvalSet:
 
 
 def photo_set(pre: Preprocessing, count: int) -> EvalSet:
-    n = min(count, 8)  # sample_photos cycles beyond the photos that ship; repeats add nothing
-    return EvalSet(f"{n} photos bundled with tome-export (unlabelled)", pre.batch(sample_photos(n)))
+    """``count`` distinct images: the bundled photos, then fixed views of them (at most :data:`MAX_VIEWS`)."""
+    n = min(count, MAX_VIEWS)
+    what = "photos" if n <= len(SAMPLE_PHOTOS) else "views of the photos"
+    return EvalSet(f"{n} {what} bundled with tome-export (unlabelled)", pre.batch(sample_views(n)))
 
 
 def digits_set(seed: int) -> EvalSet:
@@ -77,9 +79,10 @@ def imagefolder_set(directory: Path, pre: Preprocessing, num_classes: int, max_i
 
 
 def fidelity(reference: np.ndarray, logits: np.ndarray) -> Dict[str, float]:
-    """Top-1 agreement and logit cosine of a variant against the fp32 r=0 PyTorch logits."""
+    """Top-1 agreement (with its 95 % interval) and logit cosine of a variant against the fp32 r=0 PyTorch logits."""
     metrics = compare_logits(reference, logits)
-    return {"top1_agreement": metrics["top1_agreement"], "mean_cosine": float(logit_cosines(reference, logits).mean()),
+    return {"top1_agreement": metrics["top1_agreement"], "top1_interval_95": metrics["top1_interval_95"],
+            "mean_cosine": float(logit_cosines(reference, logits).mean()),
             "min_cosine": metrics["min_cosine"], "max_abs_diff": metrics["max_abs_diff"], "images": metrics["images"]}
 
 

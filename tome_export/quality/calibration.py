@@ -66,8 +66,10 @@ def calibration_images(count: int, data_dir: Optional[os.PathLike] = None, augme
                        seed: int = 0) -> List[Image.Image]:
     """``count`` real RGB photos: from ``data_dir`` (a seeded sample when it holds more), else the bundled photos.
 
-    With ``augment`` every image but the first pass over the originals is a random crop/flip/jitter of one, so
-    a handful of bundled photos still give varied activation ranges. Never random noise.
+    With ``augment`` every image but the first pass over a folder's originals is a random crop/flip/jitter of
+    one, so a handful of photos still give varied activation ranges. The bundled photos are augmented from the
+    first image on: validation runs on them and on fixed views of them, which a quantizer must not have seen.
+    Never random noise.
     """
     if count < 1:
         raise UserError(f"calibration needs at least one image, got {count}")
@@ -79,10 +81,11 @@ def calibration_images(count: int, data_dir: Optional[os.PathLike] = None, augme
         originals = [to_rgb(open_image(f)) for f in files]
     else:
         originals = sample_photos()
+    kept = len(originals) if data_dir is not None else 0  # plain originals before the augmented ones
     images = []
     for i in range(count):
         image = originals[i % len(originals)]
-        images.append(_augment(image, rng) if augment and i >= len(originals) else image)
+        images.append(_augment(image, rng) if augment and i >= kept else image)
     return images
 
 

@@ -108,7 +108,7 @@ class NoSection:
 class Validation:
     """A recipe's ``validation`` section: how many photos, and the thresholds the artifact must meet."""
 
-    images: Optional[int] = None  # None: the build's default (8)
+    images: Optional[int] = None  # None: the build's default (32 views of the bundled photos)
     max_abs_diff: Optional[float] = None
     min_cosine: Optional[float] = None
     min_top1_agreement: Optional[float] = None
@@ -183,7 +183,7 @@ class BuildPlan:
     opset: int = 18
     merge_impl: str = "gather"  # resolved: option, else the recipe's, else the target's default
     trace_source: bool = False
-    validation_images: int = 8
+    validation_images: int = 32
 
     @property
     def outputs(self) -> Tuple[str, ...]:
@@ -230,7 +230,8 @@ class BuildContext:
                           dict(runtime), self.plan.target)
 
     def validation_batches(self, dynamic: Optional[bool] = None) -> List["np.ndarray"]:
-        """The bundled photos in the artifact's batch sizes (``dynamic=False``: the static batch only)."""
+        """Distinct views of the bundled photos in the artifact's batch sizes (``dynamic=False``: the static
+        batch only)."""
         dynamic = self.plan.dynamic_batch if dynamic is None else dynamic
         return validation_batches(self.preprocessing, self.plan.batch, dynamic, self.plan.validation_images)
 

@@ -88,7 +88,8 @@ def quality_figures(reference: np.ndarray, logits: np.ndarray, labels: Optional[
     """Fidelity to fp32 r=0 (top-1 agreement, logit cosine) and, with labels, accuracy: the net drop in points
     and the images fp32 r=0 classifies correctly that the candidate does not (``lost``)."""
     fid = bench_quality.fidelity(reference, logits)
-    figures: Dict[str, Any] = {k: fid[k] for k in ("top1_agreement", "mean_cosine", "min_cosine", "images")}
+    figures: Dict[str, Any] = {k: fid[k] for k in ("top1_agreement", "top1_interval_95", "mean_cosine", "min_cosine",
+                                                   "images")}
     if labels is not None:
         ref_ok, ok = reference.argmax(1) == labels, logits.argmax(1) == labels
         lost = int((ref_ok & ~ok).sum())

@@ -23,7 +23,8 @@ from ...files import atomic_path, sha256_file
 from ...graph_names import OUTPUT_NAME
 from ...manifest import Manifest, load_manifest, write_manifest
 from ...preprocess import Preprocessing
-from ...quality.validate import Thresholds, check_thresholds, compare_logits, validation_batches
+from ...quality.validate import (DEFAULT_IMAGES, Thresholds, check_thresholds, compare_logits, input_ids,
+                                 validation_batches)
 from ...runtime.tensorrt import cuda_device
 from .engine import (ENGINE, ONNX, TENSORRT, TENSORRT_RTX, EngineSpec, Library, engine_note,
                      engine_unavailable_reason)
@@ -78,7 +79,8 @@ def _validation_stack() -> None:
 
 def validate_engine(directory: Path, manifest: Manifest, engine_file: str) -> Dict[str, Any]:
     """``engine_file`` (in ``directory``) vs ``model.onnx`` in ONNX Runtime at the recorded precision, on the
-    bundled photos, against the thresholds the build's validation applied. Needs a CUDA GPU."""
+    views of the bundled photos the build validated on, against the thresholds its validation applied. Needs a
+    CUDA GPU."""
     import onnx
 
     from ...runtime import runtime_settings
@@ -97,14 +99,14 @@ def validate_engine(directory: Path, manifest: Manifest, engine_file: str) -> Di
         got = np.concatenate([engine.infer(x)[OUTPUT_NAME] for x in batches])
     limits = {k: v for k, v in (manifest.validation.get("thresholds") or {}).items()
               if k in ("max_abs_diff", "min_cosine", "min_top1_agreement")}
-    checked = check_thresholds(compare_logits(expected, got), Thresholds(**limits),
+    checked = check_thresholds(compare_logits(expected, got, input_ids(batches)), Thresholds(**limits),
                                f"the {manifest.precision} engine on this GPU (against {ONNX} in ONNX Runtime)")
     return {"run": True, "against": f"{ONNX}: {HOW_RUN[manifest.precision]}", **checked}
 
 
 def _photos(manifest: Manifest) -> int:
     images = (manifest.recipe.get("validation") or {}).get("images") if isinstance(manifest.recipe, dict) else None
-    return int(images or 8)
+    return int(images or DEFAULT_IMAGES)
 
 
 def _spec(manifest: Manifest) -> EngineSpec:
