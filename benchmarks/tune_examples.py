@@ -54,8 +54,9 @@ def run_example(name: str, work: Path, extra: list) -> int:
              f"{done.returncode}",
              f"- Load average (1/5/15 min) before {' / '.join(f'{v:.2f}' for v in load_before)}, after "
              f"{' / '.join(f'{v:.2f}' for v in load_after)}",
-             "- The machine (2 vCPUs) was shared with other jobs while this ran, timing included: throughputs are "
-             "comparable only with each other, inside one interleaved measurement.",
+             "- Throughputs are comparable only with each other, inside one interleaved measurement"
+             + ("; other jobs were running when it started (1-min load above 1 on 2 vCPUs)." if load_before[0] > 1.0
+                else "."),
              "", "Progress lines as printed:", "", "```", *done.stderr.strip().splitlines(), "```", ""]
     (dest / "run.md").write_text("\n".join(lines))
     return done.returncode
