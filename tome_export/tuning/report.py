@@ -44,7 +44,8 @@ def tune_section(*, request: Any, checked: Any, bench: Any, decision: Decision, 
     info: ModelInfo = bench.loaded.info
     w = decision.winner
     evaluations = sorted(bench.evaluations.values(), key=lambda e: e.order)
-    reference = {"model": "fp32 r=0 eager PyTorch", "eval_set": bench.eval.name}
+    reference = {"model": "fp32 r=0 eager PyTorch", "eval_set": bench.eval.name,
+                 "random_weights": request.weights == "random" and request.checkpoint is None}
     if bench.eval.labels is not None:
         reference["accuracy"] = float((bench.reference.argmax(1) == bench.eval.labels).mean())
     return {
@@ -120,7 +121,9 @@ def _context(section: Dict[str, Any], model: str) -> List[str]:
         f"- Time: {section['elapsed_s'] / 60:.1f} of {section['time_budget_min']:g} minutes; {section['search']['probes']} "
         f"probes" + (f"; **stopped early** ({section['search']['stopped']})" if section["search"]["stopped"] else ""),
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
-    ]
+    ] + (["- **Random weights:** an untrained model's outputs barely depend on which tokens merge, so agreement with "
+          "r=0 stays high even at extreme r: the r chosen here says nothing about a trained model (use its weights)."]
+         if section["reference"].get("random_weights") else [])
 
 
 def markdown(section: Dict[str, Any], model: str) -> str:
