@@ -76,3 +76,23 @@ def test_margins_of_photos_are_positive_and_an_exact_tie_is_zero():
         model.pos_embed.zero_()  # a flat image then gives every patch the same key: every decision is a tie
     flat = np.zeros((1, *pre.input_size), np.float32)
     assert matching_margins(model, [flat])[0] == 0.0
+
+
+def test_the_gate_with_the_token_grouping_passes_an_exact_artifact_and_fails_a_wrong_one():
+    """TensorRT's build gate compares logits and the final token grouping through the same near-tie check."""
+    from tome_export.quality.validate import validate_against_torch
+
+    model = patch(make_model("vit", depth=2), 8)
+    batches = [preprocessing(model).batch(sample_photos(4))]
+    limits = Thresholds(max_abs_diff=1e-4, min_top1_agreement=1.0, min_token_group_agreement=1.0)
+
+    def exact(x):
+        with torch.no_grad():
+            logits, source = model.forward_with_source(torch.from_numpy(x))
+        return {"logits": logits.numpy(), "source": source.numpy()}
+
+    result = validate_against_torch(model, exact, batches, limits, "exact", with_source=True)
+    assert result["passed"] and result["token_group_agreement"] == 1.0 and result["images"] == 4
+    wrong = lambda x: {**exact(x), "logits": exact(x)["logits"] + np.float32(0.01)}  # noqa: E731
+    with pytest.raises(ValidationError, match="max_abs_diff"):
+        validate_against_torch(model, wrong, batches, limits, "wrong", with_source=True)

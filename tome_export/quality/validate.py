@@ -226,34 +226,22 @@ def torch_outputs(model: Any, batches: Sequence[np.ndarray], with_source: bool =
 Infer = Callable[[np.ndarray], Mapping[str, np.ndarray]]  # a runner's named outputs of one batch
 
 
-def measure_against_torch(model: Any, infer: Infer, batches: Sequence[np.ndarray],
-                          with_source: bool = False) -> Dict[str, Any]:
-    """Logit metrics of an artifact (``infer``: its named outputs) vs the PyTorch model on the same batches;
+def validate_against_torch(model: Any, infer: Infer, batches: Sequence[np.ndarray], thresholds: Thresholds,
+                           what: str, with_source: bool = False) -> Dict[str, Any]:
+    """The build gate: an artifact's logits (``infer``: its named outputs) vs the PyTorch model's against
+    ``thresholds``, images whose merge decisions rest on a near-tie reported apart (:func:`check_with_near_ties`);
     ``with_source`` also compares the final token grouping (the artifact has a ``source`` output)."""
     from ..graph_names import OUTPUT_NAME, SOURCE_NAME
-
-    ref_logits, ref_sources = torch_outputs(model, batches, with_source)
-    outputs = [infer(x) for x in batches]
-    metrics: Dict[str, Any] = compare_logits(ref_logits, np.concatenate([o[OUTPUT_NAME] for o in outputs]),
-                                             input_ids(batches))
-    if with_source:
-        metrics.update(source_agreement(ref_sources, [o[SOURCE_NAME] for o in outputs]))
-    return metrics
-
-
-def validate_against_torch(model: Any, infer: Infer, batches: Sequence[np.ndarray], thresholds: Thresholds,
-                           what: str) -> Dict[str, Any]:
-    """The build gate: an artifact's logits vs the PyTorch model's against ``thresholds``, images whose merge
-    decisions rest on a near-tie reported apart (:func:`check_with_near_ties`)."""
-    from ..graph_names import OUTPUT_NAME
     from .decisions import matching_margins
 
-    reference, _ = torch_outputs(model, batches)
-    candidate = np.concatenate([infer(x)[OUTPUT_NAME] for x in batches])
+    reference, ref_sources = torch_outputs(model, batches, with_source)
+    outputs = [infer(x) for x in batches]
+    candidate = np.concatenate([o[OUTPUT_NAME] for o in outputs])
+    grouping = source_agreement(ref_sources, [o[SOURCE_NAME] for o in outputs]) if with_source else {}
     ids = input_ids(batches)
-    metrics = compare_logits(reference, candidate, ids)
+    metrics = {**compare_logits(reference, candidate, ids), **grouping}
     try:
         return check_thresholds(metrics, thresholds, what)
     except ValidationError:  # margins cost one more PyTorch pass: only when the plain check fails
         return check_with_near_ties(reference, candidate, matching_margins(model, batches), thresholds, what,
-                                    image_ids=ids)
+                                    extra=grouping, image_ids=ids)

@@ -19,7 +19,7 @@ from ...graph_names import OUTPUT_NAME, SOURCE_NAME
 from ...onnx_files import save_onnx
 from ...preprocess import Preprocessing
 from ...quality.calibration import calibrate
-from ...quality.validate import check_thresholds, measure_against_torch
+from ...quality.validate import validate_against_torch
 from ...quantization import protected_node_names
 from ..base import BuildContext, TargetResult
 from . import PRECISIONS, TensorRTSettings, profile_for, scatter_plugin
@@ -96,9 +96,9 @@ def validate(ctx: BuildContext, graph: onnx.ModelProto, with_source: bool) -> Di
     outputs = (OUTPUT_NAME, SOURCE_NAME) if with_source else (OUTPUT_NAME,)
     io = ctx.artifact_io({}, outputs=outputs)
     with cpu_runner(graph, ctx.precision, io) as runner:
-        metrics = measure_against_torch(ctx.model, runner.infer, ctx.validation_batches(), with_source)
-    checked = check_thresholds(metrics, ctx.settings.validation.thresholds(),
-                               f"the {ctx.precision} TensorRT graph run in ONNX Runtime")
+        checked = validate_against_torch(ctx.model, runner.infer, ctx.validation_batches(),
+                                         ctx.settings.validation.thresholds(),
+                                         f"the {ctx.precision} TensorRT graph run in ONNX Runtime", with_source)
     return {"backend": "onnxruntime", "precision_ran": HOW_RUN[ctx.precision], **checked}
 
 
