@@ -9,7 +9,7 @@ Why not ``onnxruntime.transformers.float16.convert_float_to_float16``: it has no
 every kept node to fp16 and back before the next kept node reads it, so a kept-fp32 chain (the matching path)
 is still rounded to fp16 (it needed a repair pass); it emits one identical Cast per kept consumer, which ONNX
 forbids (a second repair pass); after both, a ViT-Ti r=8 graph kept 517 Casts where this converter puts 85
-(both built by TensorRT-RTX, same logits).
+(both built by TensorRT-RTX; in ONNX Runtime both gave the same logit cosine against fp32).
 """
 
 from __future__ import annotations
