@@ -82,14 +82,6 @@ def _strip_metadata(model: onnx.ModelProto) -> None:
     del model.metadata_props[:]
 
 
-def carry_metadata(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
-    """Copy ``source``'s model metadata (version, r schedule, preprocessing) into ``target`` where it lacks a key."""
-    present = {p.key for p in target.metadata_props}
-    for prop in source.metadata_props:
-        if prop.key not in present:
-            target.metadata_props.add(key=prop.key, value=prop.value)
-
-
 def static_shape_problems(model: onnx.ModelProto, dynamic_batch: bool) -> List[str]:
     """Reasons the graph is not static-shaped (empty when it is)."""
     problems = [f"node {n.name or n.op_type} is a {n.op_type}" for n in model.graph.node if n.op_type in DYNAMIC_OPS]

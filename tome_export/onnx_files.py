@@ -55,6 +55,15 @@ def save_onnx(model: Any, path: os.PathLike) -> Path:
     return path
 
 
+def carry_metadata(source: Any, target: Any) -> None:
+    """Copy ``source``'s model metadata (version, r schedule, preprocessing) into ``target`` where it lacks a key:
+    graphs derived from an export by tools that drop it (a second export, ``onnx.utils.Extractor``)."""
+    present = {p.key for p in target.metadata_props}
+    for prop in source.metadata_props:
+        if prop.key not in present:
+            target.metadata_props.add(key=prop.key, value=prop.value)
+
+
 def _tensors(model: Any) -> Any:
     """Every tensor of a model: initializers and node attributes, subgraphs included."""
     from onnx.external_data_helper import _get_all_tensors

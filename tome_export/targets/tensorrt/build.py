@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import onnx
 
 from ..._version import __version__
 from ...errors import UserError
+from ...float_precision import convert_float_precision, weight_types
 from ...graph_names import OUTPUT_NAME, SOURCE_NAME
-from ...onnx_files import save_onnx
+from ...onnx_files import carry_metadata, save_onnx
 from ...preprocess import Preprocessing
 from ...quality.calibration import calibrate
 from ...quality.validate import validate_against_torch
@@ -26,10 +27,8 @@ from . import PRECISIONS, TensorRTSettings, profile_for, scatter_plugin
 from .compat import tensorrt_problems
 from .engine import (ENGINE, ONNX, SCRIPT, TIMING_CACHE, EngineSpec, Library, Profile, engine_note,
                      engine_unavailable_reason, write_build_script)
-from ...float_precision import convert_float_precision, weight_types
 from .qdq import quantize_for_tensorrt
 from .validation import HOW_RUN, cpu_runner
-
 
 
 def _check_graph(model: onnx.ModelProto, library: Library, plugin: bool, what: str) -> None:
@@ -86,7 +85,7 @@ def without_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelP
     pruned = Extractor(model).extract_model(inputs, outputs)
     pruned.graph.name = model.graph.name
     pruned.producer_name, pruned.producer_version = model.producer_name, model.producer_version
-    pruned.metadata_props.extend(model.metadata_props)  # the extractor drops the model's own metadata
+    carry_metadata(model, pruned)  # the extractor drops the model's own metadata
     return pruned
 
 
@@ -155,8 +154,6 @@ def _engine(ctx: BuildContext, library: Library, profile: Profile, graph: onnx.M
 def build(ctx: BuildContext, library: Library) -> TargetResult:
     profile = profile_for(ctx.plan)
     plugin = scatter_plugin(ctx.plan, library)
-    from ...export import carry_metadata
-
     exported = onnx.load(str(ctx.onnx_path), load_external_data=False)  # the graph, not its weights
     _check_graph(exported, library, plugin, "exported fp32 graph")
     graph, info, validation = _graph(ctx, library, plugin)
