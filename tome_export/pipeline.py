@@ -37,6 +37,7 @@ from .merge import MERGE_IMPLS
 from .models import ModelName, ModelSpec, create_model, family_libraries, model_info, patch, preprocessing, resolve
 from .onnx_files import copy_onnx
 from .preprocess import Preprocessing
+from .quality.validate import DEFAULT_IMAGES
 from .recipes import load_recipe, recipe_for
 from .resources import check_memory
 from .schedule import RSpec, Schedule, expand_schedule, r_label, resolve_schedule
@@ -68,7 +69,7 @@ class BuildRequest:
     force: bool = False
     allow_large: bool = False  # skip the memory estimate's refusal
     trace_source: bool = False
-    validation_images: int = 32  # the default when the recipe names none (quality.validate.DEFAULT_IMAGES)
+    validation_images: int = DEFAULT_IMAGES  # when the recipe names none
     recipe: Optional[Path] = None  # a recipe file; default: the built-in <target>-<precision> recipe
     target_options: Mapping[str, Any] = field(default_factory=dict)  # the target's own flags (e.g. calib_data)
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # architecture arguments (e.g. depth)

@@ -24,7 +24,7 @@ from ..graph_names import INPUT_NAME, OUTPUT_NAME, SOURCE_NAME
 from ..info import ModelInfo
 from ..manifest import InputSpec
 from ..preprocess import Preprocessing
-from ..quality.validate import Thresholds, validation_batches
+from ..quality.validate import DEFAULT_IMAGES, Thresholds, validation_batches
 from ..recipes import Recipe
 from ..runtime.base import ArtifactIO
 from ..schedule import Schedule
@@ -183,7 +183,7 @@ class BuildPlan:
     opset: int = 18
     merge_impl: str = "gather"  # resolved: option, else the recipe's, else the target's default
     trace_source: bool = False
-    validation_images: int = 32
+    validation_images: int = DEFAULT_IMAGES
 
     @property
     def outputs(self) -> Tuple[str, ...]:
