@@ -15,6 +15,10 @@ class ValidationError(Exception):
     """A built artifact does not compute what PyTorch computes (beyond the recipe's threshold)."""
 
 
+class UnvalidatedEngineWarning(UserWarning):
+    """A recorded engine is loaded although it was never run against its ONNX (only the ONNX was validated)."""
+
+
 def build_stack_missing(module: str, what: str = "this command") -> str:
     """What to say when ``what`` needs a build-stack ``module`` that this (runtime-only) install lacks."""
     return (f"{what} needs the build stack ({module!r} is not installed; this environment has the tome-export "

@@ -16,7 +16,7 @@ from onnx import TensorProto
 
 from tome_export import create_model, patch
 from tome_export.cli import main
-from tome_export.errors import UserError
+from tome_export.errors import UnvalidatedEngineWarning, UserError
 from tome_export.export import export_onnx, tome_nodes
 from tome_export.images import sample_photos
 from tome_export.manifest import read_manifest
@@ -267,8 +267,9 @@ def test_cli_tensorrt_rtx_fp16(rtx_fp16):
 
 
 def test_engine_runs_where_a_gpu_is(rtx_fp16):
+    assert read_manifest(rtx_fp16)["runtime"]["engine_validated"] is False  # the build validated the ONNX only
     if not _gpu():
-        with pytest.raises(UserError, match="GPU"):
+        with pytest.warns(UnvalidatedEngineWarning, match="--validate-only"), pytest.raises(UserError, match="GPU"):
             load(rtx_fp16)
         pytest.skip("no CUDA GPU here: the engine could only be built, not run (load() said so)")
     runner = load(rtx_fp16)

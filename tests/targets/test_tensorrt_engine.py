@@ -6,12 +6,13 @@ validated (run) on a GPU, and that test skips without one.
 """
 
 import shutil
+import warnings
 
 import pytest
 import torch
 
 from tome_export.cli import main
-from tome_export.errors import UserError
+from tome_export.errors import UnvalidatedEngineWarning, UserError
 from tome_export.files import sha256_file
 from tome_export.manifest import read_manifest
 from tome_export.runtime import load
@@ -90,7 +91,10 @@ def test_engine_step_builds_records_and_says_what_is_not_validated(copy, capsys)
                               "how": f"run `tome-export engine {copy} --validate-only` on the GPU machine"}
         assert err.count("\n") == 1 and "built and checksummed but NOT validated" in err and "--validate-only" in err
         assert "NOT validated (no CUDA GPU here)" in m["runtime"]["engine_note"]
-        with pytest.raises(UserError, match="no CUDA GPU is available"):  # covered now: refused only for the GPU
+        assert m["runtime"]["engine_validated"] is False
+        # covered now: refused only for the GPU, after a warning that the engine was never validated
+        with pytest.warns(UnvalidatedEngineWarning, match="never validated.*--validate-only"), \
+                pytest.raises(UserError, match="no CUDA GPU is available"):
             load(copy)
         code, _, err = _engine([copy, "--validate-only"], capsys)
         assert code == 2 and "no CUDA GPU here" in err and err.count("\n") == 1
@@ -156,9 +160,13 @@ def test_engine_validated_on_the_gpu(copy, capsys):
     validation, engine = m["tensorrt"]["engine_validation"], m["tensorrt"]["engine"]
     assert validation["passed"] and validation["images"] == 32 and validation["min_cosine"] >= 0.999
     assert engine["device"]["compute_capability"] and "validation on" in out
+    assert m["runtime"]["engine_validated"] is True
     from tome_export.images import sample_photos
 
-    with load(copy) as runner:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnvalidatedEngineWarning)  # a validated engine loads without the warning
+        runner = load(copy)
+    with runner:
         assert runner(runner.preprocess_batch(sample_photos(2))).shape == (2, 1000)
     code, out, err = _engine([copy, "--validate-only"], capsys)
     assert code == 0 and read_manifest(copy)["tensorrt"]["engine"]["sha256"] == engine["sha256"]

@@ -9,11 +9,12 @@ no CPU fallback that would pretend to be the engine.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UnvalidatedEngineWarning, UserError
 from .base import ArtifactIO, Runner
 
 
@@ -162,6 +163,11 @@ class TensorRTRunner(Runner):
             raise UserError(f"{str(self.directory)!r} holds no {engine_path.name}: it was not built on this machine "
                             f"({io.runtime.get('engine_note', 'no engine')}); on the target GPU machine run "
                             f"`tome-export engine {self.directory}` (or ./build_engine.sh), then load it again")
+        if io.runtime.get("engine_validated") is False:
+            warnings.warn(f"{engine_path.name} in {str(self.directory)!r} is checksummed but was never validated "
+                          f"(only the ONNX it was built from was): run `tome-export engine {self.directory} "
+                          f"--validate-only` on this GPU machine to compare it with the ONNX and record the result",
+                          UnvalidatedEngineWarning, stacklevel=3)
         try:
             trt = importlib.import_module(module)
         except (ImportError, OSError):

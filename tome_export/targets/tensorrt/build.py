@@ -168,5 +168,6 @@ def build(ctx: BuildContext, library: Library) -> TargetResult:
     tensorrt = {"library": library.module, "onnx": ONNX, "precision_in_graph": info,
                 "compatibility": {"problems": [], "scatter_plugin": plugin}, **facts,
                 "engine_built": engine is not None, "engine": engine, "engine_note": note}
-    runtime = {"file": ENGINE, "library": library.module, "engine_note": note}
+    # the build validates the graph in ONNX Runtime; the engine is first run (and validated) on the GPU machine
+    runtime = {"file": ENGINE, "library": library.module, "engine_note": note, "engine_validated": False}
     return TargetResult(runtime=runtime, validation=validation, notes=tuple(notes), sections={"tensorrt": tensorrt})

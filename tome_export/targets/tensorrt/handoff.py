@@ -190,7 +190,7 @@ def _record(directory: Path, manifest: Manifest, library: Library, engine: Mappi
         f"; NOT validated ({validation.get('reason')}): {validation.get('how')}"
     trt = {**manifest.section("tensorrt"), "engine_built": True, "engine": dict(engine),
            "engine_validation": dict(validation), "engine_note": note}
-    runtime = {**manifest.runtime, "engine_note": note}
+    runtime = {**manifest.runtime, "engine_note": note, "engine_validated": bool(validation.get("passed"))}
     notes = tuple(n for n in manifest.notes if not n.startswith("engine ")) + (note,)
     write_manifest(directory, replace(manifest, sections={**manifest.sections, "tensorrt": trt}, runtime=runtime,
                                       notes=notes))
