@@ -166,7 +166,7 @@ class TensorRTRunner(Runner):
         if io.runtime.get("engine_validated") is False:
             warnings.warn(f"{engine_path.name} in {str(self.directory)!r} is checksummed but was never validated "
                           f"(only the ONNX it was built from was): run `tome-export engine {self.directory} "
-                          f"--validate-only` on this GPU machine to compare it with the ONNX and record the result",
+                          f"--validate-only` on the GPU machine to compare it with the ONNX and record the result",
                           UnvalidatedEngineWarning, stacklevel=3)
         try:
             trt = importlib.import_module(module)
