@@ -22,10 +22,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import nontrivial
-from cpu_builds import recipe_data
-from hf_models import unpatched_output
-from reference_tome import REFERENCES
+from tome_testing.models import nontrivial
+from tome_testing.cpu_builds import recipe_data
+from tome_testing.hf_models import unpatched_output
+from tome_testing.reference_tome import REFERENCES
 from tome_export.devices import gpu_available
 from tome_export.errors import UserError
 from tome_export.export import export_onnx

@@ -15,8 +15,8 @@ from tome_export.merge import bipartite_soft_matching
 from tome_export.models import model_info
 from tome_export.schedule import expand_schedule, resolve_schedule
 
-from conftest import make_model
-from reference_tome import reference_forward
+from tome_testing.models import make_model
+from tome_testing.reference_tome import reference_forward
 
 
 def _ort(path):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tome_export.merge import bipartite_soft_matching, cap_r, destinations, merge_wavg, split_ab
-from reference_tome import reference_merge
+from tome_testing.reference_tome import reference_merge
 
 IMPLS = ["gather", "onehot"]
 

@@ -27,8 +27,8 @@ from tome_export.models import model_info, preprocessing
 from tome_export.images import sample_photos
 from tome_export.schedule import expand_schedule, parse_r_text, resolve_schedule
 
-from conftest import make_model
-from reference_tome import reference_forward, reference_merge
+from tome_testing.models import make_model
+from tome_testing.reference_tome import reference_forward, reference_merge
 
 SCALE = float(os.environ.get("TOME_HYPOTHESIS_SCALE", "1"))
 

@@ -11,7 +11,7 @@ from tome_export import patch
 from tome_export.export import export_onnx
 from tome_export.merge import bipartite_soft_matching, merge_wavg
 
-from conftest import make_named, nontrivial
+from tome_testing.models import make_named, nontrivial
 
 LABELS = torch.tensor([0, 3, 5, 7])
 

@@ -13,7 +13,7 @@ from tome_export.visualize import (
     artifact_merge_state, border_mask, model_merge_states, palette, picture, pixel_labels, render, source_labels,
 )
 
-from conftest import make_model
+from tome_testing.models import make_model
 
 
 def _colours(img: np.ndarray) -> set:

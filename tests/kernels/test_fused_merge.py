@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.conftest import make_model
+from tome_testing.models import make_model
 from tome_export import patch
 from tome_export.kernels import fused_merge
 from tome_export.models import base

@@ -26,8 +26,8 @@ def data_config(model):
     """The model's preprocessing as a timm-style data config."""
     return dataclasses.asdict(preprocessing(model))
 
-from hf_models import SMALL, TEXT, make_hf, save_model_dir, unpatched_output
-from reference_tome import reference_forward_hf
+from tome_testing.hf_models import SMALL, TEXT, make_hf, save_model_dir, unpatched_output
+from tome_testing.reference_tome import reference_forward_hf
 
 
 def _one_line_exit_2(args, capsys):

@@ -15,8 +15,8 @@ from tome_export.export import export_onnx, tome_nodes
 from tome_export.models import model_info, patch, preprocessing
 from tome_export.schedule import resolve_schedule
 
-from hf_models import HF_MODELS, make_config, make_hf, num_protected, unpatched_output
-from reference_tome import reference_forward, reference_forward_hf
+from tome_testing.hf_models import HF_MODELS, make_config, make_hf, num_protected, unpatched_output
+from tome_testing.reference_tome import reference_forward, reference_forward_hf
 
 NAMES = list(HF_MODELS)
 
@@ -183,7 +183,7 @@ def timm_to_transformers(sd, depth):
 
 @pytest.mark.parametrize("r,impl", [(16, "gather"), ((16, -1.0), "onehot")])
 def test_timm_and_transformers_layouts_give_the_same_tome_output(r, impl, photo_cache):
-    from conftest import nontrivial
+    from tome_testing.models import nontrivial
 
     depth = 4
     tm = nontrivial(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=depth, num_classes=10))

@@ -11,8 +11,8 @@ from tome_export.errors import UserError
 from tome_export.models import create_model, model_info, patch
 from tome_export.schedule import resolve_schedule
 
-from conftest import TEST_MODELS, make_model
-from reference_tome import reference_forward
+from tome_testing.models import TEST_MODELS, make_model
+from tome_testing.reference_tome import reference_forward
 
 KINDS = list(TEST_MODELS)
 

@@ -17,8 +17,8 @@ from tome_export.models import create_model, model_info, patch, preprocessing, r
 from tome_export.preprocess import Preprocessing
 from tome_export.schedule import resolve_schedule
 
-from conftest import nontrivial
-from reference_tome import reference_forward_torchvision
+from tome_testing.models import nontrivial
+from tome_testing.reference_tome import reference_forward_torchvision
 
 # Small stand-ins for vit_b_16 (224 px, ImageNet weights) and the SWAG models (384 px): same classes, fewer
 # and narrower layers.

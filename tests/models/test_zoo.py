@@ -17,8 +17,8 @@ from tome_export.export import export_onnx
 from tome_export.models import model_info, preprocessing
 from tome_export.schedule import resolve_schedule
 
-from conftest import make_named
-from reference_tome import reference_forward
+from tome_testing.models import make_named
+from tome_testing.reference_tome import reference_forward
 
 # family -> (timm name, kwargs, r, prop_attn). Depth is reduced; widths, patch and image sizes, norms,
 # activations, tokens and heads are those of the named model.

@@ -15,7 +15,7 @@ from tome_export.manifest import load_manifest, read_manifest
 from tome_export.preprocess import Preprocessing
 from tome_export.serve import PYTHON_MODEL, TritonOptions, serve_artifact
 from tome_export.serve.triton import DEFAULT_MAX_BATCH, plan_model, preprocessing_from_parameters, quote
-from triton_server import model_config_schema, parse_model_config
+from tome_testing.triton_server import model_config_schema, parse_model_config
 
 needs_schema = pytest.mark.skipif(model_config_schema() is None,
                                   reason="tritonclient is not installed (its model_config_pb2 is the schema)")

@@ -17,7 +17,7 @@ import pytest
 from tome_export import runtime
 from tome_export.images import sample_photo_paths, sample_photos
 from tome_export.serve import TritonOptions, serve_artifact
-from triton_server import REPO_ROOT, TritonServer, triton_home
+from tome_testing.triton_server import REPO_ROOT, TritonServer, triton_home
 
 HOME, WHY_NOT = triton_home()
 triton_http = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed (see .ci/run)")

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from cpu_builds import plan_with, recipe_data
+from tome_testing.cpu_builds import plan_with, recipe_data
 from tome_export.cli import main
 from tome_export.errors import UserError, ValidationError
 from tome_export.images import sample_photo_paths

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpu_builds import plan_with
+from tome_testing.cpu_builds import plan_with
 from tome_export.errors import UserError
 from tome_export.images import sample_photo_paths
 from tome_export.runtime import load

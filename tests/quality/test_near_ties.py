@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_model
+from tome_testing.models import make_model
 from tome_export import patch
 from tome_export.errors import ValidationError
 from tome_export.images import sample_photos

@@ -1,4 +1,4 @@
-"""The small digits ViT is trained once per test session and shared by every test that needs it."""
+"""The small digits ViT, trained once per test session and shared by every test that needs it."""
 
 from pathlib import Path
 from types import SimpleNamespace

@@ -9,7 +9,7 @@ from tome_export.preprocess import Preprocessing
 from tome_export.quality.validate import (DEFAULT_IMAGES, Z95, Thresholds, check_thresholds, check_with_near_ties,
                                           compare_logits, input_ids, validation_batches, wilson_interval)
 
-from cpu_builds import plan_with
+from tome_testing.cpu_builds import plan_with
 
 PRE = Preprocessing((3, 64, 64), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 0.875, "center", "bicubic")
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from tome_export.cli import DEFAULT, commands
-
-ROOT = Path(__file__).resolve().parents[1]
+from tome_testing import REPO_ROOT as ROOT
 
 
 def readme_commands():

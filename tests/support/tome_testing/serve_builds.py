@@ -12,7 +12,7 @@ from typing import Any, Dict, Tuple
 import pytest
 import yaml
 
-from cpu_builds import recipe_data
+from .cpu_builds import recipe_data
 from tome_export.pipeline import BuildRequest, build
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cpu_builds import plan_with
+from tome_testing.cpu_builds import plan_with
 from tome_export.cli import main
 from tome_export.errors import UserError, os_error_message
 

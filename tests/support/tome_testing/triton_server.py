@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from . import REPO_ROOT
 INSTALL = 'pip install --no-deps --target .triton "nvidia-pytriton==0.7.0" (as .ci/run does)'
 
 

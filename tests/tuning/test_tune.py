@@ -18,7 +18,7 @@ from tome_export.models import create_model
 from tome_export.runtime import load
 from tome_export.tuning import TimingSettings, tune
 
-from .conftest import SMALL_DIGITS, SMALL_TRAINING
+from tome_testing.digits import SMALL_DIGITS, SMALL_TRAINING
 
 QUICK_TIMING = TimingSettings(warmup=1, rounds=2, per_round=3, pause_s=0.0)
 

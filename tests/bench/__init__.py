@@ -1,1 +1,0 @@
-"""Tests of the benchmark harness (a package, so its conftest does not shadow tests/conftest.py)."""
