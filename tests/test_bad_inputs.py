@@ -1,7 +1,7 @@
 """The bad-input catalogue of every entry point: export/build, visualize, inspect, runtime.load and runners.
 
 Each bad input gets one line that says what to do, exit status 2, no traceback and nothing half-written.
-The first export cases live in tests/test_cli.py (BAD); these extend them. (`bench` is not on this branch:
+The first export cases live in tests/cli/test_cli.py (BAD); these extend them. (`bench` is not on this branch:
 its cases belong here when it lands.)
 """
 

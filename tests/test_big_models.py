@@ -1,7 +1,7 @@
 """A model over protobuf's 2 GB limit builds: a random ViT one block deep but 4096 wide with a 15x MLP (2.3 GB of
 fp32 weights) at 32 px, so the export and validation stay cheap (5 tokens).
 
-One export is shared by the targets (the pipeline's own steps, as ``tests/cpu_builds.py`` does). The targets are
+One export is shared by the targets (the pipeline's own steps, as ``tome_testing/cpu_builds.py`` does). The targets are
 ``onnx`` (ONNX Runtime from the path) and ``onnxruntime`` (the optimised save, which writes its own data file):
 measured peak memory 8.7 GB. The ``openvino`` target built, validated and ran this model too, but raised the
 peak to 15.8 GB (OpenVINO holds the converted model and its compiled copies beside PyTorch's), too much for CI.

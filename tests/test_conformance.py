@@ -6,7 +6,7 @@ then ``inspect`` it. Artifacts that run only on an NVIDIA GPU are built and insp
 with the reason where there is none.
 
 Families: the example model each family registers, patched with r=0, equals the unpatched model; patched with r>0
-it matches the independent reference of ``tests/reference_tome.py``; exported, ONNX Runtime matches PyTorch.
+it matches the independent reference of ``tests/support/tome_testing/reference_tome.py``; exported, ONNX Runtime matches PyTorch.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def test_family_r0_is_the_unpatched_model(family):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_matches_the_reference(family, impl):
     if family not in REFERENCES:
-        pytest.skip(f"no independent reference ToMe for {family} in tests/reference_tome.py")
+        pytest.skip(f"no independent reference ToMe for {family} in tome_testing/reference_tome.py")
     model = nontrivial(FAMILIES[family].example())
     info = model_info(model)
     sched = resolve_schedule(R, info.num_blocks, info.num_tokens, info.num_protected)
