@@ -94,9 +94,9 @@ def test_install_hints_name_real_extras():
             hints.update(e.strip() for e in text[i + len("tome-export["):end].split(","))
             start = end
     hints = {h for h in hints if h and "{" not in h}  # f-string placeholders are filled from the registry below
-    from tome_export.serve.readme import BACKEND_EXTRAS
+    from tome_export.targets import targets
 
-    hints |= {e for value in BACKEND_EXTRAS.values() for e in value.split(",")}
+    hints |= {e for target in targets().values() for e in target.runtime_extra.split(",")}
     assert hints and hints <= extras, f"hints name extras that do not exist: {hints - extras}"
 
 

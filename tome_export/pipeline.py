@@ -200,6 +200,7 @@ def plan_build(request: BuildRequest) -> Tuple[BuildRequest, Target, BuildPlan]:
         dynamic_batch=request.dynamic_batch, opset=opset, merge_impl=merge_impl, trace_source=request.trace_source,
         validation_images=settings.validation.images or request.validation_images)
     _check_validation_images(plan)
+    plan.options.check()
     if target.check is not None:
         target.check(plan)
     return request, target, plan
