@@ -38,7 +38,7 @@ from .models import ModelName, ModelSpec, create_model, family_libraries, model_
 from .onnx_files import copy_onnx
 from .preprocess import Preprocessing
 from .quality.validate import DEFAULT_IMAGES
-from .recipes import load_recipe, recipe_for
+from .recipe import load_recipe, recipe_for
 from .resources import check_memory
 from .schedule import RSpec, Schedule, expand_schedule, r_label, resolve_schedule
 from .targets import BuildContext, BuildPlan, Target, TargetResult, get_target, recipe_settings

@@ -26,7 +26,7 @@ from ..manifest import InputSpec
 from ..preprocess import Preprocessing
 from ..quality.calibration import image_files
 from ..quality.validate import DEFAULT_IMAGES, Thresholds, validation_batches
-from ..recipes import Recipe
+from ..recipe import Recipe
 from ..runtime.base import ArtifactIO
 from ..schedule import Schedule
 
