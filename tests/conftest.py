@@ -13,6 +13,14 @@ pytest_plugins = [
 ]
 
 
+def pytest_configure(config):
+    """Artifacts check themselves when loaded and cache the passes: keep the suite's out of the user's cache."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("TOME_EXPORT_CACHE", tempfile.mkdtemp(prefix="tome-test-cache-"))
+
+
 # --- the quick selection: `pytest -m "not slow"` -------------------------------------------------------------------
 # Fixtures that build whole artifacts or train/export models (each costs tens of seconds to minutes on 2 cores).
 HEAVY_FIXTURES = {"cpu_build", "traced_artifact", "artifact_variants", "vit_t16_build", "served", "rtx_fp16", "rtx_no_engine",
