@@ -23,7 +23,7 @@ HAS_FP16 = "FP16" in cpu_capabilities()
 def test_fp32_ir_runs_f32_and_matches_pytorch(cpu_build):
     directory, result = cpu_build("openvino", "fp32")
     assert sorted(p.name for p in directory.iterdir()) == ["manifest.json", "model.bin", "model.xml",
-                                                           "openvino_config.json"]
+                                                           "openvino_config.json", "selfcheck.npz"]
     assert result["runtime"]["config"] == {"INFERENCE_PRECISION_HINT": "f32"}
     assert json.loads((directory / "openvino_config.json").read_text()) == {"CPU": result["runtime"]["config"]}
     ran = result["precision_ran"]
