@@ -19,7 +19,7 @@ TESTED = ("tome-export's tests serve Python-backend repositories on a real `trit
 
 # The runtime extras of each target (tensorrt itself comes from NVIDIA's package index, beside them)
 BACKEND_EXTRAS = {"onnx": "onnxruntime", "onnxruntime": "onnxruntime", "openvino": "openvino",
-                  "tensorrt": "cuda", "tensorrt-rtx": "tensorrt-rtx,cuda"}
+                  "tensorrt": "cuda", "tensorrt-rtx": "tensorrt-rtx,cuda", "aoti": "aoti", "aoti-cuda": "aoti"}
 
 
 def validation_line(manifest: Manifest) -> str:
@@ -77,9 +77,10 @@ def _server_lines(plan: ModelPlan, manifest: Manifest, repository: Path) -> List
     if plan.variant == "python":
         extras = BACKEND_EXTRAS.get(manifest.target, "onnxruntime")
         nvidia = "   # and tensorrt from NVIDIA's package index" if manifest.target == "tensorrt" else ""
+        backend = "torch, the backend here" if extras == "aoti" else "the backend, no torch"
         lines += ["", "The Python backend runs `1/model.py`, which loads `1/artifact/` with `tome_export.runtime.load` "
                   "(checksums verified) — the code path the build validated. The server's Python needs tome-export "
-                  "and the backend, no torch:",
+                  f"and {backend}:",
                   "", "```", f"pip install '/path/to/tome-export[{extras}]'   # its source tree or wheel, version "
                   f"{__version__}{nvidia}", "```"]
     else:

@@ -83,9 +83,22 @@ def openvino_signature(path: Path) -> Signature:
     return Signature(tuple(spec(p) for p in model.inputs), tuple(spec(p) for p in model.outputs), path.name)
 
 
+def manifest_signature(manifest: Manifest, graph_file: str) -> Signature:
+    """Inputs and outputs of a compiled package that no tool here reads without running it (an AOTInductor
+    ``.pt2``): what its build exported and validated, from the manifest. fp32 images in; fp32 logits
+    ``(batch, classes)`` and, where traced, the source map ``(batch, final tokens, tokens)`` out."""
+    batch = -1 if manifest.input.dynamic_batch else int(manifest.input.shape[0])
+    shapes = {"logits": (batch, int(manifest.num_classes or -1)),
+              "source": (batch, int((manifest.tokens_per_block or (-1,))[-1]), int(manifest.num_tokens or -1))}
+    images = TensorSpec(manifest.input.name, manifest.input.dtype, (batch, *manifest.input.image_shape))
+    return Signature((images,), tuple(TensorSpec(n, "float32", shapes.get(n, (batch, -1))) for n in manifest.outputs),
+                     graph_file)
+
+
 # target -> the graph file a server loads (TensorRT engines are built from model.onnx, with its tensor names)
 GRAPH_FILES: Dict[str, str] = {"onnx": "model.onnx", "onnxruntime": "model.onnx", "openvino": "model.xml",
-                               "tensorrt": "model.onnx", "tensorrt-rtx": "model.onnx"}
+                               "tensorrt": "model.onnx", "tensorrt-rtx": "model.onnx",
+                               "aoti": "model.pt2", "aoti-cuda": "model.pt2"}  # AOTInductor: see manifest_signature
 
 
 def artifact_signature(directory: Path, manifest: Manifest) -> Signature:
@@ -93,9 +106,11 @@ def artifact_signature(directory: Path, manifest: Manifest) -> Signature:
     if manifest.target not in GRAPH_FILES:
         raise UserError(f"no serving support for target {manifest.target!r}; supported: {', '.join(sorted(GRAPH_FILES))}")
     name = manifest.runtime.get("file") or GRAPH_FILES[manifest.target]
-    if Path(name).suffix not in (".onnx", ".xml"):  # an engine: its tensors are named as in the graph it came from
+    if Path(name).suffix not in (".onnx", ".xml", ".pt2"):  # an engine: tensors named as in the graph it came from
         name = GRAPH_FILES[manifest.target]
     path = Path(directory) / name
+    if path.suffix == ".pt2":
+        return manifest_signature(manifest, name)
     signature = openvino_signature(path) if path.suffix == ".xml" else onnx_signature(path)
     declared = manifest.input
     first = signature.inputs[0] if signature.inputs else None
