@@ -38,7 +38,7 @@ from .models import ModelName, ModelSpec, create_model, family_libraries, model_
 from .onnx_files import copy_onnx
 from .preprocess import Preprocessing
 from .quality.validate import DEFAULT_IMAGES
-from .recipes import load_recipe, recipe_for
+from .recipe import load_recipe, recipe_for
 from .resources import check_memory
 from .schedule import RSpec, Schedule, expand_schedule, r_label, resolve_schedule
 from .targets import BuildContext, BuildPlan, Target, TargetResult, get_target, recipe_settings
@@ -200,6 +200,7 @@ def plan_build(request: BuildRequest) -> Tuple[BuildRequest, Target, BuildPlan]:
         dynamic_batch=request.dynamic_batch, opset=opset, merge_impl=merge_impl, trace_source=request.trace_source,
         validation_images=settings.validation.images or request.validation_images)
     _check_validation_images(plan)
+    plan.options.check()
     if target.check is not None:
         target.check(plan)
     return request, target, plan

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Tuple
 
 import numpy as np
 
 from ..errors import UserError
 from ..manifest import Manifest
+from ..targets import get_target
 
 
 @dataclass(frozen=True)
@@ -95,19 +96,12 @@ def manifest_signature(manifest: Manifest, graph_file: str) -> Signature:
                      graph_file)
 
 
-# target -> the graph file a server loads (TensorRT engines are built from model.onnx, with its tensor names)
-GRAPH_FILES: Dict[str, str] = {"onnx": "model.onnx", "onnxruntime": "model.onnx", "openvino": "model.xml",
-                               "tensorrt": "model.onnx", "tensorrt-rtx": "model.onnx",
-                               "aoti": "model.pt2", "aoti-cuda": "model.pt2"}  # AOTInductor: see manifest_signature
-
-
 def artifact_signature(directory: Path, manifest: Manifest) -> Signature:
     """The graph's signature, checked against what the manifest says the artifact takes."""
-    if manifest.target not in GRAPH_FILES:
-        raise UserError(f"no serving support for target {manifest.target!r}; supported: {', '.join(sorted(GRAPH_FILES))}")
-    name = manifest.runtime.get("file") or GRAPH_FILES[manifest.target]
+    graph_file = get_target(manifest.target).graph_file  # the target knows which file its graph is
+    name = manifest.runtime.get("file") or graph_file
     if Path(name).suffix not in (".onnx", ".xml", ".pt2"):  # an engine: tensors named as in the graph it came from
-        name = GRAPH_FILES[manifest.target]
+        name = graph_file
     path = Path(directory) / name
     if path.suffix == ".pt2":
         return manifest_signature(manifest, name)

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from ..errors import UserError
 from ..manifest import Manifest
 from ..preprocess import Preprocessing
+from ..targets import get_target
 from .signature import Signature, TensorSpec, artifact_signature
 
 VARIANTS = ("python", "native")
@@ -142,7 +143,7 @@ def _common_parameters(manifest: Manifest) -> Dict[str, str]:
 def _python_plan(directory: Path, manifest: Manifest, options: TritonOptions) -> Dict[str, Any]:
     files = [("manifest.json", "artifact/manifest.json")]
     files += [(rel, f"artifact/{rel}") for rel in sorted(manifest.artifacts)]
-    gpu = manifest.target.startswith("tensorrt") or manifest.runtime.get("device") == "cuda"
+    gpu = get_target(manifest.target).device == "cuda"
     params = {"threads": str(options.threads)} if options.threads else {}
     no_engine = manifest.target.startswith("tensorrt") and not (Path(directory) / ENGINE).is_file()
     notes = (f"there is no {ENGINE} yet: run ./build_engine.sh in 1/artifact/ on the serving GPU machine before "

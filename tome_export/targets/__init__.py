@@ -16,7 +16,7 @@ from typing import Callable, Dict, Tuple
 
 from ..errors import UserError
 from ..manifest import load_manifest
-from ..recipes import Recipe
+from ..recipe import Recipe
 from .base import BuildContext, BuildPlan, Finished, Settings, Target, TargetOptions, TargetResult
 
 ENTRY_POINTS = "tome_export.targets"

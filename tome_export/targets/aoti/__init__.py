@@ -23,6 +23,8 @@ from .. import register
 from ..base import BuildContext, BuildPlan, Finished, Settings, Target, TargetResult
 from ..tensorrt import DEFAULT_THRESHOLDS  # the GPU targets share their thresholds
 
+PACKAGE = "model.pt2"  # as tome_export.runtime.aoti names it (that module imports nothing heavy either)
+
 RUNNER = "tome_export.runtime.aoti:AOTIRunner"
 INSTALL = "pip install 'tome-export[aoti]'"
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -83,7 +85,8 @@ def _target(name: str, device: str, description: str, default_precision: str,
             version_modules: Tuple[str, ...]) -> Target:
     return register(Target(
         name=name, description=description, precisions=PRECISIONS, default_merge_impl="gather", runner=RUNNER,
-        build=lambda ctx: _build(ctx, device), settings=AotiSettings, precision_defaults=THRESHOLDS,
+        build=lambda ctx: _build(ctx, device), runtime_extra="aoti", graph_file=PACKAGE, settings=AotiSettings,
+        precision_defaults=THRESHOLDS,
         check=lambda plan: check(plan, device), requires=("torch",), install_hint=INSTALL, needs_onnx=False,
         device=device, default_precision=default_precision, version_modules=version_modules,
         finish=_finish if device == "cuda" else None))
