@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
                description="Finish a build directory on the machine that will run it: build the TensorRT engine of a "
                "--target tensorrt or tensorrt-rtx build, or compile the package of a --target aoti-cuda build; "
                "validate it there and record it.")
-    p.add_argument("artifact", type=Path, help="a directory written by tome-export --target tensorrt[-rtx] or aoti-cuda")
+    p.add_argument("artifact", type=Path,
+                   help="a directory written by tome-export --target tensorrt[-rtx] or aoti-cuda")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--force", action="store_true", help="build again and replace the file the directory holds")
     mode.add_argument("--validate-only", action="store_true",

@@ -149,8 +149,8 @@ def _python_plan(directory: Path, manifest: Manifest, options: TritonOptions) ->
     notes = (f"there is no {ENGINE} yet: run ./build_engine.sh in 1/artifact/ on the serving GPU machine before "
              f"starting the server",) if no_engine else ()
     if manifest.runtime.get("compiled") is False:  # an aoti-cuda build made without a GPU
-        raise UserError(f"{str(directory)!r} holds no compiled package yet: run `tome-export engine {directory}` on the "
-                        f"GPU machine first, then serve it")
+        raise UserError(f"{str(directory)!r} holds no compiled package yet: run `tome-export engine {directory}` on "
+                        f"the GPU machine first, then serve it")
     return {"backend": "python", "platform": None, "default_model_filename": "model.py", "files": tuple(files),
             "instance_kind": "KIND_GPU" if gpu else "KIND_CPU", "parameters": params, "notes": notes}
 

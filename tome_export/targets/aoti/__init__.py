@@ -7,8 +7,8 @@ package, which :class:`tome_export.runtime.aoti.AOTIRunner` runs with torch alon
 
 ``aoti`` builds CPU packages here: fp32 on any CPU; bf16 and fp16 only where oneDNN reports matrix instructions for
 them (on an AVX2-only CPU PyTorch converts every 16-bit operation to fp32 and back: measured 3.5x slower than
-fp32 on an AMD EPYC), otherwise the build refuses before any work. ``aoti-cuda`` packages are compiled where the GPU is: a
-build on a machine without one writes the exported program (``exported_program.pt2``) and the settings, and
+fp32 on an AMD EPYC), otherwise the build refuses before any work. ``aoti-cuda`` packages are compiled where the
+GPU is: a build on a machine without one writes the exported program (``exported_program.pt2``) and the settings, and
 ``tome-export engine DIR`` (:mod:`.finish`) compiles, validates and records the package on the GPU machine.
 Each package is validated against the fp32 PyTorch ToMe model on the bundled photos with the recipe's thresholds.
 """
