@@ -86,6 +86,7 @@ class Plan:
         self.batches = ((1, 2) if smoke else GPU_BATCHES) if gpu else ((1, 2) if smoke else CPU_BATCHES)
         self.rounds, self.per_round = (2, 2) if smoke else (opts.rounds, opts.per_round)
         self.images = 4 if smoke else 32
+        self.cold_runs = 1 if smoke else opts.cold_runs
 
     @property
     def label(self) -> str:
@@ -137,15 +138,15 @@ def eager_models(plan: Plan) -> Dict[str, torch.nn.Module]:
     return models
 
 
-def callables(plan: Plan, packages: Dict[int, Path], x: torch.Tensor) -> Dict[str, Callable[[], Any]]:
+def callables(plan: Plan, runs: Dict[int, Callable[[Any], Any]], models: Dict[str, torch.nn.Module],
+              x: torch.Tensor) -> Dict[str, Callable[[], Any]]:
     """Every variant as a no-argument call on the fp32 batch ``x`` (already on the device)."""
     dtype = torch.float16 if plan.precision == "fp16" else torch.float32
     calls: Dict[str, Callable[[], Any]] = {}
-    for r, directory in packages.items():
-        run = load_package(torch, str(directory / "model.pt2"), plan.device)
+    for r, run in runs.items():
         calls[f"package r={r}"] = lambda run=run: run(x)
         calls[f"package r={r}, CUDA graph"] = lambda run=run: run(x)
-    for name, model in eager_models(plan).items():
+    for name, model in models.items():
         def forward(model=model) -> Any:
             with torch.no_grad():
                 return model(x.to(dtype))
@@ -166,10 +167,12 @@ def graphed(calls: Dict[str, Callable[[], Any]], skipped: List[str], where: str)
 
 
 def gpu_rows(plan: Plan, packages: Dict[int, Path], skipped: List[str]) -> List[Dict[str, Any]]:
+    runs = {r: load_package(torch, str(directory / "model.pt2"), plan.device) for r, directory in packages.items()}
+    models = eager_models(plan)
     rows = []
     for batch in plan.batches:
         x = torch.randn(batch, 3, *[plan.kwargs.get("img_size", 224)] * 2, device=plan.device)
-        calls = graphed(callables(plan, packages, x), skipped, f"batch {batch}")
+        calls = graphed(callables(plan, runs, models, x), skipped, f"batch {batch}")
         if plan.device == "cpu":  # no CUDA graph on the CPU: the plain package call is the same thing
             calls = {k: v for k, v in calls.items() if not k.startswith("package") or not k.endswith("CUDA graph")}
         clock = cuda_clock_ms if plan.device == "cuda" else None
@@ -179,6 +182,8 @@ def gpu_rows(plan: Plan, packages: Dict[int, Path], skipped: List[str]) -> List[
         for row in rows[-len(timed):]:
             print(f"  bs{batch:<4} {row['variant']:<34} {row['median_ms']:9.3f} ms", flush=True)
         del calls
+        if plan.device == "cuda":
+            torch.cuda.empty_cache()
     return ratios(rows, plan.r)
 
 
@@ -223,7 +228,7 @@ def gpu_section(plan: Plan, root: Path) -> Dict[str, Any]:
     packages = {r: build_artifact(plan, plan.target, plan.precision, r, root) for r in plan.r}
     rows = gpu_rows(plan, packages, skipped)
     return {"plan": plan.label, "artifacts": {f"r={r}": artifact_facts(d) for r, d in packages.items()},
-            "rows": rows, "cold_load": cold_loads(plan, packages, 1 if plan.smoke else 3), "skipped": skipped,
+            "rows": rows, "cold_load": cold_loads(plan, packages, plan.cold_runs), "skipped": skipped,
             "verdicts": gpu_verdicts(plan, rows)}
 
 
@@ -305,7 +310,7 @@ def markdown(results: Dict[str, Any]) -> str:
         lines += _table(section["rows"], ["batch", "variant", "median_ms", "p90_ms", "throughput_ips",
                                           "speedup_vs_no_tome", "runs"]) + [""]
         if section.get("verdicts"):
-            lines += ["Targets (package r=16 plain calls vs PyTorch r=16 under CUDA graphs):", ""]
+            lines += ["Targets (the ToMe package, plain calls, vs PyTorch ToMe under CUDA graphs):", ""]
             lines += _table(section["verdicts"], list(section["verdicts"][0])) + [""]
         if section.get("cold_load"):
             lines += [f"Cold start in a fresh process (median; target: runtime.load + first batch under "
@@ -335,6 +340,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".cache" / "aoti", help="where builds go")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--per-round", type=int, default=10)
+    p.add_argument("--cold-runs", type=int, default=3, help="fresh processes per package for the cold start")
     opts = p.parse_args(argv)
     opts.sections = ("gpu", "cpu") if opts.section == "all" else (opts.section,)
     if "gpu" in opts.sections and not torch.cuda.is_available() and not opts.smoke:

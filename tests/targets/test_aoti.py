@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from tome_export.manifest import read_manifest
 from tome_export.pipeline import BuildRequest, plan_build
 from tome_export.runtime import load
 from tome_export.targets import targets
+from tome_export.targets.aoti.finish import aoti_build, compile_validate_record
 
 CPU_16_BIT = {"bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
               "fp16": torch.ops.mkldnn._is_mkldnn_fp16_supported()}
@@ -108,3 +110,25 @@ def test_engine_finishes_only_what_has_something_to_finish(aoti_cpu_build, capsy
     assert "is a --target aoti build, which has nothing to finish" in err
     assert "finishes --target aoti-cuda, tensorrt or tensorrt-rtx builds" in err
     assert json.loads((aoti_cpu_build / "manifest.json").read_text())["runtime"]["compiled"] is True
+
+
+@pytest.mark.slow
+def test_the_finishing_step_compiles_validates_and_records(aoti_cuda_build, tmp_path):
+    """What `tome-export engine` does on the GPU machine after its checks, run here on the CPU: the program compiled,
+    the package validated against the program run eagerly, the manifest rewritten with both (checksums included)."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the build compiled the package itself")
+    copy = tmp_path / "copy"
+    shutil.copytree(aoti_cuda_build, copy)
+    result = compile_validate_record(copy, aoti_build(copy), "cpu", {"name": "the test's CPU"}, log=lambda m: None)
+    m = read_manifest(copy)  # every checksum verified, the new package's included
+    assert result.validated and (result.file, result.device) == ("model.pt2", "the test's CPU")
+    assert sorted(p.name for p in copy.iterdir()) == ["exported_program.pt2", "manifest.json", "model.pt2"]
+    assert m["artifacts"]["model.pt2"]["sha256"] == hashlib.sha256((copy / "model.pt2").read_bytes()).hexdigest()
+    validation = m["aoti"]["package_validation"]
+    assert validation["passed"] and validation["images"] == 4 and validation["thresholds"]["min_cosine"] == 0.999
+    assert m["runtime"]["compiled"] is True and m["aoti"]["compiled"] and m["aoti"]["package"]["bytes"] > 0
+    assert [n for n in m["notes"] if n.startswith("model.pt2")] == [
+        f"model.pt2 compiled for and validated on the test's CPU by `tome-export engine` (torch {torch.__version__})"]
+    with pytest.raises(UserError, match="is a CUDA package"):  # recorded as the aoti-cuda package it stands for
+        load(copy)

@@ -22,7 +22,6 @@ from .base import ArtifactIO, Runner
 
 PACKAGE = "model.pt2"  # the compiled package
 PROGRAM = "exported_program.pt2"  # torch.export.save of what an aoti-cuda package is compiled from
-INSTALL = "pip install 'tome-export[aoti]'"
 
 # The vector instruction sets AOTInductor records in a CPU package (its AOTI_CPU_ISA metadata) and how torch
 # tells whether this CPU has them.

@@ -21,9 +21,8 @@ from typing import Any, Dict, Tuple
 from ...errors import UserError
 from .. import register
 from ..base import BuildContext, BuildPlan, Finished, Settings, Target, TargetResult
+from ...runtime.aoti import PACKAGE
 from ..tensorrt import DEFAULT_THRESHOLDS  # the GPU targets share their thresholds
-
-PACKAGE = "model.pt2"  # as tome_export.runtime.aoti names it (that module imports nothing heavy either)
 
 RUNNER = "tome_export.runtime.aoti:AOTIRunner"
 INSTALL = "pip install 'tome-export[aoti]'"

@@ -44,6 +44,7 @@ def _compiled(ctx: BuildContext, program: Any, device: str) -> Dict[str, Any]:
     if device == "cuda":
         facts["device"] = gpu_facts()
     runtime = _runtime(device, True, facts.get("cpu_isa"))
+    ctx.log(f"validating the package against PyTorch ToMe on {ctx.plan.validation_images} views of the photos")
     with AOTIRunner(ctx.artifact_io(runtime)) as runner:
         checked = validate(ctx, runner, f"the AOTInductor {device} {ctx.precision} package")
     return {"runtime": runtime, "package": facts,
@@ -53,6 +54,7 @@ def _compiled(ctx: BuildContext, program: Any, device: str) -> Dict[str, Any]:
 def _uncompiled(ctx: BuildContext, program: Any) -> Dict[str, Any]:
     """Without a GPU: the exported program, validated by eager PyTorch on the CPU."""
     what = f"the exported {ctx.precision} program (eager PyTorch on the CPU; the package is compiled on the GPU)"
+    ctx.log(f"no CUDA GPU here: validating {what}; the package is left to `tome-export engine` on the GPU machine")
     checked = validate_against_torch(ctx.model, run_program(program, "cpu"), ctx.validation_batches(),
                                      ctx.settings.validation.thresholds(), what)
     return {"runtime": _runtime("cuda", False), "package": None,

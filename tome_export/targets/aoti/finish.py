@@ -66,26 +66,29 @@ def _staged(target: Path) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def validate_package(directory: Path, manifest: Manifest, package: Path, program: Any) -> Dict[str, Any]:
-    """``package`` (in ``directory``) vs ``program`` run eagerly by PyTorch on this GPU, on the views the build
-    validated on, against the thresholds its validation applied."""
+def validate_package(directory: Path, manifest: Manifest, package: Path, program: Any,
+                     device: str = "cuda") -> Dict[str, Any]:
+    """``package`` (in ``directory``) vs ``program`` run eagerly by PyTorch on the same ``device``, on the views the
+    build validated on, against the thresholds its validation applied."""
     from .program import run_program
 
     section = manifest.section("aoti")
-    runtime = {**runtime_settings(manifest), "file": package.relative_to(directory).as_posix(), "compiled": True}
+    runtime = {**runtime_settings(manifest), "file": package.relative_to(directory).as_posix(), "compiled": True,
+               "device": device}
     io = ArtifactIO.from_manifest(directory, manifest, runtime)
     images = int(manifest.validation.get("images") or DEFAULT_IMAGES)
     batches = validation_batches(Preprocessing.from_dict(manifest.preprocessing), int(section["validation_batch"]),
                                  manifest.input.dynamic_batch, images)
-    eager = run_program(program, "cuda")
+    eager = run_program(program, device)
     expected = np.concatenate([eager(x)[OUTPUT_NAME] for x in batches])
     with AOTIRunner(io) as runner:
         got = np.concatenate([runner(x) for x in batches])
     limits = {k: v for k, v in (manifest.validation.get("thresholds") or {}).items()
               if k in ("max_abs_diff", "min_cosine", "min_top1_agreement")}
-    what = f"the {manifest.precision} package on this GPU (against its exported program, eager PyTorch)"
+    what = f"the {manifest.precision} package on this {device} (against its exported program, eager PyTorch)"
     checked = check_thresholds(compare_logits(expected, got, input_ids(batches)), Thresholds(**limits), what)
-    return {"run": True, "against": f"{PROGRAM}, eager PyTorch on the same GPU", **checked}
+    return {"run": True, "against": f"{PROGRAM}, eager PyTorch on the same {'GPU' if device == 'cuda' else device}",
+            **checked}
 
 
 def finish(directory: Path, force: bool = False, validate_only: bool = False,
@@ -95,26 +98,33 @@ def finish(directory: Path, force: bool = False, validate_only: bool = False,
     ``force``: replace a package the directory already holds. A UserError or a ValidationError leaves the directory
     as it was.
     """
+    directory = Path(directory)
+    manifest = aoti_build(directory)
+    gpu = _gpu(directory)
+    if validate_only:
+        return _validate_recorded(directory, manifest, gpu, log)
+    if (directory / PACKAGE).exists() and not force:
+        covered = "recorded in its manifest" if PACKAGE in manifest.artifacts else "not covered by its manifest"
+        raise UserError(f"{str(directory)!r} already holds {PACKAGE} ({covered}): pass --force to compile it again "
+                        f"and replace it, or --validate-only to validate the recorded one")
+    return compile_validate_record(directory, manifest, "cuda", gpu, log)
+
+
+def compile_validate_record(directory: Path, manifest: Manifest, device: str, facts: Mapping[str, str],
+                            log: Callable[[str], None]) -> Finished:
+    """The finishing step proper on ``device`` (``"cuda"``; the tests run it on the CPU, where the rest of the step
+    refuses): compile the build's program there, validate the package against it, record both."""
     import torch
     from torch.export.passes import move_to_device_pass
 
     from .program import compile_package
 
-    directory = Path(directory)
-    manifest = aoti_build(directory)
-    device = _gpu(directory)
-    if validate_only:
-        return _validate_recorded(directory, manifest, device, log)
-    if (directory / PACKAGE).exists() and not force:
-        covered = "recorded in its manifest" if PACKAGE in manifest.artifacts else "not covered by its manifest"
-        raise UserError(f"{str(directory)!r} already holds {PACKAGE} ({covered}): pass --force to compile it again "
-                        f"and replace it, or --validate-only to validate the recorded one")
-    program = move_to_device_pass(torch.export.load(str(directory / PROGRAM)), "cuda")
+    program = move_to_device_pass(torch.export.load(str(directory / PROGRAM)), device)
     with _staged(directory / PACKAGE) as staged:
-        log(f"compiling {PACKAGE} from {PROGRAM} with AOTInductor on {device['name']}")
-        package = {**compile_package(program, staged, "cuda"), "device": device}
-        log(f"validating the package on {device['name']} against {PROGRAM} run eagerly by PyTorch")
-        validation = validate_package(directory, manifest, staged, program)
+        log(f"compiling {PACKAGE} from {PROGRAM} with AOTInductor on {facts['name']}")
+        package = {**compile_package(program, staged, device), "device": dict(facts)}
+        log(f"validating the package on {facts['name']} against {PROGRAM} run eagerly by PyTorch")
+        validation = validate_package(directory, manifest, staged, program, device)
     return _record(directory, manifest, package, validation)
 
 
@@ -146,8 +156,8 @@ def _record(directory: Path, manifest: Manifest, package: Mapping[str, Any],
                "package_validation": dict(validation), "versions": dict(versions("cuda"))}
     runtime = {**manifest.runtime, "compiled": True, "torch": torch.__version__}
     notes = tuple(n for n in manifest.notes if not n.startswith(PACKAGE)) + (note,)
-    write_manifest(directory, replace(manifest, sections={**manifest.sections, "aoti": section}, runtime=runtime,
-                                      notes=notes))
+    written = write_manifest(directory, replace(manifest, sections={**manifest.sections, "aoti": section},
+                                                runtime=runtime, notes=notes))
     summary = (f"AOTInductor, torch {torch.__version__}, {package['bytes'] / 1e6:.1f} MB, compiled in "
-               f"{package['compile_seconds']} s")
+               f"{package['compile_seconds']} s; sha256 {written['artifacts'][PACKAGE]['sha256'][:16]}...")
     return Finished(directory, PACKAGE, summary, dict(validation), gpu)
