@@ -3,12 +3,14 @@
 :func:`export_program` wraps the model so that the package takes what every artifact takes (fp32 images) and
 returns fp32 logits (and the source map where the build traces it), the model in between in the build's precision,
 and traces it with ``torch.export`` on the device the package is for: on a CUDA device the patched model runs (and
-so exports) its CUDA path, on the CPU its portable lowering. :func:`compile_package` compiles a program with
-AOTInductor; :func:`program_facts` says what a program contains, for the manifest.
+so exports) its CUDA path, the fused ToMe operators included (:func:`kernels_in_export`), on the CPU its portable
+lowering. :func:`compile_package` compiles a program with AOTInductor; :func:`program_facts` says what a program
+contains, for the manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections import Counter
@@ -52,8 +54,18 @@ def export_program(model: torch.nn.Module, precision: str, device: str, image_sh
     wrapped = ImagesToLogits(copy.deepcopy(model).to(device=device, dtype=dtype), dtype, with_source).eval()
     example = torch.randn(2 if dynamic_batch else batch, *image_shape, generator=torch.Generator().manual_seed(0))
     shapes = {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=max_batch)}} if dynamic_batch else None
-    with torch.no_grad():
+    with torch.no_grad(), kernels_in_export(device):
         return torch.export.export(wrapped, (example.to(device),), dynamic_shapes=shapes)
+
+
+def kernels_in_export(device: str) -> Any:
+    """On CUDA the export keeps the fused ToMe operators, whose Triton kernels AOTInductor then compiles into the
+    package (ONNX exports trace the portable lowering; ``fused_merge.in_exports`` lifts that for this block).
+    Elsewhere, or with a kernels module that has no such switch, the export traces what the model runs."""
+    from ...kernels import fused_merge
+
+    switch = getattr(fused_merge, "in_exports", None)
+    return switch() if device == "cuda" and switch is not None else contextlib.nullcontext()
 
 
 def compile_package(program: Any, path: Path, device: str) -> Dict[str, Any]:
