@@ -132,3 +132,31 @@ def test_the_finishing_step_compiles_validates_and_records(aoti_cuda_build, tmp_
         f"model.pt2 compiled for and validated on the test's CPU by `tome-export engine` (torch {torch.__version__})"]
     with pytest.raises(UserError, match="is a CUDA package"):  # recorded as the aoti-cuda package it stands for
         load(copy)
+
+
+@pytest.mark.slow
+def test_a_cuda_export_keeps_the_fused_operators():
+    """What an aoti-cuda build on a GPU traces: the fused ToMe operators (whose Triton kernels AOTInductor compiles
+    into the package), not the portable lowering. No GPU here: the model's weights and the images are fake CUDA
+    tensors (shapes and devices, no data)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tome_export.kernels import fused_merge
+    from tome_export.models import create_model, patch
+    from tome_export.targets.aoti.program import ImagesToLogits, program_facts, trace
+
+    pytest.importorskip("triton")
+    if not hasattr(fused_merge, "in_exports"):
+        pytest.skip("the fused kernels are not operators an export may keep here (torch.library.triton_op)")
+    model, _ = create_model("vit_t16", weights="random", seed=0, depth=2, img_size=64)
+    patch(model, 4).eval()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                module._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="cuda", dtype=torch.float16),
+                                                              requires_grad=False)
+        images = torch.empty(2, 3, 64, 64, device="cuda")
+        program = trace(ImagesToLogits(model, torch.float16, False), images, max_batch=256)
+    facts = program_facts(program)
+    assert facts["lowering"] == "fused ToMe operators"
+    assert facts["tome_operators"] == {"tome_export.merge_plan.default": 2, "tome_export.merge_tokens.default": 2}

@@ -15,7 +15,7 @@ import copy
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -53,9 +53,15 @@ def export_program(model: torch.nn.Module, precision: str, device: str, image_sh
     dtype = DTYPES[precision]
     wrapped = ImagesToLogits(copy.deepcopy(model).to(device=device, dtype=dtype), dtype, with_source).eval()
     example = torch.randn(2 if dynamic_batch else batch, *image_shape, generator=torch.Generator().manual_seed(0))
-    shapes = {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=max_batch)}} if dynamic_batch else None
-    with torch.no_grad(), kernels_in_export(device):
-        return torch.export.export(wrapped, (example.to(device),), dynamic_shapes=shapes)
+    return trace(wrapped, example.to(device), max_batch if dynamic_batch else None)
+
+
+def trace(wrapped: ImagesToLogits, example: torch.Tensor, max_batch: Optional[int]) -> Any:
+    """``torch.export`` of ``wrapped`` on ``example`` (``max_batch``: a dynamic batch of 1 to that many images),
+    keeping the fused ToMe operators where ``example`` is on CUDA."""
+    shapes = {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=max_batch)}} if max_batch else None
+    with torch.no_grad(), kernels_in_export(example.device.type):
+        return torch.export.export(wrapped, (example,), dynamic_shapes=shapes)
 
 
 def kernels_in_export(device: str) -> Any:
