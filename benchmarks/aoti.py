@@ -166,10 +166,11 @@ def graphed(calls: Dict[str, Callable[[], Any]], skipped: List[str], where: str)
     return out
 
 
-def gpu_rows(plan: Plan, packages: Dict[int, Path], skipped: List[str]) -> List[Dict[str, Any]]:
+def gpu_rows(plan: Plan, packages: Dict[int, Path], skipped: List[str],
+             progress: Callable[[List[Dict[str, Any]]], None]) -> List[Dict[str, Any]]:
     runs = {r: load_package(torch, str(directory / "model.pt2"), plan.device) for r, directory in packages.items()}
     models = eager_models(plan)
-    rows = []
+    rows: List[Dict[str, Any]] = []
     for batch in plan.batches:
         x = torch.randn(batch, 3, *[plan.kwargs.get("img_size", 224)] * 2, device=plan.device)
         calls = graphed(callables(plan, runs, models, x), skipped, f"batch {batch}")
@@ -184,6 +185,7 @@ def gpu_rows(plan: Plan, packages: Dict[int, Path], skipped: List[str]) -> List[
         del calls
         if plan.device == "cuda":
             torch.cuda.empty_cache()
+        progress(ratios(rows, plan.r))
     return ratios(rows, plan.r)
 
 
@@ -223,16 +225,27 @@ def cold_loads(plan: Plan, packages: Dict[int, Path], repeats: int) -> Dict[str,
     return out
 
 
-def gpu_section(plan: Plan, root: Path) -> Dict[str, Any]:
+def gpu_section(plan: Plan, root: Path, save_now: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
+    """Builds, timings, cold starts; what is measured so far is saved after each step (a run cut short by the
+    device's time limit keeps it)."""
     skipped: List[str] = []
     packages = {r: build_artifact(plan, plan.target, plan.precision, r, root) for r in plan.r}
-    rows = gpu_rows(plan, packages, skipped)
-    return {"plan": plan.label, "artifacts": {f"r={r}": artifact_facts(d) for r, d in packages.items()},
-            "rows": rows, "cold_load": cold_loads(plan, packages, plan.cold_runs), "skipped": skipped,
-            "verdicts": gpu_verdicts(plan, rows)}
+    section: Dict[str, Any] = {"plan": plan.label, "artifacts": {f"r={r}": artifact_facts(d)
+                                                                 for r, d in packages.items()},
+                               "rows": [], "skipped": skipped}
+    save_now(section)
+
+    def progress(rows: List[Dict[str, Any]]) -> None:
+        save_now({**section, "rows": rows, "verdicts": gpu_verdicts(plan, rows)})
+
+    rows = gpu_rows(plan, packages, skipped, progress)
+    section.update(rows=rows, verdicts=gpu_verdicts(plan, rows))
+    save_now(section)
+    section["cold_load"] = cold_loads(plan, packages, plan.cold_runs)
+    return section
 
 
-def cpu_section(plan: Plan, root: Path) -> Dict[str, Any]:
+def cpu_section(plan: Plan, root: Path, save_now: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
     threads = os.cpu_count() or 1
     built = {(t, r): build_artifact(plan, t, "fp32", r, root) for t in ("aoti", "onnxruntime") for r in plan.r}
     rows = []
@@ -352,7 +365,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         plan = Plan(opts, name)
         print(f"{name} section: {plan.label}", flush=True)
         run = gpu_section if name == "gpu" else cpu_section
-        sections[name] = run(plan, opts.workdir / ("smoke" if opts.smoke else name))
+
+        def save_now(partial: Dict[str, Any], name: str = name) -> None:
+            save(opts, {**sections, name: partial})
+
+        sections[name] = run(plan, opts.workdir / ("smoke" if opts.smoke else name), save_now)
         save(opts, sections)
     print(f"wrote {opts.out.with_suffix('.json')} and .md")
     return 0
