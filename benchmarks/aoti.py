@@ -1,10 +1,13 @@
 """AOTInductor packages (targets ``aoti-cuda`` and ``aoti``) against the PyTorch path and ONNX Runtime, side by side.
 
-One prepared command per machine; each writes ``benchmarks/results/aoti.{json,md}`` (``--out`` to change it):
+One prepared command per machine; each writes its section into ``benchmarks/results/aoti.{json,md}`` (``--out``
+to change it), keeping the section the other machine wrote (``--fresh`` drops it):
 
-    PYTHONPATH=. python benchmarks/aoti.py --section gpu     # the lent H100/H200: about 6-8 minutes
-    PYTHONPATH=. python benchmarks/aoti.py --section cpu     # a quiet CPU machine: each package compiles for minutes
+    PYTHONPATH=. python benchmarks/aoti.py --section gpu     # the lent H100/H200: two ViT-B/16 compiles, then timing
+    PYTHONPATH=. python benchmarks/aoti.py --section cpu     # a quiet CPU machine: four builds, each package minutes
     PYTHONPATH=. python benchmarks/aoti.py --smoke --out /tmp/aoti_smoke     # both sections' code on a tiny model, CPU
+
+Builds go to ``--workdir`` and are reused by a later run (delete it to build again).
 
 GPU section (ViT-B/16 224 px, random weights, fp16, r=16 and r=0): two ``aoti-cuda`` packages built the same way by
 the pipeline (dynamic batch 1-256, compiled and validated on this GPU against the fp32 PyTorch ToMe model on the 32
@@ -94,26 +97,23 @@ class Plan:
         return f"{self.model} {self.precision} ({smoke}{self.section} section on {self.device})"
 
 
-BUILT: Dict[Tuple[str, str, int], Path] = {}  # one build per (target, precision, r) in a run
-
-
 def build_artifact(plan: Plan, target: str, precision: str, r: int, root: Path) -> Path:
     """A pipeline build (dynamic batch) with the built-in recipe, its validation images set by the plan."""
-    if (target, precision, r) in BUILT:
-        return BUILT[(target, precision, r)]
+    out = root / f"{plan.model}-r{r}-{target}-{precision}"
+    if (out / "manifest.json").is_file():  # an earlier run's build (a run cut short is resumed without rebuilding)
+        print(f"  reusing {out}", flush=True)
+        return out
     data = recipe_for(target, precision).to_dict()
     data.pop("file")
     data["validation"] = {**data.get("validation", {}), "images": plan.images}
     recipe = root / f"{target}-{precision}-r{r}.yaml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
     recipe.write_text(yaml.safe_dump({k: v for k, v in data.items() if v is not None}))
-    out = root / f"{plan.model}-r{r}-{target}-{precision}"
     started = time.perf_counter()
     build(BuildRequest(model=plan.model, r=r, target=target, precision=precision, weights="random", output=out,
                        dynamic_batch=True, batch=max(plan.batches[:2]), recipe=recipe, force=True,
                        model_kwargs=plan.kwargs), log=lambda m: print(f"  {target} r={r}: {m}", flush=True))
     print(f"  built {out} in {time.perf_counter() - started:.0f} s", flush=True)
-    BUILT[(target, precision, r)] = out
     return out
 
 
@@ -305,15 +305,19 @@ def _table(rows: Sequence[Dict[str, Any]], keys: Sequence[str]) -> List[str]:
     return lines
 
 
+def _environment_line(env: Dict[str, Any]) -> str:
+    return (f"{env['time']}, {env.get('gpu') or env['machine'].get('cpu_model')}, torch {env.get('torch')}, triton "
+            f"{env.get('triton')}, timm {env.get('timm')}, onnxruntime {env.get('onnxruntime')}; CPU flags "
+            f"{', '.join(env['machine'].get('cpu_flags', []))}")
+
+
 def markdown(results: Dict[str, Any]) -> str:
-    env = results["environment"]
-    lines = [f"# AOTInductor packages: {results['mode']}", "",
-             f"{env['time']}, {env.get('gpu') or env['machine'].get('cpu_model')}, torch {env.get('torch')}, "
-             f"triton {env.get('triton')}, timm {env.get('timm')}, onnxruntime {env.get('onnxruntime')}; CPU flags "
-             f"{', '.join(env['machine'].get('cpu_flags', []))}. Command: `{results['command']}`.", ""]
-    lines += ["Not measured in this run: " + ("; ".join(results["not_measured"]) or "nothing"), ""]
+    lines = ["# AOTInductor packages against the PyTorch path and ONNX Runtime", "",
+             "Written by `benchmarks/aoti.py`; each section by its own run (command and machine below).", "",
+             "Not measured: " + ("; ".join(results["not_measured"]) or "nothing"), ""]
     for name, section in results["sections"].items():
-        lines += [f"## {name}: {section['plan']}", "", "Artifacts (pipeline builds, validated on the photos):", ""]
+        lines += [f"## {name}: {section['plan']}", "", f"{_environment_line(section['environment'])}. Command: "
+                  f"`{section['command']}`.", "", "Artifacts (pipeline builds, validated on the photos):", ""]
         facts = [{"artifact": k, "build s": a["build_seconds"], "compile s": a["compile_seconds"],
                   "MB": round(a["bytes"] / 1e6, 1), "lowering": a["lowering"],
                   "min cosine": round(a["validation"]["min_cosine"], 6), "top-1": a["validation"]["top1_agreement"],
@@ -334,13 +338,14 @@ def markdown(results: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def not_measured(opts: argparse.Namespace, sections: Dict[str, Any]) -> List[str]:
-    missing = []
-    if "gpu" in opts.sections and not torch.cuda.is_available():
-        missing.append("every GPU figure: no CUDA GPU in this run" + (" (the GPU section ran on the CPU, smoke only)"
-                                                                       if "gpu" in sections else ""))
-    if opts.smoke:
-        missing.append("ViT-B/16: smoke run on a 2-block 64 px ViT-Tiny; its timings say nothing about speed")
+def not_measured(sections: Dict[str, Any]) -> List[str]:
+    """What the results lack: a section never run, GPU figures from a run without a GPU, smoke runs."""
+    missing = [f"the {name} section (not run yet)" for name in ("gpu", "cpu") if name not in sections]
+    for name, section in sections.items():
+        if section.get("smoke"):
+            missing.append(f"{name}: a smoke run on a 2-block 64 px ViT-Tiny; its timings say nothing about speed")
+        if name == "gpu" and not section["environment"].get("gpu"):
+            missing.append("every GPU figure: the gpu section ran without a CUDA GPU (smoke only)")
     return missing
 
 
@@ -354,6 +359,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--per-round", type=int, default=10)
     p.add_argument("--cold-runs", type=int, default=3, help="fresh processes per package for the cold start")
+    p.add_argument("--fresh", action="store_true", help="drop the sections an earlier run left in --out")
     opts = p.parse_args(argv)
     opts.sections = ("gpu", "cpu") if opts.section == "all" else (opts.section,)
     if "gpu" in opts.sections and not torch.cuda.is_available() and not opts.smoke:
@@ -376,11 +382,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def save(opts: argparse.Namespace, sections: Dict[str, Any]) -> None:
-    results = {"mode": ("smoke" if opts.smoke else "measured") + f", sections {', '.join(sections)}",
-               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "environment": environment(),
-               "not_measured": not_measured(opts, sections), "sections": sections}
+    """The results file with this run's sections, keeping the sections of an earlier run this one did not run
+    (the GPU and the CPU section are measured on different machines)."""
+    path = opts.out.with_suffix(".json")
+    earlier = json.loads(path.read_text()).get("sections", {}) if path.is_file() and not opts.fresh else {}
+    kept = {name: section for name, section in earlier.items() if "environment" in section}  # this file's format
+    stamp = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "environment": environment(),
+             "smoke": opts.smoke}
+    merged = {**kept, **{name: {**section, **stamp} for name, section in sections.items()}}
+    results = {"sections": dict(sorted(merged.items())), "not_measured": not_measured(merged)}
     opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    path.write_text(json.dumps(results, indent=1) + "\n")
     opts.out.with_suffix(".md").write_text(markdown(results))
 
 
