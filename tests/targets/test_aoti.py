@@ -44,12 +44,14 @@ def test_cpu_16_bit_packages_only_where_the_cpu_has_the_instructions(precision):
     else:  # PyTorch would emulate them here, slower than fp32: refused before any model is loaded
         with pytest.raises(UserError, match=f"this CPU has no {precision} matrix instructions.*--target aoti-cuda"):
             plan_build(request)
-    assert plan_build(BuildRequest(model="vit_t16", target="aoti-cuda", precision=precision))[2].precision == precision
+    on_a_gpu = BuildRequest(model="vit_t16", target="aoti-cuda", precision=precision)
+    assert plan_build(on_a_gpu)[2].precision == precision
 
 
 def test_dynamic_batch_range_is_checked_before_any_work():
+    request = BuildRequest(model="vit_t16", target="aoti", dynamic_batch=True, batch=300)
     with pytest.raises(UserError, match="takes 1 to 256 images"):
-        plan_build(BuildRequest(model="vit_t16", target="aoti", dynamic_batch=True, batch=300))
+        plan_build(request)
 
 
 @pytest.mark.slow
