@@ -69,6 +69,7 @@ class AOTIRunner(Runner):
 
     backend = "aoti"
     concurrent = False
+    libraries = ("torch",)
 
     def __init__(self, io: ArtifactIO, threads: Optional[int] = None, throughput: bool = False,
                  extra_outputs: Sequence[str] = ()) -> None:
@@ -113,6 +114,12 @@ class AOTIRunner(Runner):
         finally:
             if self.threads:
                 torch.set_num_threads(default)
+
+    def accelerator(self) -> Optional[Dict[str, str]]:
+        if self.device != "cuda":
+            return None
+        major, minor = self.torch.cuda.get_device_capability(0)
+        return {"name": self.torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
 
     def close(self) -> None:
         self.package = None  # the loader frees the library and its weights when collected
