@@ -12,8 +12,8 @@ On a machine without AVX-512 the only comparison available is downwards, e.g. ``
 
 For each setting it runs the artifact's stored self-check views (or the bundled photos) through the runner
 deployments use (``tome_export.runtime``), twice: as built (its logits, and for OpenVINO the kernel and precision
-each layer ran with) and with intermediate tensors exposed as extra outputs (``--tensors``: a regular expression on
-tensor names, or ``tome`` for the ToMe layers and ``blocks`` for each block's output). Exposing a tensor can change
+each layer ran with) and with intermediate tensors exposed as extra outputs (``--tensors``: ``tome`` for the ToMe layers,
+``all`` for every layer, or a regular expression on layer and tensor names). Exposing a tensor can change
 how the backend fuses the graph: the report says whether the logits with exposed tensors still match the logits as
 built; where they do not, narrow ``--tensors``.
 
@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-PRESETS = {"tome": r"^(tome_match|tome_merge)/", "blocks": r"^/?blocks\.\d+/Add_1(_output_0)?$|^/?blocks\.\d+/Add_1:"}
+PRESETS = {"tome": r"^(tome_match|tome_merge)/", "all": r"."}
 ISA_VARIABLE = "ONEDNN_MAX_CPU_ISA"
 
 
@@ -216,7 +216,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("artifact", type=Path, help="a directory written by tome-export")
     p.add_argument("--isa", action="append", help=f"a {ISA_VARIABLE} value, or 'default' (repeat; default: "
                    "default and SSE41)")
-    p.add_argument("--tensors", default="tome", help="intermediate tensors to compare: tome, blocks, none or a regex")
+    p.add_argument("--tensors", default="tome", help="intermediate tensors to compare: tome, all, none or a regex")
     p.add_argument("--part-below", type=float, default=0.999, help="a tensor parts below this cosine (default 0.999)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the backend's)")
     p.add_argument("--out", type=Path, default=Path("isa-compare"), help="writes OUT.json and OUT.md")

@@ -298,7 +298,7 @@ def prepare_model(prepared: PreparedBuild, log: Log = lambda msg: None, warn: Lo
 
 def _check_useful_r(request: BuildRequest, info: ModelInfo, schedule: Schedule) -> None:
     """An r beyond what the first block can merge builds the same model as that largest value: refused."""
-    largest = cap_r(max(schedule.requested), info.num_tokens, info.num_protected)
+    largest = cap_r(max(schedule.requested, default=0), info.num_tokens, info.num_protected)
     if max(schedule.requested, default=0) > largest:
         raise UserError(f"--r {r_text(request.r)} is more than any block of {request.model} can merge: its first block "
                         f"holds {info.num_tokens} tokens ({info.num_protected} protected), so a block merges at most "

@@ -187,3 +187,22 @@ def test_a_cpu_openvino_cannot_compile_for_is_one_line(small):
         pytest.skip("this OpenVINO compiles under SSE41 here")
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "cannot compile" in done.stderr and "ONEDNN_MAX_CPU_ISA=SSE41" in done.stderr
+
+
+def test_isa_compare_shows_the_kernels_that_change_and_where_outputs_part(small, tmp_path):
+    """benchmarks/isa_compare.py, what someone on an AMX machine runs: here AVX2 (this CPU's default) against AVX."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "isa_compare.py"
+    out = tmp_path / "isa"
+    done = subprocess.run([sys.executable, str(script), str(small("openvino")), "--isa", "default", "--isa", "AVX",
+                           "--tensors", "tome", "--threads", "1", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(Path(f"{out}.json").read_text())
+    default, limited = report["settings"]
+    assert default["error"] is None and limited["environment"]["cpu"]["isa_limits"] == {"ONEDNN_MAX_CPU_ISA": "AVX"}
+    assert default["against_reference"]["views"] == 4 and default["against_reference"]["max_abs_diff"] < 1e-4
+    assert default["exposing_tensors_changes_logits"]["max_abs_diff"] < 1e-5
+    (pair,) = report["pairs"]
+    if "avx2" in machine.cpu_description()["flags"]:  # AVX is then a real step down: some kernels change
+        assert pair["kernel_changes"] and all(c["default"] != c["AVX"] for c in pair["kernel_changes"])
+    assert pair["tensors"] and all(t["tensor"] for t in pair["tensors"]) and pair["logits"]["max_abs_diff"] < 1e-4
+    assert Path(f"{out}.md").read_text().startswith("# ISA comparison of")

@@ -29,7 +29,7 @@ import numpy as np
 from .._version import __version__
 from ..errors import UserError, ValidationError
 from ..files import atomic_write
-from ..manifest import Manifest
+from ..manifest import MANIFEST, Manifest, confined
 from .machine import describe_cpu
 
 FILE = "selfcheck.npz"  # inputs, reference (PyTorch) and built (the artifact on the build machine)
@@ -188,14 +188,29 @@ def remember(outcome: Outcome, directory: Path) -> None:
         pass
 
 
+def _stored(directory: Path, manifest: Manifest) -> Tuple[Path, Dict[str, float]]:
+    """The self-check's file (inside the directory and covered by the checksums) and its thresholds."""
+    record = manifest.self_check
+    rel, limits = record.get("file"), record.get("thresholds") or {}
+    path = confined(directory, rel)
+    numbers = isinstance(limits, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               for v in limits.values())
+    if path is None or rel not in manifest.artifacts or not numbers:
+        raise UserError(f"the self-check recorded in {directory / MANIFEST} is not one tome-export wrote (its file "
+                        f"{rel!r} or thresholds {limits!r}): rebuild the artifact")
+    return path, {k: float(v) for k, v in limits.items() if k in LIMITS}
+
+
 def measure(directory: Path, manifest: Manifest, runner: Any, environment: Optional[Dict[str, Any]] = None) -> Outcome:
     """Run the stored views now (no cache) and compare them with the stored outputs."""
-    record = manifest.self_check
-    data = SelfCheckData.read(Path(directory) / str(record["file"]))
+    path, thresholds = _stored(Path(directory), manifest)
+    data = SelfCheckData.read(path)
     output = runner.io.outputs[0]
     rows, ids = run_views(runner, data.inputs, output)
+    if rows.shape[1:] != data.reference.shape[1:]:
+        raise UserError(f"{path} holds outputs of shape {data.reference.shape[1:]}, the artifact gives "
+                        f"{rows.shape[1:]}: the directory is inconsistent; rebuild it")
     metrics = row_metrics(data.reference, rows, ids)
-    thresholds = {k: float(v) for k, v in (record.get("thresholds") or {}).items() if k in LIMITS}
     drift = None
     if data.built is not None and data.built.shape == rows.shape:
         built = data.built.astype(np.float64).reshape(len(rows), -1)
