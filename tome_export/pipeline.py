@@ -27,13 +27,15 @@ from .flops import flops_summary
 from .info import ModelInfo
 from .manifest import Manifest, output_holds, write_manifest
 from .merge import MERGE_IMPLS
-from .models import ModelName, ModelSpec, create_model, family_libraries, model_info, patch, preprocessing, resolve
+from .models import (ModelName, ModelSpec, create_model, family_libraries, model_info, patch, preprocessing, resolve,
+                     set_task)
 from .onnx_files import copy_onnx
 from .preprocess import Preprocessing
 from .quality.validate import DEFAULT_IMAGES
 from .recipe import load_recipe, recipe_for
 from .resources import check_memory
 from .schedule import RSpec, Schedule, expand_schedule, r_label, resolve_schedule
+from .tasks import CLASSIFY, Task, as_task
 from .targets import BuildContext, BuildPlan, Target, TargetResult, get_target, recipe_settings
 
 Log = Callable[[str], None]
@@ -66,9 +68,12 @@ class BuildRequest:
     recipe: Optional[Path] = None  # a recipe file; default: the built-in <target>-<precision> recipe
     target_options: Mapping[str, Any] = field(default_factory=dict)  # the target's own flags (e.g. calib_data)
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # architecture arguments (e.g. depth)
+    task: Any = CLASSIFY  # a task name or a tome_export.tasks.Task with its options (e.g. Task("tokens", layer=-2))
 
     def default_output(self) -> Path:
-        return Path("tome-out") / f"{_output_stem(self.model)}-{r_label(self.r)}-{self.target}-{self.precision}"
+        name = self.task.name if isinstance(self.task, Task) else self.task
+        task = "" if name == CLASSIFY else f"-{name}"
+        return Path("tome-out") / f"{_output_stem(self.model)}-{r_label(self.r)}{task}-{self.target}-{self.precision}"
 
 
 def _output_stem(model: str) -> str:
@@ -98,7 +103,8 @@ class PreparedBuild:
     @property
     def identity(self) -> Tuple[Any, ...]:
         """What :attr:`Manifest.identity` of this build will be."""
-        return (self.model.alias, self.model.source, self.model.name, self.target.name, self.plan.precision)
+        return (self.model.alias, self.model.source, self.model.name, self.target.name, self.plan.precision,
+                self.plan.task.name)
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,7 @@ class PreparedModel:
     info: ModelInfo
     schedule: Schedule
     preprocessing: Preprocessing
+    task: Task = Task()  # resolved against the model (what the manifest records)
 
 
 @dataclass(frozen=True)
@@ -191,7 +198,7 @@ def plan_build(request: BuildRequest) -> Tuple[BuildRequest, Target, BuildPlan]:
         target=target.name, precision=recipe.precision, recipe=recipe, settings=settings,
         options=target.options.from_values(request.target_options, target.name), batch=request.batch,
         dynamic_batch=request.dynamic_batch, opset=opset, merge_impl=merge_impl, trace_source=request.trace_source,
-        validation_images=settings.validation.images or request.validation_images)
+        validation_images=settings.validation.images or request.validation_images, task=as_task(request.task))
     _check_validation_images(plan)
     plan.options.check()
     if target.check is not None:
@@ -260,7 +267,8 @@ def prepare_model(prepared: PreparedBuild, log: Log = lambda msg: None, warn: Lo
     if schedule.capped:
         warn(schedule.cap_message())
     patch(model, list(schedule.requested), merge_impl=prepared.plan.merge_impl, prop_attn=request.prop_attn)
-    return PreparedModel(model, spec, info, schedule, preprocessing(model))
+    task = set_task(model, prepared.plan.task)
+    return PreparedModel(model, spec, info, schedule, preprocessing(model), task)
 
 
 def export(prepared: PreparedBuild, model: PreparedModel, path: Path, log: Log = lambda msg: None) -> Path:
@@ -276,7 +284,8 @@ def export(prepared: PreparedBuild, model: PreparedModel, path: Path, log: Log =
 def graph_metadata(model: PreparedModel) -> List[Tuple[str, str]]:
     """What the ONNX carries for readers without the manifest: version, r schedule, preprocessing (JSON)."""
     return [("tome_export.version", __version__), ("tome_export.r_schedule", str(list(model.schedule.r))),
-            ("tome_export.preprocessing", json.dumps(model.preprocessing.describe()))]
+            ("tome_export.preprocessing", json.dumps(model.preprocessing.describe())),
+            ("tome_export.task", json.dumps(model.task.to_dict()))]
 
 
 def build_target(prepared: PreparedBuild, model: PreparedModel, workdir: Path, onnx_path: Optional[Path],
@@ -313,7 +322,8 @@ def manifest_for(prepared: PreparedBuild, model: PreparedModel, result: TargetRe
     r = request.r if not isinstance(request.r, tuple) else {"r": request.r[0], "inflect": request.r[1]}
     return Manifest(
         target=plan.target, precision=plan.precision, input=plan.input_spec(model.preprocessing.input_size),
-        preprocessing=model.preprocessing.to_dict(), model=entry, outputs=plan.outputs,
+        preprocessing=model.preprocessing.to_dict(), model=entry, outputs=plan.outputs, task=model.task,
+        output_shapes=output_shapes(model, plan),
         runtime=prepared.target.runtime_section(result.runtime), validation=dict(result.validation),
         notes=tuple(result.notes), merge_decisions=result.merge_decisions, r=r, r_requested=schedule.requested,
         r_schedule=schedule.r, r_capped=schedule.capped, tokens_per_block=schedule.tokens,
@@ -321,6 +331,17 @@ def manifest_for(prepared: PreparedBuild, model: PreparedModel, result: TargetRe
         merge_impl=plan.merge_impl, prop_attn=request.prop_attn, opset=plan.opset, num_classes=info.num_classes,
         flops=flops_summary(info, schedule.r), recipe=plan.recipe.to_dict(), versions=_versions(),
         build_seconds=round(seconds, 1) if seconds is not None else None, sections=dict(result.sections))
+
+
+def output_shapes(model: PreparedModel, plan: BuildPlan) -> Dict[str, Tuple[Any, ...]]:
+    """Each output's shape, read from one forward pass of the model (batch first: ``"batch"`` when dynamic)."""
+    import torch
+
+    batch: Any = "batch" if plan.dynamic_batch else plan.batch
+    x = torch.zeros(1, *model.preprocessing.input_size)
+    with torch.no_grad():
+        values = model.model.tome_outputs(x, trace_source=plan.trace_source)
+    return {name: (batch, *value.shape[1:]) for name, value in zip(plan.outputs, values)}
 
 
 def build_into(prepared: PreparedBuild, model: PreparedModel, workdir: Path, log: Log = lambda msg: None,
