@@ -48,7 +48,7 @@ def _target_arguments(p: argparse.ArgumentParser) -> None:
             group.add_argument(flag, metavar=fld.metadata.get("metavar"), help=text)
 
 
-def _task_arguments(p: argparse.ArgumentParser) -> None:
+def task_arguments(p: argparse.ArgumentParser) -> None:
     """--task and each task option (from the fields of tome_export.tasks.Task), saying which tasks take it."""
     from ..tasks import DESCRIPTIONS, TASKS, option_fields
 
@@ -119,7 +119,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (the build's directory "
                    "and manifest, or the --list-models listing)")
     p.add_argument("--version", "-V", action="version", version=f"tome-export {__version__}")
-    _task_arguments(p)
+    task_arguments(p)
     _target_arguments(p)
     add_build_arguments(p)
     return p
