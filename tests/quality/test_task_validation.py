@@ -13,8 +13,8 @@ from tome_export import patch
 from tome_export.errors import ValidationError
 from tome_export.images import sample_photos
 from tome_export.models import preprocessing, set_task
-from tome_export.quality.validate import (Thresholds, check_with_near_ties, compare_features, token_figures,
-                                          validate_against_torch, vectors)
+from tome_export.quality.validate import (Thresholds, check_thresholds, check_with_near_ties, compare_features,
+                                          token_figures, validate_against_torch, vectors)
 
 LIMITS = Thresholds(max_abs_diff=1e-4, min_cosine=0.9999)
 
@@ -47,12 +47,37 @@ def test_feature_metrics_are_per_image_and_per_vector():
     candidate[1, 2] = [1, -1]  # one patch orthogonal to the reference
     m = compare_features(reference, candidate)
     assert m["min_vector_cosine"] == pytest.approx(0.0) and m["mean_vector_cosine"] == pytest.approx(11 / 12)
-    assert m["min_cosine"] == pytest.approx(6 / 8) and m["max_abs_diff"] == 2.0 and m["images"] == 3
+    assert m["min_cosine"] == pytest.approx(1.5 / np.sqrt(2.5))  # the pooled patches: (1, 0.5) against (1, 1)
+    assert m["min_image_vector_cosine"] == pytest.approx(0.75) and m["max_abs_diff"] == 2.0 and m["images"] == 3
+
+
+def test_a_wrong_unmerge_keeps_the_pooled_features_and_fails_every_patch():
+    """Pooling forgives a flipped match (reduced precision) and a permutation alike: fp32 recipes limit every patch."""
+    reference = np.random.default_rng(1).standard_normal((2, 16, 8)).astype(np.float32)
+    permuted = reference[:, ::-1]  # every patch reads another patch's features: the same mean
+    m = compare_features(reference, permuted)
+    assert m["min_cosine"] == pytest.approx(1.0) and m["mean_vector_cosine"] < 0.5
+    with pytest.raises(ValidationError, match="max_abs_diff"):
+        check_thresholds(m, Thresholds(max_abs_diff=1e-4), "permuted")
+
+
+def test_tokens_of_images_that_merged_as_pytorch_did_are_limited_one_by_one():
+    rng = np.random.default_rng(2)
+    reference = {"tokens": rng.standard_normal((2, 2, 4)), "token_sizes": np.array([[3, 1], [2, 2]]),
+                 "token_owners": np.array([[0, 0, 0, 1], [0, 1, 0, 1]])}
+    flipped = {**reference, "token_sizes": np.array([[3, 1], [1, 3]]), "token_owners": np.array([[0, 0, 0, 1], [0, 1, 1, 1]])}
+    flipped["tokens"] = reference["tokens"].copy()
+    flipped["tokens"][0, 1] *= -1  # image 0 merged as PyTorch did, and its second token is wrong
+    figures = token_figures(reference, flipped, "test")
+    assert figures["token_sizes_identical"] == 0.5 and figures["aligned_token_cosine"] == pytest.approx(-1.0)
+    with pytest.raises(ValidationError, match="aligned_token_cosine"):
+        check_thresholds({"min_cosine": 1.0, "images": 2, **figures}, Thresholds(min_cosine=0.99), "test")
 
 
 def test_sizes_that_do_not_count_the_owned_patches_fail():
-    outputs = {"tokens": np.zeros((1, 2, 4)), "token_sizes": np.array([[3, 1]]), "token_owners": np.array([[0, 0, 0, 1]])}
-    assert token_figures(outputs, outputs, "ok") == {"tokens": 2, "patches": 4, "token_sizes_identical": 1.0}
+    outputs = {"tokens": np.ones((1, 2, 4)), "token_sizes": np.array([[3, 1]]), "token_owners": np.array([[0, 0, 0, 1]])}
+    assert token_figures(outputs, outputs, "ok") == {"tokens": 2, "patches": 4, "token_sizes_identical": 1.0,
+                                                     "aligned_token_cosine": pytest.approx(1.0)}
     with pytest.raises(ValidationError, match="do not count"):
         token_figures(outputs, {**outputs, "token_sizes": np.array([[2, 2]])}, "bad sizes")
     with pytest.raises(ValidationError, match="token_owners has shape"):
