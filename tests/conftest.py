@@ -10,6 +10,7 @@ pytest_plugins = [
     "tome_testing.cpu_builds",  # CPU recipe builds on one shared export
     "tome_testing.serve_builds",  # pipeline builds for tests/serve
     "tome_testing.digits",  # the small digits ViT, trained once
+    "tome_testing.aoti_builds",  # one tiny AOTInductor CPU package and one GPU-less aoti-cuda build
 ]
 
 

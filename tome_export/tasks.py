@@ -35,6 +35,7 @@ OUTPUTS: Dict[str, Tuple[str, ...]] = {
     TOKENS: (TOKENS_NAME, TOKEN_SIZES_NAME, TOKEN_OWNERS_NAME),
 }
 TASKS: Tuple[str, ...] = tuple(OUTPUTS)
+INTEGER_OUTPUTS = (TOKEN_SIZES_NAME, TOKEN_OWNERS_NAME)  # int64; every other output is float32
 DESCRIPTIONS = {
     CLASSIFY: "the model's own head: class logits (a bare vision model's pooled output)",
     EMBED: "the family's pooled embedding (class token, mean, attention pool, CLIP projection)",
@@ -118,6 +119,11 @@ class Task:
         """A task as a manifest records it (manifests before tasks existed: classify)."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in (data or {}).items() if k in known})
+
+
+def output_dtype(name: str) -> str:
+    """The element type an artifact's output has (numpy name)."""
+    return "int64" if name in INTEGER_OUTPUTS else "float32"
 
 
 def option_fields() -> Tuple[dataclasses.Field, ...]:

@@ -139,7 +139,7 @@ def test_engine_refuses_what_it_cannot_finish(tmp_path, traced_artifact, cpu_bui
     onnx_build, _ = traced_artifact
     trt_build, _ = cpu_build("tensorrt", "fp16", "onehot")
     cases = [(tmp_path / "missing", "is not a directory"), (tmp_path, "holds no manifest.json"),
-             (onnx_build, "is a --target onnx build: `tome-export engine` builds the engine of a --target tensorrt")]
+             (onnx_build, "is a --target onnx build, which has nothing to finish on the target machine")]
     reason = engine_unavailable_reason(TENSORRT)
     if reason is not None:  # TensorRT itself (not TensorRT-RTX) needs its package and a GPU
         cases.append((trt_build, f"no TensorRT engine can be built here: {reason}"))

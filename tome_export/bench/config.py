@@ -46,7 +46,7 @@ from ..tasks import CLASSIFY, Task, as_task
 from .matrix import backends, precisions
 
 # The embedded accuracy case (:mod:`.digits`): the only model the harness trains itself.
-DIGITS_ALIAS, DIGITS_MODEL = "digits_vit", "tome_digits_vit"
+DIGITS_ALIAS, DIGITS_MODEL = "digits_vit", "tome_digits_vit"  # tome_export.models.digits_vit (no torch here)
 
 _TOP = ("name", "description", "models", "r", "precisions", "backends", "batches", "threads", "build", "timing",
         "memory", "quality", "budget")

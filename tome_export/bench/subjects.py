@@ -23,7 +23,6 @@ from ..pipeline import BuildRequest, build
 from ..preprocess import Preprocessing
 from ..schedule import RSpec, r_label
 from ..tasks import Task
-from . import digits  # noqa: F401  (registers the digits model and its alias)
 from .config import ModelConfig
 from .config import Variant
 from .matrix import backends
