@@ -142,7 +142,7 @@ def test_target_builds_every_task_and_runs_it_through_runtime_load(built, target
     assert manifest["task"]["name"] == task and manifest["outputs"] == list(model.tome_task.outputs)
     assert f"task       {task}" in format_report(report)
     if targets()[target].device == "cuda" and not gpu_available():
-        pytest.skip(f"{target} artifacts run on an NVIDIA GPU; none here (built, validated in ONNX Runtime, inspected)")
+        pytest.skip(f"{target} artifacts run on an NVIDIA GPU; none here (built, validated on the CPU, inspected)")
     with load(directory, threads=1) as runner:
         x = runner.preprocess_batch(sample_photos(1))
         got = runner.infer(x)

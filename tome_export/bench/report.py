@@ -181,11 +181,20 @@ def _header(results: Dict[str, Any], measured: List[Dict[str, Any]]) -> List[str
     return lines + (["No cell was measured.", ""] if not measured else [])
 
 
+def _reference_accuracy(acc: Optional[Dict[str, Any]]) -> str:
+    """fp32 r=0 accuracy: top-1 and top-5 of a classifier, top-1 of a task's probe (named by its method)."""
+    if not acc:
+        return ""
+    top5 = f", top-5 {_pct(acc['top5'])}" if acc.get("top5") is not None else ""
+    method = f" ({acc['method']})" if acc.get("method") else ""
+    return f"; fp32 r=0 PyTorch accuracy{method} top-1 {_pct(acc['top1'])}{top5}"
+
+
 def _models(results: Dict[str, Any]) -> List[str]:
     lines = []
     for key, info in results["models"].items():
         acc = info.get("reference_accuracy")
-        extra = f"; fp32 r=0 PyTorch accuracy top-1 {_pct(acc['top1'])}, top-5 {_pct(acc['top5'])}" if acc else ""
+        extra = _reference_accuracy(acc)
         train = info.get("training")
         trained = f"; trained here, fp32 test accuracy {_pct(train['test_accuracy'])}" if train else ""
         pub = info.get("published")
