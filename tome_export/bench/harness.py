@@ -31,7 +31,7 @@ from ..models import family_libraries
 from ..quality.decisions import Decisions, torch_merge_decisions
 from ..resources import check_cells, check_memory
 from ..schedule import r_text, resolve_schedule
-from . import memory, quality
+from . import memory, quality, tasks
 from .config import DIGITS_ALIAS, DIGITS_MODEL, BenchConfig, Cell, ModelConfig, Variant, cells
 from .matrix import backends, skip_reason
 from .plots import write_plots
@@ -314,16 +314,23 @@ class _Run:
         self.say(f"quality {v.backend} {v.precision} {v.r_label}")
         ev, ref = self.models.eval_set(loaded), self.models.reference(loaded, self.results)
         try:
-            logits = subject.predict(ev.images)
+            outputs = subject.predict_outputs(ev.images)
         except Exception as exc:
             self.results["variants"][v.id] = {"variant": v.id, "error": _failure(exc).reason}
             return
+        task = v.model.task.name
         # which artifact (each static batch has its own): the cells of other batches carry their own status
-        record: Dict[str, Any] = {"variant": v.id, "eval_set": ev.name, "static_batch": subject.static_batch,
-                                  "fidelity": quality.fidelity(ref["logits"], logits)}
-        if ev.labels is not None:
-            record["accuracy"] = quality.accuracy(logits, ev.labels)
-            record["accuracy_drop"] = ref["accuracy"]["top1"] - record["accuracy"]["top1"]
+        record: Dict[str, Any] = {"variant": v.id, "eval_set": ev.name, "static_batch": subject.static_batch}
+        if task == "classify":
+            record["fidelity"] = quality.fidelity(ref["outputs"]["logits"], outputs["logits"])
+            accuracy = quality.accuracy(outputs["logits"], ev.labels) if ev.labels is not None else None
+        else:
+            record["fidelity"] = tasks.task_fidelity(task, ref["outputs"], outputs)
+            probe = ref.get("probe")
+            accuracy = probe.accuracy(outputs, ev.labels) if probe is not None else None
+        if accuracy is not None:
+            record["accuracy"] = accuracy
+            record["accuracy_drop"] = ref["accuracy"]["top1"] - accuracy["top1"]
         record["merge_decisions"] = self.merge_decisions(loaded, v, subject, ev.images[: self.config.decision_images])
         self.results["variants"][v.id] = record
 
@@ -334,7 +341,8 @@ class _Run:
             reference = self.models.reference_decisions(loaded, v, x)
             return quality.decision_agreement(reference, subject.model, x, subject.tensor)
         try:
-            reference_model = TorchSubject(loaded.model, v.r, "fp32", prop_attn=v.model.prop_attn).model
+            reference_model = TorchSubject(loaded.model, v.r, "fp32", prop_attn=v.model.prop_attn,
+                                           task=v.model.task).model
             return quality.artifact_decision_agreement(subject.artifact, reference_model, x)
         except Exception as exc:  # a graph the decision reader does not understand: say so, keep the rest
             return {"agreement": None, "reason": _failure(exc).reason}
@@ -478,13 +486,23 @@ class _Models:
         return self.eval_sets[key]
 
     def reference(self, loaded: LoadedModel, results: Dict[str, Any]) -> Dict[str, Any]:
-        """fp32 r=0 eager PyTorch on the evaluation images: what every variant's fidelity is measured against."""
+        """fp32 r=0 eager PyTorch on the evaluation images: what every variant's fidelity is measured against
+        (and, for a task with a real task figure on labelled images, the probe it is measured with)."""
         key = loaded.config.key
         if key not in self.references:
             ev = self.eval_set(loaded)
-            logits = TorchSubject(loaded.model, 0, "fp32").predict(ev.images)
-            acc = quality.accuracy(logits, ev.labels) if ev.labels is not None else None
-            self.references[key] = {"logits": logits, "accuracy": acc}
+            reference = TorchSubject(loaded.model, 0, "fp32", task=loaded.config.task)
+            outputs = reference.predict_outputs(ev.images)
+            probe = self.probe(loaded, reference) if ev.labels is not None else None
+            if ev.labels is None:
+                acc = None
+            elif probe is not None:
+                acc = probe.accuracy(outputs, ev.labels)
+            elif loaded.config.task.name == "classify":
+                acc = quality.accuracy(outputs["logits"], ev.labels)
+            else:
+                acc = None
+            self.references[key] = {"outputs": outputs, "accuracy": acc, "probe": probe}
             info = loaded.info
             results["models"][key] = {
                 "model": loaded.config.model, "description": loaded.config.describe(),
@@ -492,15 +510,30 @@ class _Models:
                 "eval_set": ev.name, "reference": "eager PyTorch, fp32, r=0", "reference_accuracy": acc,
                 "tokens": info.num_tokens, "blocks": info.num_blocks, "embed_dim": info.embed_dim,
                 "num_classes": info.num_classes, "input_size": list(loaded.preprocessing.input_size),
+                "task": reference.task.to_dict(),
                 **({"published": dict(loaded.config.published)} if loaded.config.published else {}),
             }
         return self.references[key]
+
+    def probe(self, loaded: LoadedModel, reference: TorchSubject) -> Optional[tasks.TaskProbe]:
+        """The digits case's real task figure for ``embed`` and ``dense``, fitted on fp32 r=0 outputs of the
+        training split (None for other tasks and data)."""
+        task = tasks.probe_for(loaded.config.task.name)
+        digits = loaded.training is not None or loaded.create_args["name"] in (DIGITS_ALIAS, DIGITS_MODEL)
+        if task is None or self.data is not None or not digits:
+            return None
+        from .digits import load_digits_split
+
+        split = load_digits_split(dict(loaded.config.train or ()).get("seed", 0))
+        self.say(f"fitting the {task} probe on fp32 r=0 train outputs")
+        return tasks.TaskProbe(task, reference.predict_outputs(split.train_x), split.train_y)
 
     def reference_decisions(self, loaded: LoadedModel, variant: Variant, x: np.ndarray) -> Decisions:
         """The merge decisions of fp32 PyTorch at the variant's r (what every backend's are compared with)."""
         key = (loaded.config.key, variant.r_label)
         if key not in self.decisions:
-            ref = TorchSubject(loaded.model, variant.r, "fp32", prop_attn=variant.model.prop_attn)
+            ref = TorchSubject(loaded.model, variant.r, "fp32", prop_attn=variant.model.prop_attn,
+                               task=variant.model.task)
             self.decisions[key] = torch_merge_decisions(ref.model, [x], ref.tensor)
         return self.decisions[key]
 
@@ -544,7 +577,7 @@ class _Subjects:
             self.say(f"preparing torch {v.precision} {v.r_label}")
             spec = backends()[self.backend]
             self.torch[v] = TorchSubject(self.loaded.model, v.r, v.precision, spec.device,
-                                         prop_attn=v.model.prop_attn, graph=spec.cuda_graph)
+                                         prop_attn=v.model.prop_attn, graph=spec.cuda_graph, task=v.model.task)
         return self.torch[v]
 
     def _artifact(self, v: Variant, batch: int, threads: int) -> ArtifactSubject:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from ..files import atomic_write
+from .quality import headline
 from .report import ordered
 
 PLOTS_DIR = "plots"
@@ -104,7 +105,7 @@ def pareto(cells: List[Dict], variants: Dict[str, Dict], cfg: Dict, title: str, 
         points = []
         for c in (c for c in cells if c["batch"] == batch):
             q = variants[c["variant"]]
-            y = q["accuracy"]["top1"] if use_accuracy else q["fidelity"]["top1_agreement"]
+            y = q["accuracy"]["top1"] if use_accuracy else headline(q["fidelity"])[0]
             points.append((c["throughput_ips"], y))
             ax.scatter(c["throughput_ips"], y, color=f"C{cfg['backends'].index(c['backend']) % 10}",
                        marker=markers[cfg["precisions"].index(c["precision"]) % len(markers)],
@@ -122,7 +123,8 @@ def pareto(cells: List[Dict], variants: Dict[str, Dict], cfg: Dict, title: str, 
         unique = dict(zip(labels, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=7)
         ax.set_xlabel("images / s")
-        ax.set_ylabel("top-1 accuracy" if use_accuracy else "top-1 agreement with fp32 r0 PyTorch")
+        name = headline(variants[cells[0]["variant"]]["fidelity"])[1] if cells else "top-1 agreement"
+        ax.set_ylabel("top-1 accuracy" if use_accuracy else f"{name} with fp32 r0 PyTorch")
         ax.set_title(f"batch {batch}", fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{title}: quality vs throughput ({threads} thread(s); labels: r)")

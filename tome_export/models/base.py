@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from ..info import ModelInfo  # noqa: F401  (what every family hands to the rest of the package)
 from ..kernels import fused_merge
-from ..merge import MERGE_IMPLS, Merge, bipartite_soft_matching, cap_r, merge_wavg
+from ..merge import MERGE_IMPLS, Merge, TokenOwners, bipartite_soft_matching, cap_r, merge_wavg
+from ..tasks import CLASSIFY, DENSE, EMBED, OUTPUTS, TOKENS
 
 
 @dataclass(frozen=True)
@@ -130,11 +131,24 @@ def identity_source(batch: int, tokens: int, like: torch.Tensor) -> torch.Tensor
     return torch.eye(tokens, dtype=like.dtype, device=like.device)[None].expand(batch, -1, -1)
 
 
+# What the state's source slot tracks: nothing (False), the source map (True), or where each input token is.
+OWNERS = "owners"
+Track = Union[bool, str]
+
+
 def run_blocks(blocks: Iterable[torch.nn.Module], block_forward: BlockForward, x: torch.Tensor,
-               trace_source: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Tokens ``x`` through ``blocks`` with ToMe's state, starting unmerged: ``(tokens, size, source)``."""
+               trace_source: Track = False) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Tokens ``x`` through ``blocks`` with ToMe's state, starting unmerged: ``(tokens, size, source)``.
+
+    ``trace_source``: True tracks the source map ``(B, T, T0)``; :data:`OWNERS` tracks
+    :class:`~tome_export.merge.TokenOwners` (which token holds each input token) in its place.
+    """
     size = bias = None
-    source = identity_source(x.shape[0], x.shape[1], x) if trace_source else None
+    source: Any = None
+    if trace_source == OWNERS:
+        source = TokenOwners.start(x.shape[0], x.shape[1], x.device)
+    elif trace_source:
+        source = identity_source(x.shape[0], x.shape[1], x)
     for block in blocks:
         x, size, source, bias = block_forward(block, x, size, source, bias)
     return x, size, source
@@ -171,14 +185,82 @@ def merge_destinations(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, np.
     return found
 
 
+@dataclass(frozen=True)
+class TaskPlan:
+    """What a patched model's forward returns (:func:`tome_export.models.set_task` resolves it against the model).
+
+    ``blocks``: how many blocks run (None: all); ``final_norm``: the family's per-token final norm after them;
+    ``prefix``: the leading protected tokens (never part of ``dense``; in ``tokens`` only with ``keep_prefix``);
+    ``grid``: ``(grid_h, grid_w)`` when ``dense`` is returned as ``(B, C, grid_h, grid_w)``.
+    """
+
+    name: str = CLASSIFY
+    blocks: Optional[int] = None
+    final_norm: bool = True
+    prefix: int = 0
+    keep_prefix: bool = False
+    normalize: bool = False
+    grid: Optional[Tuple[int, int]] = None
+
+    @property
+    def outputs(self) -> Tuple[str, ...]:
+        return OUTPUTS[self.name]
+
+
+def token_owners(tracked: Any) -> torch.Tensor:
+    """Which final token holds each input token ``(B, T0)`` int64, from :class:`TokenOwners` or a source map."""
+    if isinstance(tracked, TokenOwners):
+        return tracked.index
+    return tracked.argmax(dim=1)  # a source map (B, T, T0): each input token is in exactly one final token
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``out[b, j] = x[b, index[b, j]]`` for tokens ``x`` ``(B, T, C)``: one Gather of whole rows in an export."""
+    b, t, c = x.shape
+    offsets = torch.arange(b, device=x.device)[:, None] * t
+    return F.embedding(index + offsets, x.reshape(b * t, c))
+
+
+def _sizes(x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+    return size if size is not None else torch.ones_like(x[..., :1])
+
+
+# The outputs of each task from (model, final tokens, their sizes, tracked owners or source map, plan).
+def _classify(model: "ToMeModel", x, size, tracked, plan: TaskPlan) -> Tuple[torch.Tensor, ...]:
+    return (model.tome_head(x, size),)
+
+
+def _embed(model: "ToMeModel", x, size, tracked, plan: TaskPlan) -> Tuple[torch.Tensor, ...]:
+    pooled = model.tome_pooled(x, size)
+    return (F.normalize(pooled, dim=-1) if plan.normalize else pooled,)
+
+
+def _dense(model: "ToMeModel", x, size, tracked, plan: TaskPlan) -> Tuple[torch.Tensor, ...]:
+    features = gather_tokens(x, token_owners(tracked)[:, plan.prefix:])  # (B, patches, C)
+    if plan.grid is not None:
+        features = features.transpose(1, 2).reshape(x.shape[0], x.shape[2], *plan.grid)
+    return (features,)
+
+
+def _tokens(model: "ToMeModel", x, size, tracked, plan: TaskPlan) -> Tuple[torch.Tensor, ...]:
+    start = 0 if plan.keep_prefix else plan.prefix
+    sizes = _sizes(x, size)[:, start:, 0].round().to(torch.int64)
+    return x[:, start:], sizes, token_owners(tracked)[:, plan.prefix:] - start
+
+
+TASK_HEADS = {CLASSIFY: _classify, EMBED: _embed, DENSE: _dense, TOKENS: _tokens}
+
+
 class ToMeModel:
     """What every patched model class mixes in before its own class.
 
-    A family implements ``tome_features(x, trace_source) -> (tokens, size, source)`` and
-    ``tome_head(tokens, size)``; the forward passes are the same for all families.
+    A family implements ``tome_features(x, trace_source, blocks, final_norm) -> (tokens, size, source)``,
+    ``tome_head(tokens, size)`` and ``tome_pooled(tokens, size)`` (its embedding); the forward passes are the same
+    for all families and return what the model's :class:`TaskPlan` asks for.
     """
 
     tome: ToMeConfig
+    tome_task: TaskPlan = TaskPlan()
 
     @property
     def r(self) -> Tuple[int, ...]:
@@ -191,14 +273,24 @@ class ToMeModel:
         raise AttributeError(f"model.r is fixed when the model is patched: call tome_export.patch(model, {value!r}) "
                              f"again to re-configure (it keeps the weights)")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, size, _ = self.tome_features(x)
-        return self.tome_head(x, size)
+    def forward(self, x: torch.Tensor) -> Any:
+        """The task's output: one tensor, or a tuple for a task with several outputs (``tome_task.outputs``)."""
+        outputs = self.tome_outputs(x)
+        return outputs[0] if len(outputs) == 1 else outputs
 
-    def forward_with_source(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Logits and the source map: ``source[b, t, j] = 1`` when input token j is merged into token t."""
-        x, size, source = self.tome_features(x, trace_source=True)
-        return self.tome_head(x, size), source
+    def forward_with_source(self, x: torch.Tensor) -> Tuple[Any, torch.Tensor]:
+        """The forward's output and the source map: ``source[b, t, j] = 1`` when input token j is merged into
+        token t."""
+        *outputs, source = self.tome_outputs(x, trace_source=True)
+        return (outputs[0] if len(outputs) == 1 else tuple(outputs)), source
+
+    def tome_outputs(self, x: torch.Tensor, trace_source: bool = False) -> Tuple[torch.Tensor, ...]:
+        """The task's outputs in the order of their names, then (``trace_source``) the source map."""
+        plan = self.tome_task
+        track: Track = True if trace_source else (OWNERS if plan.name in (DENSE, TOKENS) else False)
+        x, size, tracked = self.tome_features(x, track, plan.blocks, plan.final_norm)
+        outputs = TASK_HEADS[plan.name](self, x, size, tracked, plan)
+        return outputs + ((tracked,) if trace_source else ())
 
 
 _PATCHED_CLASSES: dict = {}

@@ -19,7 +19,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..info import ModelInfo
 from ..preprocess import Preprocessing
-from .base import State, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
+from .base import State, Track, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
 from . import digits_vit
 from .checkpoint import hub_reachable, read_state_dict
 from .family import Family
@@ -151,15 +151,16 @@ class ToMeVisionTransformerMixin(ToMeModel):
     tome: ToMeConfig
 
     def tome_features(
-        self, x: torch.Tensor, trace_source: bool = False
+        self, x: torch.Tensor, trace_source: Track = False, blocks: Optional[int] = None, final_norm: bool = True
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Tokens after the final norm, their sizes ``(B, T, 1)`` and optionally their sources ``(B, T, T0)``."""
+        """Tokens after the first ``blocks`` blocks (None: all) and the final norm, their sizes ``(B, T, 1)`` and
+        optionally what :func:`run_blocks` tracks (the sources ``(B, T, T0)``)."""
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        x, size, source = run_blocks(self.blocks, _block, x, trace_source)
-        return self.norm(x), size, source
+        x, size, source = run_blocks(list(self.blocks)[:blocks], _block, x, trace_source)
+        return (self.norm(x) if final_norm else x), size, source
 
     def tome_head(self, x: torch.Tensor, size: Optional[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
         """The model's head; pooling weighs each token by its size (as if its patches were all still there)."""
@@ -177,8 +178,29 @@ class ToMeVisionTransformerMixin(ToMeModel):
         pooled = self.head_drop(self.fc_norm(pooled))
         return pooled if pre_logits else self.head(pooled)
 
+    def tome_pooled(self, x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+        """The embedding: the pooled tokens before the classifier, or a CLIP tower's image projection (timm keeps it
+        as the head)."""
+        pooled = self.tome_head(x, size, pre_logits=True)
+        return self.head(pooled) if clip_projection(self) else pooled
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.tome_features(x)[0]
+
+
+def clip_projection(model: VisionTransformer) -> bool:
+    """Whether the head is a CLIP tower's image projection (timm loads it as the head of the image-text weights,
+    e.g. ``.openai``, ``.laion2b``), not a classifier fine-tuned on top (tags with ``ft``)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return "_clip_" in cfg.get("architecture", "") and "ft" not in (cfg.get("tag") or "ft").split("_") \
+        and isinstance(model.head, torch.nn.Linear)
+
+
+def task_reason(model: VisionTransformer, task: str) -> Optional[str]:
+    """Why ``task`` does not apply to this model (None when it does)."""
+    if task == "embed" and model.global_pool == "":
+        return "it has no pooling (global_pool=''): there is no pooled embedding; use --task tokens or dense"
+    return None
 
 
 def patch(model: VisionTransformer, cfg: ToMeConfig) -> VisionTransformer:
@@ -293,5 +315,5 @@ FAMILY = Family(
     load_checkpoint=load_checkpoint, claims=claims, unsupported_reason=unsupported_reason,
     model_info=model_info, preprocessing=lambda model: Preprocessing.from_config(data_config(model)), patch=patch,
     aliases=ALIASES, names=names, verified=VERIFIED, libraries=("timm",),
-    manifest_fields=manifest_fields, example=example,
+    manifest_fields=manifest_fields, example=example, task_reason=task_reason,
 )

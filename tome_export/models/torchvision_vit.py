@@ -25,7 +25,7 @@ from torchvision.transforms._presets import ImageClassification
 from ..errors import UserError
 from ..info import ModelInfo
 from ..preprocess import Preprocessing
-from .base import State, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
+from .base import State, Track, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
 from .checkpoint import read_state_dict, url_reachable
 from .family import Family
 
@@ -241,19 +241,24 @@ class ToMeVisionTransformerMixin(ToMeModel):
     tome: ToMeConfig
 
     def tome_features(
-        self, x: torch.Tensor, trace_source: bool = False
+        self, x: torch.Tensor, trace_source: Track = False, blocks: Optional[int] = None, final_norm: bool = True
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Tokens after the final norm, their sizes ``(B, T, 1)`` and optionally their sources ``(B, T, T0)``."""
+        """Tokens after the first ``blocks`` encoder layers (None: all) and the final norm, their sizes
+        ``(B, T, 1)`` and optionally what :func:`run_blocks` tracks (the sources ``(B, T, T0)``)."""
         x = self._process_input(x)
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.encoder.dropout(x + self.encoder.pos_embedding)
-        x, size, source = run_blocks(self.encoder.layers, _block, x, trace_source)
-        return self.encoder.ln(x), size, source
+        x, size, source = run_blocks(list(self.encoder.layers)[:blocks], _block, x, trace_source)
+        return (self.encoder.ln(x) if final_norm else x), size, source
 
     def tome_head(self, x: torch.Tensor, size: Optional[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
         """The class-token head (sizes do not matter for it)."""
         x = x[:, 0]
         return self.heads[:-1](x) if pre_logits else self.heads(x)
+
+    def tome_pooled(self, x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+        """The embedding: the class token after the final norm (and the pre-logits layer, where there is one)."""
+        return self.tome_head(x, size, pre_logits=True)
 
 
 def patch(model: VisionTransformer, cfg: ToMeConfig) -> VisionTransformer:

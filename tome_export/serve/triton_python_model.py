@@ -42,7 +42,7 @@ class TritonPythonModel:
         threads = int(parameters["threads"]) if parameters.get("threads") else None
         self.runner = runtime.load(ARTIFACT, threads=threads)
         self.input_name = config["input"][0]["name"]
-        self.output_name = config["output"][0]["name"]
+        self.output_names = [output["name"] for output in config["output"]]
         self.batched = int(config.get("max_batch_size", 0)) > 0
 
     def execute(self, requests):
@@ -55,12 +55,13 @@ class TritonPythonModel:
             except UserError as exc:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
         if self.batched and len(checked) > 1:
-            logits = self.runner(np.concatenate([batch for _, batch in checked]))
-            ends = np.cumsum([len(batch) for _, batch in checked])
-            parts = np.split(logits, ends[:-1])
+            outputs = self.runner.infer(np.concatenate([batch for _, batch in checked]), self.output_names)
+            ends = np.cumsum([len(batch) for _, batch in checked])[:-1]
+            split = {name: np.split(value, ends) for name, value in outputs.items()}
+            parts = [{name: split[name][j] for name in self.output_names} for j in range(len(checked))]
         else:
-            parts = [self.runner(batch) for _, batch in checked]
+            parts = [self.runner.infer(batch, self.output_names) for _, batch in checked]
         for (i, _), part in zip(checked, parts):
-            output = pb_utils.Tensor.from_dlpack(self.output_name, np.ascontiguousarray(part))
-            responses[i] = pb_utils.InferenceResponse(output_tensors=[output])
+            tensors = [pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(part[name])) for name in self.output_names]
+            responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
         return responses

@@ -38,7 +38,8 @@ def _request(request: Optional[TuneRequest], fields: Dict[str, Any]) -> TuneRequ
     if request is not None:
         return dataclasses.replace(request, **fields) if fields else request
     budget = fields.pop("budget", None) or Budget(**{k: fields.pop(k) for k in
-                                                     ("max_accuracy_drop", "min_agreement", "max_latency_ms")
+                                                     ("max_accuracy_drop", "min_agreement", "max_latency_ms",
+                                                      "min_cosine")
                                                      if k in fields})
     if isinstance(fields.get("timing"), dict):
         fields["timing"] = TimingSettings(**fields["timing"])
@@ -46,6 +47,10 @@ def _request(request: Optional[TuneRequest], fields: Dict[str, Any]) -> TuneRequ
         fields["precisions"] = tuple(fields["precisions"])
     if fields.get("output") is not None:
         fields["output"] = Path(fields["output"])
+    if isinstance(fields.get("task"), str):
+        from ..tasks import as_task
+
+        fields["task"] = as_task(fields["task"])
     return TuneRequest(budget=budget, **fields)
 
 

@@ -20,10 +20,12 @@ from ..errors import UserError, ValidationError
 from ..manifest import MANIFEST, read_manifest
 from ..pipeline import BuildRequest, build
 from ..bench import quality as bench_quality
+from ..bench.tasks import task_fidelity
 from ..bench.config import DIGITS_ALIAS, DIGITS_MODEL, ModelConfig
 from ..bench.subjects import ArtifactSubject, LoadedModel, TorchSubject, load_model
 from ..bench.timing import measure_interleaved
 from ..quality.calibration import BUNDLED, calibration_batches
+from ..tasks import Task
 from .request import DIGITS_DATA, CheckedRequest, TuneRequest
 from .search import Candidate, OutOfTime, Schedule, Shape
 
@@ -84,6 +86,15 @@ def eval_set(request: TuneRequest, loaded: LoadedModel, digits_seed: int) -> ben
                                  f"seed {request.seed + 1}; unlabelled)", np.concatenate(batches))
 
 
+def task_figures(task: str, reference: Dict[str, np.ndarray], outputs: Dict[str, np.ndarray],
+                 labels: Optional[np.ndarray]) -> Dict[str, Any]:
+    """A candidate's quality figures for its task: :func:`quality_figures` of a classifier's logits, else the
+    task's fidelity (:func:`~tome_export.bench.tasks.task_fidelity`, its ``cosine`` is what the budget limits)."""
+    if task == "classify":
+        return quality_figures(reference["logits"], outputs["logits"], labels)
+    return task_fidelity(task, reference, outputs)
+
+
 def quality_figures(reference: np.ndarray, logits: np.ndarray, labels: Optional[np.ndarray]) -> Dict[str, Any]:
     """Fidelity to fp32 r=0 (top-1 agreement, logit cosine) and, with labels, accuracy: the net drop in points
     and the images fp32 r=0 classifies correctly that the candidate does not (``lost``)."""
@@ -121,7 +132,8 @@ class Workbench:
         self.shape = Shape(info.num_blocks, info.num_tokens, info.num_protected)
         self.eval = eval_set(self.request, self.loaded, dict(self.config.train or ()).get("seed", 0))
         self.say(f"reference: fp32 r=0 PyTorch on {self.eval.name}")
-        self.reference = TorchSubject(self.loaded.model, 0, "fp32").predict(self.eval.images)
+        self.task = self.request.task
+        self.reference = self._eager(0).predict_outputs(self.eval.images)
         self.cache = Path(self.request.cache) if self.request.cache is not None else default_cache()
         self.screens: Dict[Tuple[int, ...], Evaluation] = {}
         self.evaluations: Dict[Tuple[str, Tuple[int, ...]], Evaluation] = {}
@@ -160,8 +172,11 @@ class Workbench:
 
     # --- probes ---------------------------------------------------------------------------------------------
 
-    def _figures(self, logits: np.ndarray) -> Tuple[Dict[str, Any], bool]:
-        figures = quality_figures(self.reference, logits, self.eval.labels)
+    def _eager(self, r: Any) -> TorchSubject:
+        return TorchSubject(self.loaded.model, r, "fp32", task=self.task)
+
+    def _figures(self, outputs: Dict[str, np.ndarray]) -> Tuple[Dict[str, Any], bool]:
+        figures = task_figures(self.task.name, self.reference, outputs, self.eval.labels)
         return figures, self.request.budget.within_quality(figures)
 
     def screen(self, schedule: Schedule) -> bool:
@@ -170,8 +185,8 @@ class Workbench:
             last = max((e.seconds for e in self.screens.values()), default=0.0)
             self._make_room(last, f"screening {schedule.label}")
             started = self.clock()
-            logits = TorchSubject(self.loaded.model, list(schedule.blocks), "fp32").predict(self.eval.images)
-            figures, within = self._figures(logits)
+            outputs = self._eager(list(schedule.blocks)).predict_outputs(self.eval.images)
+            figures, within = self._figures(outputs)
             self.probes += 1
             self.screens[schedule.blocks] = Evaluation(Candidate("fp32", schedule), figures, within, self.probes,
                                                        self.clock() - started)
@@ -196,7 +211,7 @@ class Workbench:
             subject = ArtifactSubject(directory, self.request.resolved_threads, cached=cached)
             try:
                 predicted = self.clock()
-                logits = subject.predict(self.eval.images)
+                outputs = subject.predict_outputs(self.eval.images)
                 batches = math.ceil(len(self.eval.images) / (subject.static_batch or 64))
                 batch_ms = 1000.0 * (self.clock() - predicted) / batches
             finally:
@@ -205,13 +220,15 @@ class Workbench:
             reason = _failure_reason(exc)
             self.say(f"{candidate.key}: failed ({reason})")
             return Evaluation(candidate, {}, False, self.probes, self.clock() - started, "failed", reason)
-        figures, within = self._figures(logits)
+        figures, within = self._figures(outputs)
         self.say(f"{candidate.key}{' (cached)' if cached else ''}: {self.describe(figures)} -> "
                  f"{'within' if within else 'outside'} the budget")
         return Evaluation(candidate, figures, within, self.probes, self.clock() - started, directory=directory,
                           cached=cached, batch_ms_hint=batch_ms)
 
     def describe(self, figures: Dict[str, Any]) -> str:
+        if "top1_agreement" not in figures and "cosine" in figures:
+            return f"mean {self.task.name} cosine {figures['cosine']:.4f}"
         if "lost_images" in figures:
             return (f"accuracy {100 * figures['accuracy']:.2f}% (lost {figures['lost_images']} images = "
                     f"{figures['lost_pts']:.2f} pts, net drop {figures['accuracy_drop_pts']:+.2f})")
@@ -219,7 +236,9 @@ class Workbench:
 
     def artifact_dir(self, candidate: Candidate) -> Path:
         r = request_r_label(candidate.schedule)
-        return self.cache / f"{self.config.key}-{self.request.target}-{candidate.precision}-{r}-b{self.request.batch}"
+        task = "" if self.task == Task() else f"-{self.task.name}-{_task_digest(self.task)}"
+        return self.cache / (f"{self.config.key}{task}-{self.request.target}-{candidate.precision}-{r}"
+                             f"-b{self.request.batch}")
 
     def _build(self, candidate: Candidate) -> Tuple[Path, bool]:
         """The candidate's artifact directory in the cache, built through the normal pipeline when missing."""
@@ -237,7 +256,7 @@ class Workbench:
             model=args["name"], r=candidate.schedule.r, target=request.target, precision=candidate.precision,
             batch=request.batch, output=out, weights="random" if args["checkpoint"] else args["weights"],
             checkpoint=args["checkpoint"], seed=args["seed"], model_kwargs=dict(args["kwargs"]),
-            target_options=options, force=True),
+            target_options=options, force=True, task=self.task),
             log=lambda msg: None, warn=lambda msg: self.say(f"{candidate.key}: warning: {msg}"))
         return out, False
 
@@ -274,6 +293,14 @@ class Workbench:
                 e.timing = timings[e.candidate.key].summary(request.batch)
         return {**request.timing.for_batch(request.batch), "interleaved": len(runs), "batch": request.batch,
                 "threads": request.resolved_threads, "load_average": {"before": load_before, "after": load_after}}
+
+
+def _task_digest(task: Any) -> str:
+    """A short id of a task and its options (cache directories of different options differ)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(task.to_dict(), sort_keys=True).encode()).hexdigest()[:6]
 
 
 def request_r_label(schedule: Schedule) -> str:

@@ -38,8 +38,10 @@ def tune_section(*, request: Any, checked: Any, bench: Any, decision: Decision, 
     evaluations = sorted(bench.evaluations.values(), key=lambda e: e.order)
     reference = {"model": "fp32 r=0 eager PyTorch", "eval_set": bench.eval.name,
                  "random_weights": request.weights == "random" and request.checkpoint is None}
-    if bench.eval.labels is not None:
-        reference["accuracy"] = float((bench.reference.argmax(1) == bench.eval.labels).mean())
+    if bench.eval.labels is not None and "logits" in bench.reference:
+        reference["accuracy"] = float((bench.reference["logits"].argmax(1) == bench.eval.labels).mean())
+    if request.task.name != "classify":
+        reference["task"] = request.task.to_dict()
     return {
         "objective": f"highest throughput (images/s) at batch {request.batch} with {request.resolved_threads} "
                      f"thread(s) on this machine, within the budget",
@@ -74,6 +76,9 @@ def _quality_text(q: Dict[str, Any]) -> str:
         return "-"
     if "lost_images" in q:
         return f"{100 * q['accuracy']:.2f}% ({q['lost_images']} lost, net {q['accuracy_drop_pts']:+.2f} pts)"
+    if "top1_agreement" not in q:
+        kept = f", {q['kept']} tokens" if "kept" in q else ""
+        return f"cosine {q['cosine']:.4f}{kept}"
     return f"{q['top1_agreement']:.3f} / {q['mean_cosine']:.4f}"
 
 
@@ -169,7 +174,7 @@ def pareto_plot(section: Dict[str, Any], model: str, path: Path) -> Path:
         if "throughput_ips" not in c["timing"]:
             continue
         x = c["timing"]["throughput_ips"]
-        y = -c["quality"]["lost_pts"] if accuracy else c["quality"]["top1_agreement"]
+        y = -c["quality"]["lost_pts"] if accuracy else c["quality"].get("top1_agreement", c["quality"].get("cosine"))
         points.append((x, y))
         ax.scatter(x, y, color=f"C{precisions.index(c['precision']) % 10}", marker="o" if c["within_budget"] else "x",
                    label=c["precision"], zorder=3)
@@ -186,13 +191,15 @@ def pareto_plot(section: Dict[str, Any], model: str, path: Path) -> Path:
         front.sort()
         ax.plot([p[0] for p in front], [p[1] for p in front], color="k", lw=0.8, alpha=0.5, label="Pareto front")
     b = section["budget"]
-    ax.axhline(-b["max_accuracy_drop_pts"] if accuracy else b["min_top1_agreement"], color="C3", ls="--", lw=0.9,
+    limit = b["min_cosine"] if b["kind"] == "cosine" else b["min_top1_agreement"]
+    ax.axhline(-b["max_accuracy_drop_pts"] if accuracy else limit, color="C3", ls="--", lw=0.9,
                label="budget")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys(), fontsize=7)
     ax.set_xlabel(f"images / s (batch {section['batch']}, {section['threads']} thread(s))")
-    ax.set_ylabel("accuracy lost vs fp32 r=0 (points, negated)" if accuracy else "top-1 agreement with fp32 r=0")
+    ax.set_ylabel("accuracy lost vs fp32 r=0 (points, negated)" if accuracy else
+                  "mean feature cosine with fp32 r=0" if b["kind"] == "cosine" else "top-1 agreement with fp32 r=0")
     ax.grid(alpha=0.3)
     ax.set_title(f"{model} on {section['target']}: quality vs throughput (labels: r; x: outside the budget)",
                  fontsize=9)
