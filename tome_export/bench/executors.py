@@ -82,6 +82,10 @@ class Executor:
         """Jobs submitted and not yet handed back."""
         return len(self._queue)
 
+    def submitted(self, key: str) -> bool:
+        """Whether the job ``key`` was submitted (or has run) already."""
+        return key in self._done or any(j.key == key for j in self._queue)
+
     def result(self, job: Job) -> Outcome:
         """The outcome of ``job`` (submitted before or not), waiting for it."""
         if job.key not in self._done:
@@ -118,7 +122,11 @@ def check_cluster(cluster: Optional[str]) -> None:
         return
     if not (cluster in ("ray", "auto") or cluster.startswith("ray://") or _host_port(cluster)):
         raise UserError(f"--cluster {cluster!r}: give one of {', '.join(CLUSTER_CHOICES)}")
-    if importlib.util.find_spec("ray") is None:
+    try:
+        found = importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):  # a broken or blocked installation
+        found = False
+    if not found:
         raise UserError(f"--cluster needs Ray, which is not installed: {INSTALL_HINT}")
 
 

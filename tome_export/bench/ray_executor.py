@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import ray
@@ -43,6 +44,7 @@ class RayExecutor(Executor):
 
     def __init__(self, cluster: str, log: Callable[[str], None] = lambda msg: None) -> None:
         super().__init__()
+        started = time.perf_counter()
         self.cluster, self.log = cluster, log
         self.started_here = cluster == "ray"
         self._refs: Dict[Any, Job] = {}  # launched, not yet collected
@@ -57,7 +59,9 @@ class RayExecutor(Executor):
                        "cpus": n["Resources"].get("CPU", 0)} for n in nodes]
         self._cpus = int(sum(n["cpus"] for n in self.nodes)) or len(nodes)
         self._remote = ray.remote(_call)
-        log(f"Ray {ray.__version__}: {len(nodes)} node(s) with {NODE_RESOURCE}, {self._cpus} CPUs")
+        self.start_seconds = round(time.perf_counter() - started, 3)  # connecting (and starting a local Ray)
+        log(f"Ray {ray.__version__}: {len(nodes)} node(s) with {NODE_RESOURCE}, {self._cpus} CPUs "
+            f"(ready in {self.start_seconds:.1f} s)")
 
     def _connect(self) -> None:
         options: Dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
@@ -81,8 +85,12 @@ class RayExecutor(Executor):
     def pending(self) -> int:
         return len(self._refs) + sum(len(v) for v in self._waiting.values())
 
+    def submitted(self, key: str) -> bool:
+        return (key in self._done or any(j.key == key for j in self._refs.values())
+                or any(j.key == key for followers in self._waiting.values() for j in followers))
+
     def submit(self, job: Job) -> None:
-        if job.key in self._done or any(j.key == job.key for j in self._refs.values()):
+        if self.submitted(job.key):
             return
         if job.follows is not None and job.follows not in self._done:
             self._waiting.setdefault(job.follows, []).append(job)
@@ -137,7 +145,8 @@ class RayExecutor(Executor):
 
     def describe(self) -> Dict[str, Any]:
         return {"kind": self.kind, "cluster": self.cluster, "started_here": self.started_here,
-                "ray_version": ray.__version__, "nodes": self.nodes, "retries": RETRIES}
+                "ray_version": ray.__version__, "nodes": self.nodes, "retries": RETRIES,
+                "start_seconds": self.start_seconds}
 
     def close(self) -> None:
         if ray.is_initialized():
