@@ -487,6 +487,7 @@ class _Run(_Measure):
     def absorb(self, work: GroupWork, outcome: Outcome) -> None:
         """A job's records into the results, which are saved at once (an interrupted run keeps them)."""
         self.in_flight.pop(work.key, None)
+        where = "?"
         if outcome.error is not None:
             for c in work.cells:  # a record kept from before stays; the others failed with the job
                 kept = work.previous.get(c.id)
@@ -509,7 +510,8 @@ class _Run(_Measure):
                                                           "cells": len(work.cells)}
         self.save()
         if self.bar.disable:
-            self.log(f"{work.label} {'failed: ' + outcome.error if outcome.error else 'done'} ({self.progress()})")
+            self.log(f"{work.label} {'failed: ' + outcome.error if outcome.error else 'done on ' + where} "
+                     f"({self.progress()})")
         else:
             self.bar.set_postfix_str(self.progress(), refresh=True)
 

@@ -372,14 +372,15 @@ def _nodes(results: Dict[str, Any], measured: List[Dict[str, Any]]) -> List[str]
 
 def by_node_kind(results: Dict[str, Any], measured: List[Dict[str, Any]]) -> List[Tuple[str, List[Dict[str, Any]]]]:
     """Measured cells by the kind of node that timed them (one untitled part when every node was alike)."""
+    env = results.get("environment") or {}
+    here = {**(env.get("machine") or {}), "gpu": env.get("gpu"), "versions": env.get("versions") or {}}
     nodes = results.get("nodes") or {}
     kinds: Dict[Tuple, List[Dict[str, Any]]] = defaultdict(list)
-    for c in measured:
-        kinds[node_kind(nodes.get(c.get("node")))].append(c)
+    for c in measured:  # a cell that names no node was timed in this process, before nodes were recorded
+        kinds[node_kind(nodes.get(c.get("node")) or here)].append(c)
     if len(kinds) <= 1:
         return [("", measured)]
-    return [(_node_text(nodes[members[0]["node"]]) if kind else "nodes not recorded", members)
-            for kind, members in kinds.items()]
+    return [(_node_text(nodes.get(members[0].get("node")) or here), members) for members in kinds.values()]
 
 
 def _demoted(lines: List[str]) -> List[str]:
