@@ -126,3 +126,15 @@ def test_no_function_over_60_lines():
                 if lines > 60:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert long == []
+
+
+def test_only_the_ray_executor_imports_ray():
+    """Ray is an extra (``cluster``): one module imports it, and only when a cluster is asked for."""
+    importers = []
+    for path in FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                importers.append(_module_name(path))
+    assert sorted(set(importers)) == ["tome_export.bench.ray_executor"]

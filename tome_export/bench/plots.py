@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Tuple
 
 from ..files import atomic_write
 from .quality import headline
-from .report import ordered
+from .report import by_node_kind, ordered
 
 PLOTS_DIR = "plots"
 
@@ -132,16 +132,17 @@ def pareto(cells: List[Dict], variants: Dict[str, Dict], cfg: Dict, title: str, 
 
 
 def write_plots(out: Path, results: Dict[str, Any]) -> List[Path]:
-    """The three plots for every model with measured cells; returns their paths."""
+    """The three plots for every model with measured cells (per kind of node that timed them, when the cells come
+    from more than one: ``-node1``, ``-node2``, ...); returns their paths."""
     cfg = results["config"]
     written = []
     for key, info in results["models"].items():
-        cells = [c for c in results["cells"].values() if c["model"] == key and c["status"] == "measured"]
-        if not cells:
-            continue
-        title = info["model"]
-        base = Path(out) / PLOTS_DIR
-        written.append(throughput_vs_batch(cells, cfg, title, base / f"{key}-throughput-vs-batch.png"))
-        written.append(speedup_bars(cells, cfg, title, base / f"{key}-speedup-bars.png"))
-        written.append(pareto(cells, results["variants"], cfg, title, base / f"{key}-pareto.png"))
+        measured = [c for c in results["cells"].values() if c["model"] == key and c["status"] == "measured"]
+        parts = by_node_kind(results, measured) if measured else []
+        for i, (kind, cells) in enumerate(parts):
+            title = info["model"] + (f" on {kind}" if kind else "")
+            base = Path(out) / PLOTS_DIR / (f"{key}-node{i + 1}" if len(parts) > 1 else key)
+            written.append(throughput_vs_batch(cells, cfg, title, base.with_name(base.name + "-throughput-vs-batch.png")))
+            written.append(speedup_bars(cells, cfg, title, base.with_name(base.name + "-speedup-bars.png")))
+            written.append(pareto(cells, results["variants"], cfg, title, base.with_name(base.name + "-pareto.png")))
     return written

@@ -9,9 +9,10 @@ from __future__ import annotations
 import copy
 import io
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -198,13 +199,39 @@ def artifact_dir(cache: Path, variant: Variant, dynamic_batch: bool, batch: int)
     return cache / f"{variant.model.key}-{variant.r_label}-{backends()[variant.backend].target}-{variant.precision}-{shape}"
 
 
+@contextmanager
+def waiting_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing), waiting for it: two jobs that build the same artifact
+    on one disk (two nodes of a cluster on one machine, or a shared cache) take turns, and the second finds the
+    first's build."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one job at a time there anyway
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_artifact(prepared: LoadedModel, variant: Variant, cache: Path, dynamic_batch: bool, batch: int,
                     merge_impl: str, log: Callable[[str], None]) -> tuple:
     """Build the variant's artifact once (through the same pipeline as ``tome-export``); returns (dir, cached)."""
     out = artifact_dir(cache, variant, dynamic_batch, batch)
-    if (out / "manifest.json").is_file():
-        return out, True
-    cache.mkdir(parents=True, exist_ok=True)
+    with waiting_lock(cache / f".{out.name}.wait"):
+        if (out / "manifest.json").is_file():
+            return out, True
+        _build_variant(prepared, variant, out, dynamic_batch, batch, merge_impl, log)
+    return out, False
+
+
+def _build_variant(prepared: LoadedModel, variant: Variant, out: Path, dynamic_batch: bool, batch: int,
+                   merge_impl: str, log: Callable[[str], None]) -> None:
+    cache = out.parent
     if not (cache / ".gitignore").exists():  # built models are large: keep them out of a results commit
         (cache / ".gitignore").write_text("*\n")
     args = prepared.create_args
@@ -217,4 +244,3 @@ def ensure_artifact(prepared: LoadedModel, variant: Variant, cache: Path, dynami
         prop_attn=variant.model.prop_attn, task=variant.model.task,
     ), log=lambda msg: log(f"{variant.backend} {variant.precision} {r_label(variant.r)}: {msg}"),
         warn=lambda msg: log(f"warning: {msg}"))
-    return out, False

@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..bench.executors import CLUSTER_HELP
 from .common import Command, Parser
 from .export import task_arguments, task_of
 
 EXAMPLES = """examples:
   tome-export tune --model digits_vit --target openvino --max-accuracy-drop 1.0 --data digits --output out/
   tome-export tune --model vit_b16 --target openvino --batch 8 --min-agreement 0.95 --output tuned/
+  tome-export tune --model vit_b16 --target openvino --min-agreement 0.95 --cluster ray://head:10001 --output tuned/
   tome-export tune --model vit_b16 --target onnxruntime --precisions fp32,int8 --max-accuracy-drop 0.5 \\
       --data imagenet/val --max-latency-ms 40 --time-budget 60 --output tuned/
   tome-export tune --model dinov2_s14_reg --task dense --target openvino --min-cosine 0.95 --output tuned-dense/
@@ -59,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, help="where candidates are built and kept (default ~/.cache/tome-export/tune)")
     p.add_argument("--output", "-o", type=Path, required=True, help="directory for the winning artifact and report")
     p.add_argument("--force", action="store_true", help="replace an output directory holding another build")
+    p.add_argument("--cluster", metavar="ADDRESS", help=CLUSTER_HELP + "; candidates are built on any node, timed "
+                   "together on one, and the winner is written here (rebuilt and checked by sha256, or copied from a "
+                   "--cache every node shares). Needs tome-export[cluster]")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     task_arguments(p)
     return p
@@ -77,7 +82,7 @@ def run(argv: Sequence[str]) -> int:
         max_images=args.max_images, calib_data=args.calib_data, cache=args.cache, tie_tolerance=args.tie_tolerance,
         timing=TimingSettings(rounds=args.rounds), force=args.force, task=task_of(args))
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"tune: {msg}", file=sys.stderr, flush=True))
-    result = tune(request, log=log)
+    result = tune(request, log=log, cluster=args.cluster)
     s = result.section
     w = s["winner"]
     print(f"wrote {result.path} ({w['candidate']}, r {w['r']}: {w['reason']})")

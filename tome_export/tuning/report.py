@@ -27,6 +27,8 @@ def candidate_entry(e: Evaluation, info: ModelInfo, decision: Decision) -> Dict[
     }
     if e.reason:
         entry["reason"] = e.reason
+    if e.built_on is not None:
+        entry["built_on"] = e.built_on
     return entry
 
 
@@ -43,13 +45,14 @@ def tune_section(*, request: Any, checked: Any, bench: Any, decision: Decision, 
     if request.task.name != "classify":
         reference["task"] = request.task.to_dict()
     return {
-        "objective": f"highest throughput (images/s) at batch {request.batch} with {request.resolved_threads} "
-                     f"thread(s) on this machine, within the budget",
+        "objective": f"highest throughput (images/s) at batch {request.batch} with "
+                     f"{timing.get('threads', request.resolved_threads)} thread(s) on "
+                     f"{'one node of the cluster' if timing.get('node') else 'this machine'}, within the budget",
         "budget": request.budget.to_dict(), "met_budget": decision.met_budget,
         "winner": {**candidate_entry(w, info, decision), "reason": decision.reason},
         "tome_paid": decision.tome_paid, "tome_verdict": decision.tome_verdict,
         "tome_by_precision": decision.per_precision, "reference": reference,
-        "target": request.target, "batch": request.batch, "threads": request.resolved_threads,
+        "target": request.target, "batch": request.batch, "threads": timing.get("threads", request.resolved_threads),
         "precisions": list(checked.precisions), "precisions_left_out": dict(checked.left_out),
         "search": {
             "method": "fp32 eager screen, then per precision r=0 and bisection for the last schedule within the "
@@ -103,7 +106,7 @@ def _loads(values: Optional[Sequence[float]]) -> str:
 
 def _context(section: Dict[str, Any], model: str) -> List[str]:
     env, timing = section["environment"], section["timing"]
-    m = env.get("machine", {})
+    m = timing.get("node") or env.get("machine", {})  # the machine that timed the candidates
     return [
         f"- Model: `{model}`; target `{section['target']}`, batch {section['batch']}, {section['threads']} thread(s)",
         f"- Budget: {section['budget']['description']}",
@@ -118,7 +121,10 @@ def _context(section: Dict[str, Any], model: str) -> List[str]:
         f"- Time: {section['elapsed_s'] / 60:.1f} of {section['time_budget_min']:g} minutes; {section['search']['probes']} "
         f"probes" + (f"; **stopped early** ({section['search']['stopped']})" if section["search"]["stopped"] else ""),
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
-    ] + (["- **Random weights:** an untrained model's outputs barely depend on which tokens merge, so agreement with "
+    ] + ([f"- Cluster: Ray at `{env['cluster'].get('cluster')}`, {len(env['cluster'].get('nodes', []))} node(s); "
+          f"candidates built and evaluated on any node, all timed together on `{m.get('host', '?')}`"
+          + (f" (built again there, same sha256: {', '.join(timing['rebuilt_for_timing'])})"
+             if timing.get("rebuilt_for_timing") else "")] if env.get("cluster") else []) + (["- **Random weights:** an untrained model's outputs barely depend on which tokens merge, so agreement with "
           "r=0 stays high even at extreme r: the r chosen here says nothing about a trained model (use its weights)."]
          if section["reference"].get("random_weights") else [])
 
