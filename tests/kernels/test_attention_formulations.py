@@ -168,3 +168,15 @@ def test_training_gradients_are_the_same_with_padded_heads():
             model(x).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert (grads[0] - grads[1]).abs().max() <= 1e-5 * max(1.0, grads[1].abs().max().item())
+
+
+@pytest.mark.slow  # a compilation (~10-20 s)
+def test_padded_heads_compile_as_one_graph():
+    model = patch(make_model("qknorm", depth=2, img_size=64), r=6)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(x)
+        with designs.forced(DESIGNS[0]):
+            got = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()

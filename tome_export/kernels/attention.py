@@ -17,10 +17,12 @@ Which one runs where is a measured choice (:mod:`tome_export.kernels.designs`).
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .plan import split_log_size
@@ -34,13 +36,15 @@ def mask_attention(q: Tensor, k: Tensor, v: Tensor, log_size: Tensor, dropout_p:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=log_size.to(q.dtype), dropout_p=dropout_p)
 
 
+_CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                SDPBackend.MATH]
+# set_priority (torch >= 2.6) makes the list an order; without it SDPA's own order among them applies
+_PRIORITY = {"set_priority": True} if "set_priority" in inspect.signature(sdpa_kernel).parameters else {}
+
+
 def cudnn_attention(q: Tensor, k: Tensor, v: Tensor, log_size: Tensor, dropout_p: float = 0.0) -> Tensor:
     """:func:`mask_attention` with cuDNN's kernel first; SDPA takes the next backend where cuDNN cannot run."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION,
-             SDPBackend.MATH]
-    with sdpa_kernel(order, set_priority=True):
+    with sdpa_kernel(_CUDNN_FIRST, **_PRIORITY):
         return mask_attention(q, k, v, log_size, dropout_p)
 
 

@@ -60,13 +60,21 @@ _FORCED: Optional[Design] = None
 
 def design_for(gpu: str, batch: int, table: Optional[Dict[str, Entries]] = None) -> Design:
     """The design measured fastest on ``gpu`` at the largest measured batch not above ``batch``."""
-    entries = (_TABLE if table is None else table).get(gpu, ())
-    return next((d for smallest, d in reversed(entries) if smallest <= batch), DEFAULT)
+    chosen = DEFAULT
+    for smallest, entry in (_TABLE if table is None else table).get(gpu, ()):
+        if smallest <= batch:
+            chosen = entry
+    return chosen
 
 
-@torch.compiler.assume_constant_result
+_GPU_NAMES: Dict[int, str] = {}
+
+
+@torch.compiler.assume_constant_result  # torch.compile takes the name as a constant instead of tracing CUDA calls
 def _gpu_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
+    if index not in _GPU_NAMES:
+        _GPU_NAMES[index] = torch.cuda.get_device_name(index)
+    return _GPU_NAMES[index]
 
 
 def design(x: torch.Tensor) -> Design:

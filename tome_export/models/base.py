@@ -22,7 +22,7 @@ class ToMeConfig:
     r: Tuple[int, ...]  # requested r per block (the per-block cap applies at run time)
     merge_impl: str = "gather"  # the lowering traced into exports and run on the CPU
     prop_attn: bool = True
-    fused: bool = True  # on CUDA: matching and merge as Triton kernels (same decisions), attention per GPU design
+    fused: bool = True  # on CUDA: matching and merge as Triton kernels (same decisions as merge_impl)
 
     def __post_init__(self) -> None:
         if self.merge_impl not in MERGE_IMPLS:
