@@ -49,7 +49,7 @@ def test_a_second_build_of_one_directory_is_refused_while_the_first_runs(tmp_pat
 def test_the_lock_holds_across_processes_and_the_cli_says_so_in_one_line(tmp_path, capsys):
     out = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, pathlib; from tome_export.pipeline import output_lock\n"
+        [sys.executable, "-c", "import sys, pathlib; from tome_export.files import output_lock\n"
          f"with output_lock(pathlib.Path({str(out)!r})):\n    print('locked', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -34,7 +34,7 @@ from tome_export.inspection import format_report, inspect_path
 from tome_export.models import ModelName, ModelSpec, families, model_info, patch, preprocessing
 from tome_export.pipeline import BuildRequest, PreparedBuild, PreparedModel, build_into, graph_metadata, plan_build
 from tome_export.quality.validate import Thresholds, check_thresholds, compare_logits
-from tome_export.recipes import recipe_for
+from tome_export.recipe import recipe_for
 from tome_export.runtime import load
 from tome_export.schedule import resolve_schedule
 from tome_export.targets import targets

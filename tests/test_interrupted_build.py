@@ -12,7 +12,7 @@ import pytest
 
 from tome_export.errors import UserError
 from tome_export.manifest import read_manifest
-from tome_export.pipeline import _locked_workdir, _remove_stale_workdirs
+from tome_export.files import _locked_workdir, remove_stale_workdirs as _remove_stale_workdirs
 from tome_export.runtime import load
 
 EXE = Path(sys.executable).parent / "tome-export"

@@ -17,7 +17,7 @@ ROOT = Path(tome_export.__file__).resolve().parent
 # Lowest first. A module may import modules of its own layer or of a lower one, never of a higher one.
 LAYERS: List[Tuple[str, ...]] = [
     ("errors", "_version", "files", "onnx_files", "info", "graph_names", "schedule", "devices", "preprocess", "images", "manifest",
-     "recipes", "flops", "resources"),
+     "recipe", "flops", "resources"),
     ("runtime",),
     ("merge", "kernels", "models", "export"),
     ("quality", "quantization", "float_precision"),
@@ -49,34 +49,23 @@ def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> List[str]:
     return [n for n in names if n in MODULES] or [target]
 
 
-def _imports(path: Path) -> Tuple[Set[str], Set[str]]:
-    """(module-level imports, all imports) of tome_export modules, leaving out ``if TYPE_CHECKING:`` blocks."""
+def _imports(path: Path) -> Set[str]:
+    """Every tome_export module ``path`` imports: at module level, inside functions (lazy) and under
+    ``if TYPE_CHECKING:`` alike, since each is a dependency a reader has to follow."""
     tree = ast.parse(path.read_text())
     module, is_package = _module_name(path), path.name == "__init__.py"
-    top: Set[str] = set()
-    every: Set[str] = set()
-
-    def visit(node: ast.AST, at_top: bool) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
-                continue
-            found: List[str] = []
-            if isinstance(child, ast.Import):
-                found = [a.name for a in child.names if a.name.startswith("tome_export")]
-            elif isinstance(child, ast.ImportFrom):
-                found = _resolve(module, is_package, child)
-            every.update(found)
-            if at_top:
-                top.update(found)
-            visit(child, at_top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
-
-    visit(tree, True)
-    return top, every
+    found: Set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("tome_export"))
+        elif isinstance(node, ast.ImportFrom):
+            found.update(_resolve(module, is_package, node))
+    return found
 
 
 FILES = sorted(ROOT.rglob("*.py"))
 MODULES = {_module_name(p) for p in FILES}
-GRAPH: Dict[str, Tuple[Set[str], Set[str]]] = {_module_name(p): _imports(p) for p in FILES}
+GRAPH: Dict[str, Set[str]] = {_module_name(p): _imports(p) for p in FILES}
 
 
 def _layer(module: str) -> int:
@@ -89,7 +78,7 @@ def test_every_module_has_a_layer():
 
 
 def test_imports_only_point_down():
-    upward = [f"{m} imports {i}" for m, (_, every) in GRAPH.items() for i in every
+    upward = [f"{m} imports {i}" for m, every in GRAPH.items() for i in every
               if _layer(m) >= 0 and _layer(i) > _layer(m)]
     assert upward == []
 
@@ -98,7 +87,7 @@ def test_no_import_cycle():
     cycles = []
 
     def walk(module: str, path: List[str], done: Set[str]) -> None:
-        for nxt in GRAPH.get(module, (set(), set()))[0]:
+        for nxt in GRAPH.get(module, set()):
             if nxt == module or module.startswith(nxt + "."):  # a module's own package is imported first anyway
                 continue
             if nxt in path:
@@ -113,13 +102,17 @@ def test_no_import_cycle():
     assert cycles == []
 
 
-@pytest.mark.parametrize("module", ["tome_export.recipes", "tome_export.schedule", "tome_export.bench.config",
+@pytest.mark.parametrize("module", ["tome_export.recipe", "tome_export.schedule", "tome_export.bench.config",
                                     "tome_export.runtime", "tome_export.targets", "tome_export.inspection",
+                                    "tome_export.serve",
                                     "tome_export.tuning.request", "tome_export.tuning.search"])
-def test_data_layers_and_registries_import_no_torch(module):
+def test_data_layers_and_registries_import_no_torch_and_no_yaml(module):
+    """Deployment-side tools and the registries run in a runtime-only install (no torch, no PyYAML; bench and tune
+    read YAML configs by nature)."""
     code = (f"import sys, importlib; m = importlib.import_module({module!r}); "
             "getattr(m, 'targets', lambda: None)(); "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
+            "assert 'torch' not in sys.modules, 'torch was imported'; "
+            "assert 'yaml' not in sys.modules or m.__name__.split('.')[1] in ('bench', 'tuning'), 'yaml was imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 

@@ -94,15 +94,15 @@ def test_install_hints_name_real_extras():
             hints.update(e.strip() for e in text[i + len("tome-export["):end].split(","))
             start = end
     hints = {h for h in hints if h and "{" not in h}  # f-string placeholders are filled from the registry below
-    from tome_export.serve.readme import BACKEND_EXTRAS
+    from tome_export.targets import targets
 
-    hints |= {e for value in BACKEND_EXTRAS.values() for e in value.split(",")}
+    hints |= {e for target in targets().values() for e in target.runtime_extra.split(",")}
     assert hints and hints <= extras, f"hints name extras that do not exist: {hints - extras}"
 
 
 def test_package_data_found_through_the_package():
     from tome_export.images import sample_photo_paths
-    from tome_export.recipes import recipe_for
+    from tome_export.recipe import recipe_for
 
     assert len(sample_photo_paths()) == 8
     assert recipe_for("onnxruntime", "int8").target == "onnxruntime"
@@ -171,9 +171,15 @@ def test_torch_free_venv_installs_and_runs(small_artifact, tmp_path):
             "from tome_export.runtime import load\n"
             "from tome_export.images import sample_photo_paths\n"
             "with load(sys.argv[1]) as r: print(r(r.preprocess_batch(sample_photo_paths()[:1])).shape)\n"
-            "assert not [m for m in ('torch', 'timm', 'onnx', 'yaml') if importlib.util.find_spec(m)]\n")
+            "assert not [m for m in ('torch', 'timm', 'onnx', 'yaml') if importlib.util.find_spec(m)]\n"
+            "from tome_export.recipe import recipe_folder\n"
+            "print('recipes', recipe_folder(), sorted(p.name for p in recipe_folder().glob('*.yaml')))\n")
     run = subprocess.run([str(python), "-c", code, str(small_artifact)], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=300)
     assert run.returncode == 0 and "(1, 1000)" in run.stdout, run.stderr
+    # the top-level recipes/ folder ships inside the wheel, as tome_export/recipes
+    shipped = run.stdout.split("recipes ", 1)[1]
+    assert "site-packages/tome_export/recipes" in shipped
+    assert str(sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))) in shipped
     cli = subprocess.run([str(venv / "bin" / "tome-export"), "--version"], capture_output=True, text=True, env=env)
     assert cli.returncode == 0 and cli.stdout.startswith("tome-export ")

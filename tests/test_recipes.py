@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from tome_export.errors import UserError
-from tome_export.recipes import builtin_recipes, load_recipe, parse_recipe
+from tome_export.recipe import builtin_recipes, load_recipe, parse_recipe
 from tome_export.targets import recipe_settings, targets
 
 
@@ -48,7 +48,7 @@ def test_unreadable_recipe_files(tmp_path):
 
 
 def test_settings_hold_the_defaults_and_the_recipe_values():
-    from tome_export.recipes import recipe_for
+    from tome_export.recipe import recipe_for
 
     _, settings = recipe_settings(recipe_for("onnxruntime", "int8"))
     assert settings.quantization.method == "dynamic" and settings.calibration.images == 32
@@ -60,7 +60,7 @@ def test_settings_hold_the_defaults_and_the_recipe_values():
 
 
 def test_recipes_are_package_data_and_parse_without_torch():
-    code = ("import sys, tome_export.recipes as r, tome_export.schedule, tome_export.bench.config, tome_export.targets as t;"
+    code = ("import sys, tome_export.recipe as r, tome_export.schedule, tome_export.bench.config, tome_export.targets as t;"
             " t.recipe_settings(r.recipe_for('openvino', 'int8')); t.targets();"
             " assert 'torch' not in sys.modules, 'torch imported'")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -9,26 +9,19 @@ end, so an interrupted or failed build never leaves a directory that looks compl
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: work directories are not locked, stale ones are not cleaned
-    fcntl = None
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ._version import __version__
 from .errors import UserError
+from .files import output_lock, remove_stale_workdirs, staged_output
 from .export import MIN_OPSET, export_onnx, max_opset
 from .flops import flops_summary
 from .info import ModelInfo
@@ -38,7 +31,7 @@ from .models import ModelName, ModelSpec, create_model, family_libraries, model_
 from .onnx_files import copy_onnx
 from .preprocess import Preprocessing
 from .quality.validate import DEFAULT_IMAGES
-from .recipes import load_recipe, recipe_for
+from .recipe import load_recipe, recipe_for
 from .resources import check_memory
 from .schedule import RSpec, Schedule, expand_schedule, r_label, resolve_schedule
 from .targets import BuildContext, BuildPlan, Target, TargetResult, get_target, recipe_settings
@@ -200,6 +193,7 @@ def plan_build(request: BuildRequest) -> Tuple[BuildRequest, Target, BuildPlan]:
         dynamic_batch=request.dynamic_batch, opset=opset, merge_impl=merge_impl, trace_source=request.trace_source,
         validation_images=settings.validation.images or request.validation_images)
     _check_validation_images(plan)
+    plan.options.check()
     if target.check is not None:
         target.check(plan)
     return request, target, plan
@@ -362,7 +356,7 @@ def build(request: BuildRequest, log: Log = lambda msg: None, warn: Log = _warn)
         model = prepare_model(prepared, log, warn)
         batch = max(prepared.plan.batch, 3 if prepared.plan.dynamic_batch else 1)  # validation runs 3 at once
         check_memory(model.info, batch, "the build", prepared.request.allow_large)
-        _remove_stale_workdirs(out.parent, out.name)
+        remove_stale_workdirs(out.parent, out.name)
         return _build_locked(prepared, model, log, started)
 
 
@@ -370,119 +364,3 @@ def _build_locked(prepared: PreparedBuild, model: PreparedModel, log: Log, start
     with staged_output(prepared.output) as tmp:
         _, manifest = build_into(prepared, model, tmp, log, started=started)
     return BuildResult(prepared.output, manifest)
-
-
-# --- work directories -------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def staged_output(out: Path) -> Iterator[Path]:
-    """A hidden, locked work directory beside ``out``; it replaces ``out`` when the block ends without error and
-    is removed otherwise, so ``out`` is always either the previous content or the complete new one."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, lock = _locked_workdir(out.parent, f".{out.name}.tmp-")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should not be
-        yield tmp
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if lock is not None:
-            os.close(lock)
-
-
-@contextlib.contextmanager
-def output_lock(out: Path) -> Iterator[None]:
-    """Hold the build lock of the output directory ``out``: a hidden lock file beside it, locked exclusively.
-
-    A second build of the same output while the lock is held is refused at once (it would replace the first
-    build's result or race it in the final rename). The lock file is removed on release; a process killed while
-    holding it leaves the file unlocked, which the next build takes over.
-    """
-    if fcntl is None:
-        yield
-        return
-    path = out.parent / f".{out.name}.lock"
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UserError(f"another tome-export build is writing {str(out)!r} now: wait for it to finish or "
-                            f"choose another --output") from None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:  # its holder released and removed it while we waited for the lock
-            pass
-        os.close(fd)
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
-
-
-def _locked_workdir(parent: Path, prefix: str) -> Tuple[Path, Optional[int]]:
-    """A new hidden directory and an open descriptor holding an exclusive lock on it.
-
-    The lock lives as long as the process: a build killed mid-way (even by SIGKILL) leaves an unlocked
-    directory, which is how the next build tells a stale work directory from one in use.
-    """
-    while True:
-        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-        if fcntl is None:
-            return path, None
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:  # a concurrent cleaner took it for stale before we locked it
-            continue
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return path, fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-def _remove_stale_workdirs(parent: Path, name: str) -> None:
-    """Remove the hidden work directories of earlier builds of ``name`` that were killed mid-way."""
-    if fcntl is None or not parent.is_dir():
-        return
-    pattern = glob.escape(str(parent / f".{name}."))
-    for path in glob.glob(pattern + "tmp-*") + glob.glob(pattern + "old-*"):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # locked: a build in progress
-            os.close(fd)
-            continue
-        try:
-            shutil.rmtree(path, ignore_errors=True)
-        finally:
-            os.close(fd)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished build into place; an existing output is swapped out, then removed."""
-    if out.exists():
-        old, fd = _locked_workdir(out.parent, f".{out.name}.old-")
-        try:
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if fd is not None:
-                os.close(fd)
-    else:
-        os.replace(tmp, out)

@@ -119,6 +119,15 @@ def parse_r_text(text: str) -> RSpec:
     )
 
 
+def r_text(r: RSpec) -> str:
+    """A schedule as ``--r`` takes it (``16``, ``16:-1``, ``8,8,7``): the inverse of :func:`parse_r_text`."""
+    if isinstance(r, int):
+        return str(r)
+    if isinstance(r, tuple):
+        return f"{r[0]}:{r[1]:g}"
+    return ",".join(str(v) for v in r)
+
+
 def r_label(r: RSpec) -> str:
     """Short label of a schedule for directory names: r16, r16i-1.0, rlist-..."""
     if isinstance(r, int):

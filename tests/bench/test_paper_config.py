@@ -9,7 +9,7 @@ import yaml
 
 from tome_export.bench.config import load_config, parse_config
 from tome_export.bench.harness import run_bench
-from tome_export.bench.matrix import variants
+from tome_export.bench.config import variants
 from tome_export.models import resolve
 from tome_export.models.paper import PAPER_CHECKPOINTS
 

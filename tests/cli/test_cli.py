@@ -89,7 +89,7 @@ BAD = {
 def test_bad_input_is_one_line_exit_2(case, capsys, tmp_path):
     args, message = BAD[case]
     if "RECIPE" in args:
-        from tome_export.recipes import recipe_for
+        from tome_export.recipe import recipe_for
         args = [str(recipe_for("onnx", "fp32").path) if a == "RECIPE" else a for a in args]
     code, out, err = _run(args + ["--weights", "random", "--output", str(tmp_path / "o")] if "--checkpoint" not in args
                           else args + ["--output", str(tmp_path / "o")], capsys)
@@ -116,7 +116,7 @@ def test_output_holding_another_model(built_t16, capsys):
 
 
 def test_failed_validation_exits_1_and_writes_nothing(tmp_path, capsys):
-    from tome_export.recipes import recipe_for
+    from tome_export.recipe import recipe_for
 
     recipe = tmp_path / "strict.yaml"  # an edited copy of the built-in recipe: any float difference fails
     recipe.write_text(recipe_for("onnx", "fp32").path.read_text().replace("1.0e-4", "0.0"))

@@ -17,7 +17,7 @@ from tome_export.errors import UserError
 from tome_export.images import sample_photos
 from tome_export.manifest import read_manifest
 from tome_export.models import create_model, model_info, patch, preprocessing, resolve
-from tome_export.models.hf_vit import processor_data_config
+from tome_export.models.hf_hub import processor_data_config
 from tome_export.preprocess import Preprocessing
 from tome_export.schedule import resolve_schedule
 

@@ -11,7 +11,7 @@ from tome_export.cli import main
 from tome_export.errors import UserError, ValidationError
 from tome_export.images import sample_photo_paths
 from tome_export.manifest import read_manifest
-from tome_export.recipes import parse_recipe
+from tome_export.recipe import parse_recipe
 from tome_export.runtime import load
 from tome_export.quality.validate import wilson_interval
 from tome_export.targets import recipe_settings

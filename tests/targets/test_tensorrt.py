@@ -24,7 +24,7 @@ from tome_export.models import preprocessing
 from tome_export.quality.calibration import calibration_batches
 from tome_export.quality.validate import source_agreement
 from tome_export.quantization import protected_node_names
-from tome_export.recipes import recipe_for
+from tome_export.recipe import recipe_for
 from tome_export.runtime import load
 from tome_export.targets import get_target
 from tome_export.targets.tensorrt import DEFAULT_THRESHOLDS

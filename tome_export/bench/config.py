@@ -34,7 +34,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import yaml
 
@@ -44,7 +44,7 @@ from ..schedule import RSpec, parse_r_text, r_label
 from .matrix import backends, precisions
 
 # The embedded accuracy case (:mod:`.digits`): the only model the harness trains itself.
-DIGITS_ALIAS, DIGITS_MODEL = "digits_vit", "tome_digits_vit"
+DIGITS_ALIAS, DIGITS_MODEL = "digits_vit", "tome_digits_vit"  # tome_export.models.digits_vit (no torch here)
 
 _TOP = ("name", "description", "models", "r", "precisions", "backends", "batches", "threads", "build", "timing",
         "memory", "quality", "budget")
@@ -343,3 +343,53 @@ def load_config(path: Path) -> BenchConfig:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UserError(f"--config {str(path)!r} is not valid YAML ({type(exc).__name__}): fix the file") from None
     return parse_config(data, path)
+
+
+# --- the matrix a config spans: variants (built once) and cells (timed) ----------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model state: built (or patched) and loaded once, timed at every batch size and thread count."""
+
+    model: ModelConfig
+    backend: str
+    precision: str
+    r: RSpec
+
+    @property
+    def r_label(self) -> str:
+        return r_label(self.r)
+
+    @property
+    def id(self) -> str:
+        return f"{self.model.key}/{self.backend}/{self.precision}/{self.r_label}"
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.precision == "fp32" and self.r_label == "r0"
+
+
+@dataclass(frozen=True)
+class Cell:
+    variant: Variant
+    batch: int
+    threads: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.variant.id}/b{self.batch}/t{self.threads}"
+
+    @property
+    def group(self) -> Tuple[str, str, int, int]:
+        """Cells of one group are timed side by side (interleaved); speedups are taken within a group."""
+        return (self.variant.model.key, self.variant.backend, self.batch, self.threads)
+
+
+def variants(config: BenchConfig) -> List[Variant]:
+    return [Variant(m, b, p, r) for m in config.models for b in config.backends for p in config.precisions
+            for r in (m.r if m.r is not None else config.r)]
+
+
+def cells(config: BenchConfig) -> List[Cell]:
+    return [Cell(v, batch, t) for v in variants(config) for t in config.threads for batch in config.batches]

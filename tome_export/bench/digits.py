@@ -2,9 +2,8 @@
 
 The data ship inside scikit-learn (1797 labelled 8x8 images), so accuracy vs r vs precision is a real
 measurement offline, without ImageNet. Images are upscaled to 32x32 (patch 4: 64 patch tokens + class
-token). The model is a timm VisionTransformer registered with timm as ``tome_digits_vit`` (and with tome-export as
-the alias ``digits_vit``) when this module is imported, so the whole toolchain (patch, export, every backend) treats
-it like any other timm ViT. Training is seeded and cached.
+token). The model is :mod:`tome_export.models.digits_vit` (``digits_vit``), a plain timm ViT. Training is seeded and
+cached.
 """
 
 from __future__ import annotations
@@ -18,31 +17,9 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.models import register_model
-from timm.models.vision_transformer import VisionTransformer
 
 from ..files import atomic_path
-from ..models import register_alias
-from .config import DIGITS_ALIAS, DIGITS_MODEL
-
-MODEL_NAME = DIGITS_MODEL
-IMG_SIZE = 32
-MEAN = STD = (0.5, 0.5, 0.5)
-
-
-@register_model
-def tome_digits_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-Tiny width, depth 4, patch 4 at 32 px, 10 classes (the digits case)."""
-    args = dict(img_size=IMG_SIZE, patch_size=4, embed_dim=192, depth=4, num_heads=3, num_classes=10)
-    # timm.create_model passes its own bookkeeping arguments; the model has no hub weights to use them for
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
-    model = VisionTransformer(**{**args, **kwargs})
-    model.pretrained_cfg = {"input_size": (3, IMG_SIZE, IMG_SIZE), "mean": MEAN, "std": STD, "crop_pct": 1.0,
-                            "crop_mode": "center", "interpolation": "bilinear", "num_classes": 10}
-    return model
-
-
-register_alias(DIGITS_ALIAS, "timm-vit", MODEL_NAME)
+from ..models.digits_vit import IMG_SIZE, MODEL_NAME, tome_digits_vit
 
 
 @dataclass(frozen=True)

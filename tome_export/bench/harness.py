@@ -30,11 +30,12 @@ from ..flops import flops_summary
 from ..models import family_libraries
 from ..quality.decisions import Decisions, torch_merge_decisions
 from ..resources import check_cells, check_memory
-from ..schedule import resolve_schedule
-from . import matrix, memory, quality
-from .config import DIGITS_ALIAS, DIGITS_MODEL, BenchConfig, ModelConfig
-from .matrix import Cell, Variant, backends
-from .report import write_outputs
+from ..schedule import r_text, resolve_schedule
+from . import memory, quality
+from .config import DIGITS_ALIAS, DIGITS_MODEL, BenchConfig, Cell, ModelConfig, Variant, cells
+from .matrix import backends, skip_reason
+from .plots import write_plots
+from .report import CSV_NAME, REPORT_NAME, derive, report, to_csv
 from .subjects import ArtifactSubject, LoadedModel, Subject, TorchSubject, ensure_artifact, load_model
 from .timing import machine, measure_interleaved, versions
 
@@ -187,7 +188,7 @@ class _Run:
         self.results = self._results(previous, quality_key, same_images)
         self.gpu = gpu_available()
         self.counts = {"measured": 0, "resumed": 0, "skipped": 0, "failed": 0}
-        self.bar = tqdm(total=len(matrix.cells(config)), unit="cell", disable=not progress or not sys.stderr.isatty(),
+        self.bar = tqdm(total=len(cells(config)), unit="cell", disable=not progress or not sys.stderr.isatty(),
                         file=sys.stderr, dynamic_ncols=True)
         self.log = log
         self.models = _Models(config, data, self.say)
@@ -232,7 +233,7 @@ class _Run:
     def plan_backend(self, backend: str, cells: List[Cell]) -> _BackendPlan:
         """Skip what cannot run here (recorded at once); find what the previous results already hold."""
         variants = list(dict.fromkeys(c.variant for c in cells))
-        reasons = {v: matrix.skip_reason(backend, v.precision, self.gpu) for v in variants}
+        reasons = {v: skip_reason(backend, v.precision, self.gpu) for v in variants}
         for cell in cells:
             if reasons[cell.variant] is not None:
                 self.finish(cell, {**self.base_record(cell), "status": "skipped", "reason": reasons[cell.variant]},
@@ -416,7 +417,7 @@ class _Run:
         spec: Dict[str, Any] = {"threads": threads, "batches": sorted(c.batch for c in members),
                                 "input_shape": list(loaded.preprocessing.input_size)}
         if directory is None:
-            spec.update(kind="torch", create_args=loaded.create_args, r=matrix.r_text(v.r),
+            spec.update(kind="torch", create_args=loaded.create_args, r=r_text(v.r),
                         precision=v.precision, device=backends()[v.backend].device, prop_attn=v.model.prop_attn)
         else:
             spec.update(kind="artifact", directory=str(directory))
@@ -425,13 +426,13 @@ class _Run:
     # --- the whole matrix ------------------------------------------------------------------------------------
 
     def run(self) -> BenchResult:
-        all_cells = matrix.cells(self.config)
+        all_cells = cells(self.config)
         self.save()  # marks the output directory as the benchmark's before any slow work
         try:
             for mc in self.config.models:
                 for backend in self.config.backends:
-                    cells = [c for c in all_cells if c.variant.model == mc and c.variant.backend == backend]
-                    self.run_backend(mc, backend, cells)
+                    group = [c for c in all_cells if c.variant.model == mc and c.variant.backend == backend]
+                    self.run_backend(mc, backend, group)
                     self.save()
         finally:
             self.bar.close()
@@ -569,7 +570,7 @@ def run_bench(config: BenchConfig, out_dir: os.PathLike, data: Optional[os.PathL
     """
     out = Path(out_dir)
     _check_out(out)
-    check_cells(len(matrix.cells(config)), allow_large)
+    check_cells(len(cells(config)), allow_large)
     _check_requirements(config)
     _check_models(config, allow_large)
     if data is not None:
@@ -582,3 +583,12 @@ def run_bench(config: BenchConfig, out_dir: os.PathLike, data: Optional[os.PathL
     out.mkdir(parents=True, exist_ok=True)
     return _Run(config, out, Path(cache) if cache else out / "artifacts", Path(data) if data else None, force,
                 progress, log).run()
+
+
+def write_outputs(out: Path, results: Dict[str, Any]) -> List[Path]:
+    """Derive, then write results.csv, the plots and report.md (each atomically); returns the paths written."""
+    derive(results["cells"])
+    plots = write_plots(out, results)
+    atomic_write(out / CSV_NAME, to_csv(results))
+    atomic_write(out / REPORT_NAME, report(results, [p.relative_to(out).as_posix() for p in plots]) + "\n")
+    return [out / CSV_NAME, out / REPORT_NAME, *plots]

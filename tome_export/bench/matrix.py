@@ -1,4 +1,4 @@
-"""What a benchmark matrix is made of: backends, precisions, variants (built once) and cells (timed).
+"""What can run a benchmark: backends (PyTorch or a build target), their precisions, and why a cell cannot run.
 
 A backend is PyTorch (eager on the CPU or an NVIDIA GPU, or CUDA-graph replays) or a registered build target, whose artifacts run through
 :func:`tome_export.runtime.load`; the list follows the target registry. A target is never substituted for
@@ -8,12 +8,7 @@ another: a cell that cannot run here is skipped with the reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
-
-from ..schedule import RSpec, r_label
-
-if TYPE_CHECKING:  # config imports this module
-    from .config import BenchConfig, ModelConfig
+from typing import Dict, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -48,62 +43,6 @@ def precisions() -> Tuple[str, ...]:
     from ..targets import targets
 
     return tuple(dict.fromkeys(TORCH_PRECISIONS + tuple(p for t in targets().values() for p in t.precisions)))
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One model state: built (or patched) and loaded once, timed at every batch size and thread count."""
-
-    model: "ModelConfig"
-    backend: str
-    precision: str
-    r: RSpec
-
-    @property
-    def r_label(self) -> str:
-        return r_label(self.r)
-
-    @property
-    def id(self) -> str:
-        return f"{self.model.key}/{self.backend}/{self.precision}/{self.r_label}"
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.precision == "fp32" and self.r_label == "r0"
-
-
-@dataclass(frozen=True)
-class Cell:
-    variant: Variant
-    batch: int
-    threads: int
-
-    @property
-    def id(self) -> str:
-        return f"{self.variant.id}/b{self.batch}/t{self.threads}"
-
-    @property
-    def group(self) -> Tuple[str, str, int, int]:
-        """Cells of one group are timed side by side (interleaved); speedups are taken within a group."""
-        return (self.variant.model.key, self.variant.backend, self.batch, self.threads)
-
-
-def r_text(r: RSpec) -> str:
-    """The CLI form of a schedule (``16``, ``16:-1.0``, ``8,8,...``), which ``parse_r_text`` reads back."""
-    if isinstance(r, int):
-        return str(r)
-    if isinstance(r, tuple):
-        return f"{r[0]}:{float(r[1])}"
-    return ",".join(str(v) for v in r)
-
-
-def variants(config: "BenchConfig") -> List[Variant]:
-    return [Variant(m, b, p, r) for m in config.models for b in config.backends for p in config.precisions
-            for r in (m.r if m.r is not None else config.r)]
-
-
-def cells(config: "BenchConfig") -> List[Cell]:
-    return [Cell(v, batch, t) for v in variants(config) for t in config.threads for batch in config.batches]
 
 
 def skip_reason(backend: str, precision: str, gpu: bool) -> Optional[str]:

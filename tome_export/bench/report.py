@@ -12,7 +12,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..files import atomic_write
 
 CSV_NAME = "results.csv"
 REPORT_NAME = "report.md"
@@ -365,14 +364,3 @@ def _loads(values: Optional[Sequence[float]]) -> str:
 
 def _method(measured: Sequence[Dict[str, Any]]) -> Optional[str]:
     return next(((c.get("memory") or {}).get("method") for c in measured if (c.get("memory") or {}).get("method")), None)
-
-
-def write_outputs(out: Path, results: Dict[str, Any]) -> List[Path]:
-    """Derive, then write results.csv, the plots and report.md (each atomically); returns the paths written."""
-    from .plots import write_plots
-
-    derive(results["cells"])
-    plots = write_plots(out, results)
-    atomic_write(out / CSV_NAME, to_csv(results))
-    atomic_write(out / REPORT_NAME, report(results, [p.relative_to(out).as_posix() for p in plots]) + "\n")
-    return [out / CSV_NAME, out / REPORT_NAME, *plots]

@@ -22,9 +22,9 @@ from ..models import create_model, model_info, patch, preprocessing
 from ..pipeline import BuildRequest, build
 from ..preprocess import Preprocessing
 from ..schedule import RSpec, r_label
-from . import digits  # noqa: F401  (registers the digits model and its alias)
 from .config import ModelConfig
-from .matrix import Variant, backends
+from .config import Variant
+from .matrix import backends
 from .timing import cuda_clock_ms, cuda_graph
 
 PREDICT_BATCH = 64  # quality passes only; timing uses the cell's batch

@@ -31,7 +31,7 @@ class Timing:
         med = self.median_ms
         return {"median_ms": round(med, 3), "p90_ms": round(self.percentile_ms(90), 3),
                 "p99_ms": round(self.percentile_ms(99), 3), "min_ms": round(min(self.samples_ms), 3),
-                "throughput_ips": round(1000.0 * batch / med, 2), "runs": len(self.samples_ms)}
+                "throughput_ips": float(f"{1000.0 * batch / med:.5g}"), "runs": len(self.samples_ms)}  # 5 digits at any speed
 
 
 Clock = Callable[[Callable[[], object]], float]  # runs the callable once, returns milliseconds

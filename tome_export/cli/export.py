@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", help="fp32 | fp16 | bf16 | int8 ... as the target supports (default fp32; fp16 "
                    "for the GPU targets tensorrt and tensorrt-rtx)")
     p.add_argument("--recipe", type=Path, help="a recipe YAML file (default: the built-in "
-                   "tome_export/recipes/<target>-<precision>.yaml)")
+                   "recipes/<target>-<precision>.yaml, installed as tome_export/recipes/)")
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
     batch.add_argument("--dynamic-batch", nargs="?", const=True, default=False, metavar="MIN:OPT:MAX",

@@ -16,14 +16,13 @@ Models are named ``hf:<repo id>`` (the hub or its cache) or by the path of a ``s
 is imported only when such a model is used: it is an optional dependency.
 """
 
+
 from __future__ import annotations
 
 import functools
-import json
-import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +31,12 @@ from ..errors import UserError
 from ..info import ModelInfo
 from ..preprocess import Preprocessing
 from .base import SizeBias, State, ToMeConfig, ToMeModel, attention, patch_model, run_blocks
-from .checkpoint import hub_reachable
 from .family import Family
+from .hf_architectures import ARCHITECTURES, KINDS, VISION_TOWERS, Arch, Kind, Layout, unmergeable_reason
+from .hf_hub import build, pair, preprocessing, quiet_transformers, resolve
 
 NAME = "transformers-vit"
 SOURCE = "transformers"
-PREFIX = "hf:"
 DESCRIPTION = (
     "transformers vision transformers (hf:<repo id> or a save_pretrained directory): ViTModel, "
     "ViTForImageClassification, DeiT (incl. WithTeacher), Dinov2(WithRegisters)Model/ForImageClassification, "
@@ -62,113 +61,6 @@ VERIFIED: Tuple[Tuple[str, str, str], ...] = (
      _CHECKS + ", size-biased pooling; SiglipVisionModel: ONNX parity, CLI build (openvino int8)"),
 )
 
-CONFIG_FILE = "config.json"
-PROCESSOR_FILE = "preprocessor_config.json"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-class _Layout(NamedTuple):
-    """Attribute names of one kind of transformers layer (same computation, different names)."""
-
-    norm1: str
-    attn: str
-    out_proj: str
-    attn_dropout: str  # the attention module's dropout probability
-    norm2: str
-    scale1: Optional[str]  # LayerScale of the attention branch
-    scale2: Optional[str]  # LayerScale of the MLP branch
-    drop: Optional[str]  # dropout or drop-path on both residual branches
-
-
-_VIT_LAYOUT = _Layout("layernorm_before", "attention", "o_proj", "attention_dropout", "layernorm_after", None, None,
-                      "dropout")
-_DINO_LAYOUT = _Layout("norm1", "attention", "o_proj", "attention_dropout", "norm2", "layer_scale1", "layer_scale2",
-                       "drop_path")
-_CLIP_LAYOUT = _Layout("layer_norm1", "self_attn", "out_proj", "dropout", "layer_norm2", None, None, None)
-
-
-class _Kind(NamedTuple):
-    """A transformers vision backbone: where its layers are, their classes, its norms."""
-
-    layers: str  # dotted path of the layer list in the backbone
-    layout: _Layout
-    layer_class: str
-    attention_class: str
-    pre_norm: Optional[str]  # applied to the embeddings
-    final_norm: Optional[str]  # applied to every token after the last layer (last_hidden_state)
-    interpolate_flag: bool  # whether the embeddings take ``interpolate_pos_encoding``
-
-
-_KINDS: Dict[str, _Kind] = {
-    "vit": _Kind("layers", _VIT_LAYOUT, "ViTLayer", "ViTAttention", None, "layernorm", True),
-    "deit": _Kind("layers", _VIT_LAYOUT, "DeiTLayer", "DeiTAttention", None, "layernorm", True),
-    "dinov2": _Kind("encoder.layer", _DINO_LAYOUT, "Dinov2Layer", "Dinov2Attention", None, "layernorm", False),
-    "dinov2_with_registers": _Kind("encoder.layer", _DINO_LAYOUT, "Dinov2WithRegistersLayer",
-                                   "Dinov2WithRegistersAttention", None, "layernorm", False),
-    "clip": _Kind("encoder.layers", _CLIP_LAYOUT, "CLIPEncoderLayer", "CLIPAttention", "pre_layrnorm", None, True),
-    "siglip": _Kind("encoder.layers", _CLIP_LAYOUT, "SiglipEncoderLayer", "SiglipAttention", None, "post_layernorm",
-                    True),
-}
-
-
-class _Arch(NamedTuple):
-    kind: str  # key of _KINDS
-    backbone: str  # attribute holding the vision backbone; "" for the model itself
-    head: str  # key of _HEADS
-
-
-ARCHITECTURES: Dict[str, _Arch] = {
-    "ViTModel": _Arch("vit", "", "pooler"),
-    "ViTForImageClassification": _Arch("vit", "vit", "class_token"),
-    "DeiTModel": _Arch("deit", "", "pooler"),
-    "DeiTForImageClassification": _Arch("deit", "deit", "class_token"),
-    "DeiTForImageClassificationWithTeacher": _Arch("deit", "deit", "distilled"),
-    "Dinov2Model": _Arch("dinov2", "", "first_token"),
-    "Dinov2ForImageClassification": _Arch("dinov2", "dinov2", "token_and_mean"),
-    "Dinov2WithRegistersModel": _Arch("dinov2_with_registers", "", "first_token"),
-    "Dinov2WithRegistersForImageClassification": _Arch("dinov2_with_registers", "dinov2_with_registers",
-                                                       "token_and_mean"),
-    "CLIPVisionModel": _Arch("clip", "", "clip_pooled"),
-    "CLIPVisionModelWithProjection": _Arch("clip", "vision_model", "clip_projected"),
-    "CLIPForImageClassification": _Arch("clip", "vision_model", "patch_mean"),
-    "SiglipVisionModel": _Arch("siglip", "", "attention_pool"),
-    "SiglipForImageClassification": _Arch("siglip", "vision_model", "patch_mean"),  # no class token: every token
-}
-
-# Checkpoints of two-tower models load as their vision tower.
-_VISION_TOWERS = {"CLIPModel": "CLIPVisionModelWithProjection", "SiglipModel": "SiglipVisionModel"}
-# The class a config without ``architectures`` is built as.
-_DEFAULT_CLASS = {
-    "vit": "ViTModel", "deit": "DeiTModel", "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
-    "clip": "CLIPVisionModelWithProjection", "clip_vision_model": "CLIPVisionModel", "siglip": "SiglipVisionModel",
-    "siglip_vision_model": "SiglipVisionModel",
-}
-# transformers' image processor of each model type (its defaults apply when a directory has no processor config).
-_PROCESSORS = {
-    "vit": "ViTImageProcessor", "deit": "DeiTImageProcessor", "dinov2": "BitImageProcessor",
-    "dinov2_with_registers": "BitImageProcessor", "clip": "CLIPImageProcessor", "clip_vision_model": "CLIPImageProcessor",
-    "siglip": "SiglipImageProcessor", "siglip_vision_model": "SiglipImageProcessor",
-}
-
-# transformers architectures ToMe cannot merge as defined (matched by class-name prefix).
-_UNMERGEABLE: Dict[str, str] = {
-    "Beit": "relative position bias tables in every layer are indexed by the token grid",
-    "Data2VecVision": "relative position bias tables in every layer are indexed by the token grid",
-    "Swin": "windowed attention needs the full token grid",
-    "DonutSwin": "windowed attention needs the full token grid",
-    "DINOv3": "rotary position embeddings (RoPE) in every layer tie each token to its grid position",
-    "VitDet": "windowed attention with relative position tables needs the token grid",
-    "Siglip2": "variable-resolution patch sequences with attention masks are not supported",
-    "ViTMAE": "random patch masking reorders and drops tokens before the encoder",
-    "Pvt": "spatial-reduction attention reshapes tokens back into a grid",
-    "MobileViT": "convolutions between attention layers need the token grid",
-    "Levit": "attention-pooling stages subsample the token grid",
-    "Hiera": "mask-unit attention works on the token grid",
-}
-_GRID_HEADS = ("Backbone", "ForMaskedImageModeling", "ForDepthEstimation", "ForSemanticSegmentation")
-
-_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-
 
 class _AnyTransformersModel(type):
     def __instancecheck__(cls, obj: object) -> bool:
@@ -180,306 +72,6 @@ class MODEL_CLASS(metaclass=_AnyTransformersModel):
     """Models of this family (unsupported architectures included): any transformers ``PreTrainedModel``."""
 
 
-# --- names -----------------------------------------------------------------------------------------------------
-
-
-def is_path_name(name: str) -> bool:
-    """Whether ``name`` is written as a path (aliases and timm/torchvision names never contain a separator)."""
-    return "/" in name or "\\" in name or name.startswith((".", "~"))
-
-
-def resolve(name: str) -> Optional[str]:
-    """The upstream name of an ``hf:<repo id>`` (the repo id) or a path (its absolute path); None if neither.
-
-    A directory is checked here, before any slow work: it must hold a readable config of a supported architecture.
-    """
-    if name.startswith(PREFIX):
-        repo = name[len(PREFIX):]
-        _check_repo_id(repo)
-        return repo
-    if not is_path_name(name):
-        return None
-    directory = Path(name).expanduser()
-    if not directory.is_dir():
-        raise UserError(f"model directory {name!r} does not exist: pass a save_pretrained directory (config.json, "
-                        "model.safetensors, preprocessor_config.json) or hf:<repo id>")
-    read_config(directory)
-    return str(directory.resolve())
-
-
-def _check_repo_id(repo: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo)
-    except HFValidationError:
-        raise UserError(f"{PREFIX}{repo!r} is not a Hugging Face repo id: use hf:<owner>/<name>, "
-                        "e.g. hf:google/vit-base-patch16-224") from None
-
-
-def read_config(directory: Path) -> Dict[str, Any]:
-    """The ``config.json`` of a model directory, checked to be an architecture this family can merge."""
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise UserError(f"{str(directory)!r} has no {CONFIG_FILE}: pass a directory written by save_pretrained "
-                        "(config.json, model.safetensors, preprocessor_config.json)")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{str(path)!r} is not valid JSON ({type(exc).__name__}): fix or re-save the model") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{str(path)!r} is not a transformers config (a JSON object): re-save the model")
-    architecture_class(config, str(directory))
-    return config
-
-
-def architecture_class(config: Dict[str, Any], where: str) -> str:
-    """The transformers class a config is built as, or a one-line error saying why ToMe cannot take it."""
-    model_type = config.get("model_type")
-    names = config.get("architectures") or []
-    name = names[0] if names else _DEFAULT_CLASS.get(model_type)
-    name = _VISION_TOWERS.get(name, name)
-    if name in ARCHITECTURES:
-        return name
-    shown = name or f"model_type {model_type!r}"
-    why = _unmergeable_reason(name or "") or (
-        f"it is not a vision transformer tome-export supports (supported: {', '.join(ARCHITECTURES)})")
-    raise UserError(f"{where} holds a {shown}: ToMe cannot merge it: {why}")
-
-
-def _unmergeable_reason(class_name: str) -> Optional[str]:
-    for suffix in _GRID_HEADS:
-        if class_name.endswith(suffix):
-            return f"its {suffix} head needs every token of the grid"
-    return next((why for key, why in _UNMERGEABLE.items() if class_name.startswith(key)), None)
-
-
-def _pair(value: Any) -> Tuple[int, int]:
-    return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
-
-
-# --- loading ---------------------------------------------------------------------------------------------------
-
-
-def _quiet_transformers():
-    """transformers, with its loading reports and progress bars off (this module reports problems itself)."""
-    try:
-        import transformers
-    except ImportError:
-        raise UserError("transformers models need the Python package 'transformers': "
-                        "pip install 'tome-export[hf]'") from None
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    return transformers
-
-
-def _weight_file(directory: Path) -> Optional[Path]:
-    return next((directory / f for f in WEIGHT_FILES if (directory / f).is_file()), None)
-
-
-def hub_snapshot(repo: str, weights: bool) -> Path:
-    """The local snapshot of a hub repo (config and image processor config, and weights if asked for).
-
-    Downloads what is missing when the hub is reachable and ``HF_HUB_OFFLINE`` is not set; otherwise reads the cache
-    only. Never falls back to anything else: a repo that cannot be had is a one-line error.
-    """
-    from huggingface_hub import snapshot_download
-
-    offline = not hub_reachable()
-    wanted = [[CONFIG_FILE, PROCESSOR_FILE]]
-    if weights:  # safetensors first; .bin only for repos that have no safetensors
-        wanted = [[CONFIG_FILE, PROCESSOR_FILE, "model.safetensors", "model.safetensors.index.json",
-                   "model-*.safetensors"], ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]]
-    try:
-        directory = Path(snapshot_download(repo, allow_patterns=wanted[0], local_files_only=offline))
-        if weights and _weight_file(directory) is None:
-            directory = Path(snapshot_download(repo, allow_patterns=wanted[1], local_files_only=offline))
-    except Exception as exc:  # every hub failure (offline, not cached, no such repo, gated) is the same user problem
-        raise UserError(_hub_error(repo, type(exc).__name__, offline, weights)) from None
-    if not (directory / CONFIG_FILE).is_file() or (weights and _weight_file(directory) is None):
-        raise UserError(_hub_error(repo, "incomplete snapshot", offline, weights))
-    return directory
-
-
-def _hub_error(repo: str, what: str, offline: bool, weights: bool) -> str:
-    import huggingface_hub.constants as hub
-
-    where = f"the cache {hub.HF_HUB_CACHE} (offline)" if offline else "the Hugging Face hub"
-    need = "pretrained weights" if weights else "the config"
-    fix = ("pass a local save_pretrained directory as --model, or --weights random for seeded random weights "
-           "(its config must be cached)" if weights else "pass a local save_pretrained directory as --model")
-    return f"cannot load {need} of {PREFIX}{repo} from {where}: {what}. Offline and not cached? Run once online or {fix}"
-
-
-def source_directory(name: str, weights: bool) -> Path:
-    """The directory a resolved name loads from: a local directory, or the hub snapshot of a repo id."""
-    return Path(name) if Path(name).is_absolute() else hub_snapshot(name, weights)
-
-
-def build(name: str, pretrained: bool, **kwargs: Any) -> torch.nn.Module:
-    """The model of a resolved name (:func:`resolve`): random from its config (seed torch before) or pretrained.
-
-    ``img_size`` sets the input resolution (position embeddings are interpolated as transformers does); other kwargs
-    override config attributes (e.g. ``num_hidden_layers``, ``num_labels``). The model remembers its preprocessing
-    (from ``preprocessor_config.json``, else the model type's image processor defaults) and where it came from.
-    """
-    transformers = _quiet_transformers()
-    directory = source_directory(name, pretrained)
-    img_size = kwargs.pop("img_size", None)
-    class_name, config = _model_config(transformers, directory, kwargs)
-    cls = getattr(transformers, class_name)
-    if pretrained:
-        model = _load_pretrained(cls, directory, config)
-    else:
-        model = cls._from_config(config)
-    model.tome_data_config = preprocessing(directory, config, img_size)
-    model.tome_source = {"architecture": class_name, **_revision(directory)}
-    return model.eval()
-
-
-def _model_config(transformers, directory: Path, overrides: Dict[str, Any]):
-    """(class name, config object) of a directory; a two-tower config yields its vision tower's config."""
-    raw = read_config(directory)
-    class_name = architecture_class(raw, str(directory))
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(directory))
-    except Exception as exc:
-        raise UserError(f"transformers cannot read {str(directory / CONFIG_FILE)!r} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}): re-save the model") from None
-    if raw.get("model_type") in ("clip", "siglip") and class_name in ("CLIPVisionModelWithProjection",
-                                                                      "CLIPVisionModel", "SiglipVisionModel"):
-        vision = config.vision_config
-        if hasattr(config, "projection_dim"):  # the two-tower config holds the projection size
-            vision.projection_dim = config.projection_dim
-        config = vision
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise UserError(f"{type(config).__name__} has no attribute {key!r}: model arguments of a transformers "
-                            "model are config attributes (e.g. num_hidden_layers, num_labels)")
-        setattr(config, key, value)
-    return class_name, config
-
-
-def _load_pretrained(cls, directory: Path, config) -> torch.nn.Module:
-    """Weights of a directory, strictly: a missing or mis-shaped tensor is an error, never a random init."""
-    if _weight_file(directory) is None:
-        raise UserError(f"{str(directory)!r} has no weights ({' or '.join(WEIGHT_FILES[::2])}): add them, or pass "
-                        "--weights random for seeded random weights")
-    try:
-        model, info = cls.from_pretrained(str(directory), config=config, output_loading_info=True)
-    except Exception as exc:
-        raise UserError(f"cannot load the weights in {str(directory)!r} ({type(exc).__name__}): re-save the model "
-                        "with save_pretrained") from None
-    problems = {label: list(info.get(key) or []) for key, label in
-                (("missing_keys", "missing"), ("mismatched_keys", "wrong shape"))}
-    if any(problems.values()):
-        parts = [f"{len(keys)} {label} ({', '.join(str(k) for k in keys[:3])}{', ...' if len(keys) > 3 else ''})"
-                 for label, keys in problems.items() if keys]
-        raise UserError(f"the weights in {str(directory)!r} do not match its config ({cls.__name__}): "
-                        f"{'; '.join(parts)}. Re-save the model with save_pretrained")
-    return model
-
-
-def _revision(directory: Path) -> Dict[str, str]:
-    """The commit of a hub cache snapshot (``.../snapshots/<commit>``); nothing for other directories."""
-    if directory.parent.name == "snapshots" and len(directory.name) == 40:
-        return {"revision": directory.name}
-    return {}
-
-
-# --- preprocessing ---------------------------------------------------------------------------------------------
-
-
-def preprocessing(directory: Optional[Path], config, img_size: Optional[int] = None) -> Dict[str, Any]:
-    """The eval preprocessing of a model (timm-style data config) from its image processor.
-
-    The processor is read from the directory's ``preprocessor_config.json``; without one, the model type's
-    transformers processor with its defaults is used at the config's image size. ``img_size`` changes the input
-    side and keeps the processor's resize-to-crop ratio.
-    """
-    transformers = _quiet_transformers()
-    path = directory / PROCESSOR_FILE if directory is not None else None
-    if path is not None and path.is_file():
-        try:
-            processor = transformers.AutoImageProcessor.from_pretrained(str(directory))
-        except Exception as exc:
-            raise UserError(f"transformers cannot read {str(path)!r} ({type(exc).__name__}): fix or re-save the "
-                            "image processor") from None
-        where = str(path)
-    else:
-        processor = getattr(transformers, _PROCESSORS.get(config.model_type, "ViTImageProcessor"))()
-        where = f"{type(processor).__name__} defaults"
-        img_size = img_size or _pair(config.image_size)[0]
-    return processor_data_config(processor, where, img_size)
-
-
-def _size_field(size: Any, key: str) -> Optional[int]:
-    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-    return int(value) if value else None
-
-
-def processor_data_config(processor: Any, where: str, img_size: Optional[int] = None) -> Dict[str, Any]:
-    """A transformers image processor as a data config: input_size, mean, std, crop_pct, crop_mode, interpolation.
-
-    Squash resizes (``size: {height, width}``) become ``crop_mode: squash``, shorter-edge resizes ``center``; the
-    centre crop (if any) gives the input size. Rescaling and normalisation fold into mean and std.
-    """
-    size = getattr(processor, "size", None)
-    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
-    if not getattr(processor, "do_resize", True) or size is None:
-        raise UserError(f"{where} does not resize images: the input shape would depend on each image; "
-                        "set do_resize and size")
-    short = _size_field(size, "shortest_edge")
-    if short:
-        if crop is None:
-            raise UserError(f"{where} resizes the shorter edge to {short} without a centre crop: the input shape "
-                            "would depend on each image; set do_center_crop and crop_size")
-        resize, mode = (short, short), "center"
-    elif _size_field(size, "height") and _size_field(size, "width"):
-        resize, mode = (_size_field(size, "height"), _size_field(size, "width")), "squash"
-    else:
-        raise UserError(f"{where} has a resize rule tome-export cannot represent ({size}): use size "
-                        "{height, width} or {shortest_edge} with a centre crop")
-    out = (_size_field(crop, "height"), _size_field(crop, "width")) if crop is not None else resize
-    crop_pct = _crop_pct(out, resize, where)
-    if img_size:
-        out = (int(img_size), int(img_size))
-    return {"input_size": (3, *out), "crop_pct": crop_pct, "crop_mode": mode,
-            "interpolation": _interpolation(processor, where), **_normalization(processor)}
-
-
-def _crop_pct(out: Tuple[int, int], resize: Tuple[int, int], where: str) -> float:
-    """The crop fraction for which Preprocessing's ``floor(out / crop_pct)`` gives back ``resize`` on both sides."""
-    for pct in (out[0] / resize[0], out[0] / (resize[0] + 0.5)):
-        if all(math.floor(o / pct) == r for o, r in zip(out, resize)):
-            return pct
-    raise UserError(f"{where} crops {out[0]}x{out[1]} from {resize[0]}x{resize[1]}: tome-export needs the same "
-                    "crop fraction on both sides")
-
-
-def _interpolation(processor: Any, where: str) -> str:
-    resample = getattr(processor, "resample", 2)
-    try:
-        return _RESAMPLE[int(getattr(resample, "value", resample))]
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{where} uses resample={resample!r}; tome-export supports PIL's nearest, bilinear, bicubic, "
-                        "lanczos, box and hamming") from None
-
-
-def _normalization(processor: Any) -> Dict[str, Tuple[float, ...]]:
-    """mean/std applied to pixels scaled to [0, 1] that reproduce the processor's rescale and normalize steps."""
-    scale = float(processor.rescale_factor) * 255 if getattr(processor, "do_rescale", True) else 255.0
-    if getattr(processor, "do_normalize", True):
-        mean, std = processor.image_mean, processor.image_std
-        mean = mean if isinstance(mean, (list, tuple)) else [mean] * 3
-        std = std if isinstance(std, (list, tuple)) else [std] * 3
-    else:
-        mean, std = [0.0] * 3, [1.0] * 3
-    if abs(scale - 1.0) < 1e-9:  # the usual rescale by 1/255
-        scale = 1.0
-    # (p * rescale - mean) / std with p in [0, 255] equals (p / 255 - mean / s) / (std / s) with s = 255 * rescale
-    return {"mean": tuple(float(m) / scale for m in mean), "std": tuple(float(s) / scale for s in std)}
-
 
 # --- structure -------------------------------------------------------------------------------------------------
 
@@ -489,21 +81,21 @@ def _base_class(model: torch.nn.Module) -> type:
     return cls.__bases__[1] if issubclass(cls, ToMeTransformersMixin) else cls
 
 
-def _arch(model: torch.nn.Module) -> Optional[_Arch]:
+def _arch(model: torch.nn.Module) -> Optional[Arch]:
     """The architecture entry of a transformers model of exactly a supported class, else None."""
     cls = _base_class(model)
     return ARCHITECTURES.get(cls.__name__) if cls.__module__.startswith("transformers.") else None
 
 
-def _backbone(model: torch.nn.Module, arch: _Arch) -> torch.nn.Module:
+def _backbone(model: torch.nn.Module, arch: Arch) -> torch.nn.Module:
     return getattr(model, arch.backbone) if arch.backbone else model
 
 
-def _layers(backbone: torch.nn.Module, kind: _Kind) -> torch.nn.ModuleList:
+def _layers(backbone: torch.nn.Module, kind: Kind) -> torch.nn.ModuleList:
     return functools.reduce(getattr, kind.layers.split("."), backbone)
 
 
-def _num_protected(backbone: torch.nn.Module, arch: _Arch) -> int:
+def _num_protected(backbone: torch.nn.Module, arch: Arch) -> int:
     """Class, distillation and register tokens: the prefix ToMe never merges."""
     if arch.kind == "siglip":
         return 0
@@ -520,11 +112,11 @@ def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
     arch = _arch(model)
     name = _base_class(model).__name__
     if arch is None:
-        if name in _VISION_TOWERS:
-            return f"{name} is a two-tower model: patch its vision tower ({_VISION_TOWERS[name]}.from_pretrained)"
-        return _unmergeable_reason(name) or (
+        if name in VISION_TOWERS:
+            return f"{name} is a two-tower model: patch its vision tower ({VISION_TOWERS[name]}.from_pretrained)"
+        return unmergeable_reason(name) or (
             f"{name} is not a transformers vision model tome-export supports ({', '.join(ARCHITECTURES)})")
-    kind = _KINDS[arch.kind]
+    kind = KINDS[arch.kind]
     try:
         backbone = _backbone(model, arch)
         layers = _layers(backbone, kind)
@@ -554,7 +146,7 @@ def _linear_out(module: torch.nn.Module, default: int) -> int:
     return module.out_features if isinstance(module, torch.nn.Linear) else default
 
 
-def _output_dim(model: torch.nn.Module, backbone: torch.nn.Module, arch: _Arch, hidden: int) -> int:
+def _output_dim(model: torch.nn.Module, backbone: torch.nn.Module, arch: Arch, hidden: int) -> int:
     """Size of the one output the patched model returns (logits or embedding)."""
     if arch.head == "distilled":
         return _linear_out(model.cls_classifier, hidden)
@@ -572,14 +164,14 @@ def _output_dim(model: torch.nn.Module, backbone: torch.nn.Module, arch: _Arch, 
 def model_info(model: torch.nn.Module) -> ModelInfo:
     arch = _arch(model)
     backbone = _backbone(model, arch)
-    layers = _layers(backbone, _KINDS[arch.kind])
-    attn = getattr(layers[0], _KINDS[arch.kind].layout.attn)
+    layers = _layers(backbone, KINDS[arch.kind])
+    attn = getattr(layers[0], KINDS[arch.kind].layout.attn)
     mlp = layers[0].mlp
     # A SwiGLU MLP has three c x h' matrices; 1.5 h' makes the two-matrix MAC count of the FLOP model exact.
     mlp_hidden = mlp.fc1.out_features if hasattr(mlp, "fc1") else 3 * mlp.gate_proj.out_features // 2
     config = backbone.config
     h, w = data_config(model)["input_size"][1:]
-    p = _pair(config.patch_size)
+    p = pair(config.patch_size)
     return ModelInfo(
         family=NAME,
         num_blocks=len(layers),
@@ -600,7 +192,7 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
 
 
 def _self_attention(attn: torch.nn.Module, x: torch.Tensor, bias: Optional[SizeBias],
-                    layout: _Layout) -> Tuple[torch.Tensor, torch.Tensor]:
+                    layout: Layout) -> Tuple[torch.Tensor, torch.Tensor]:
     """A transformers attention module with the log-size bias, through ``attention``; also returns the keys."""
     b, n, _ = x.shape
     shape = (b, n, -1, attn.head_dim)
@@ -618,7 +210,7 @@ def _branch(layer: torch.nn.Module, scale: Optional[str], drop: Optional[str], x
     return getattr(layer, drop)(x) if drop is not None else x
 
 
-def _layer(layout: _Layout, layer: torch.nn.Module, x: torch.Tensor, size, source, bias) -> State:
+def _layer(layout: Layout, layer: torch.nn.Module, x: torch.Tensor, size, source, bias) -> State:
     """One layer: attention, then the merge, then the MLP (where the reference merges)."""
     out, keys = _self_attention(getattr(layer, layout.attn), getattr(layer, layout.norm1)(x), bias, layout)
     x = x + _branch(layer, layout.scale1, layout.drop, out)
@@ -628,9 +220,9 @@ def _layer(layout: _Layout, layer: torch.nn.Module, x: torch.Tensor, size, sourc
     return x, size, source, bias
 
 
-def _embed(backbone: torch.nn.Module, kind: _Kind, pixels: torch.Tensor) -> torch.Tensor:
+def _embed(backbone: torch.nn.Module, kind: Kind, pixels: torch.Tensor) -> torch.Tensor:
     if kind.interpolate_flag:  # position embeddings are interpolated when the input is not the config's size
-        other = tuple(pixels.shape[-2:]) != _pair(backbone.config.image_size)
+        other = tuple(pixels.shape[-2:]) != pair(backbone.config.image_size)
         x = backbone.embeddings(pixels, interpolate_pos_encoding=other)
     else:
         x = backbone.embeddings(pixels)  # DINOv2 interpolates whenever the size differs
@@ -689,7 +281,7 @@ class ToMeTransformersMixin(ToMeModel):
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Tokens as the backbone's last_hidden_state, their sizes ``(B, T, 1)`` and optionally their sources."""
         arch = _arch(self)
-        backbone, kind = _backbone(self, arch), _KINDS[arch.kind]
+        backbone, kind = _backbone(self, arch), KINDS[arch.kind]
         x = _embed(backbone, kind, x.to(next(backbone.embeddings.parameters()).dtype))  # as transformers casts
         x, size, source = run_blocks(_layers(backbone, kind), functools.partial(_layer, kind.layout), x, trace_source)
         if kind.final_norm:
@@ -707,7 +299,7 @@ def patch(model: torch.nn.Module, cfg: ToMeConfig) -> torch.nn.Module:
     """Patch ``model`` in place (or re-configure an already patched one) and return it."""
     arch = _arch(model)
     backbone = _backbone(model, arch)
-    return patch_model(model, ToMeTransformersMixin, _layers(backbone, _KINDS[arch.kind]),
+    return patch_model(model, ToMeTransformersMixin, _layers(backbone, KINDS[arch.kind]),
                        _num_protected(backbone, arch), cfg)
 
 
@@ -729,7 +321,7 @@ def load_checkpoint(name: str, path: Path, kwargs: Dict[str, Any]) -> Tuple[Dict
 
 def example() -> torch.nn.Module:
     """A ViTForImageClassification of width 64, 2 layers, patch 16 at 64 px, 10 labels (random weights)."""
-    transformers = _quiet_transformers()
+    transformers = quiet_transformers()
     config = transformers.ViTConfig(image_size=64, patch_size=16, hidden_size=64, num_hidden_layers=2,
                                     num_attention_heads=2, intermediate_size=128, num_labels=10)
     model = transformers.ViTForImageClassification(config)

@@ -21,6 +21,7 @@ from ..info import ModelInfo
 from ..preprocess import Preprocessing
 from ..kernels.attention import padded_heads_attention
 from .base import SizeBias, State, attention, ToMeConfig, ToMeModel, patch_model, run_blocks, uses_padded_heads
+from . import digits_vit
 from .checkpoint import hub_reachable, read_state_dict
 from .family import Family
 
@@ -213,6 +214,7 @@ ALIASES: Dict[str, str] = {
     "deit3_b": "deit3_base_patch16_224",
     "clip_b16": "vit_base_patch16_clip_224",
     "dinov2_s14_reg": "vit_small_patch14_reg4_dinov2",
+    digits_vit.ALIAS: digits_vit.MODEL_NAME,  # the project's own 4-block, 32 px ViT (registered with timm on import)
 }
 
 # timm architectures ToMe cannot merge as defined (matched by class-name prefix), mostly because token positions

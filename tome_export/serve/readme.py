@@ -9,6 +9,7 @@ from typing import List
 from .._version import __version__
 from ..manifest import Manifest
 from ..preprocess import Preprocessing
+from ..targets import get_target
 from .triton import ModelPlan
 
 TESTED = ("tome-export's tests serve Python-backend repositories on a real `tritonserver` 2.51 (the one in the "
@@ -16,11 +17,6 @@ TESTED = ("tome-export's tests serve Python-backend repositories on a real `trit
           "`tome_export.runtime` to 1e-5. The native onnxruntime, openvino and tensorrt backends are not in that "
           "wheel and were not run: their configurations are checked against Triton's ModelConfig schema and against "
           "the graph's names and dimensions, and their parameters follow the backends' source.")
-
-# The runtime extras of each target (tensorrt itself comes from NVIDIA's package index, beside them)
-BACKEND_EXTRAS = {"onnx": "onnxruntime", "onnxruntime": "onnxruntime", "openvino": "openvino",
-                  "tensorrt": "cuda", "tensorrt-rtx": "tensorrt-rtx,cuda"}
-
 
 def validation_line(manifest: Manifest) -> str:
     v = manifest.validation
@@ -75,8 +71,9 @@ def _client_lines(plan: ModelPlan) -> List[str]:
 def _server_lines(plan: ModelPlan, manifest: Manifest, repository: Path) -> List[str]:
     lines = ["```", f"tritonserver --model-repository {os.path.abspath(repository)}", "```"]
     if plan.variant == "python":
-        extras = BACKEND_EXTRAS.get(manifest.target, "onnxruntime")
-        nvidia = "   # and tensorrt from NVIDIA's package index" if manifest.target == "tensorrt" else ""
+        target = get_target(manifest.target)
+        extras = target.runtime_extra
+        nvidia = f"   # and {target.runtime_elsewhere}" if target.runtime_elsewhere else ""
         lines += ["", "The Python backend runs `1/model.py`, which loads `1/artifact/` with `tome_export.runtime.load` "
                   "(checksums verified) — the code path the build validated. The server's Python needs tome-export "
                   "and the backend, no torch:",

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Tuple
 
 import numpy as np
 
 from ..errors import UserError
 from ..manifest import Manifest
+from ..targets import get_target
 
 
 @dataclass(frozen=True)
@@ -83,18 +84,12 @@ def openvino_signature(path: Path) -> Signature:
     return Signature(tuple(spec(p) for p in model.inputs), tuple(spec(p) for p in model.outputs), path.name)
 
 
-# target -> the graph file a server loads (TensorRT engines are built from model.onnx, with its tensor names)
-GRAPH_FILES: Dict[str, str] = {"onnx": "model.onnx", "onnxruntime": "model.onnx", "openvino": "model.xml",
-                               "tensorrt": "model.onnx", "tensorrt-rtx": "model.onnx"}
-
-
 def artifact_signature(directory: Path, manifest: Manifest) -> Signature:
     """The graph's signature, checked against what the manifest says the artifact takes."""
-    if manifest.target not in GRAPH_FILES:
-        raise UserError(f"no serving support for target {manifest.target!r}; supported: {', '.join(sorted(GRAPH_FILES))}")
-    name = manifest.runtime.get("file") or GRAPH_FILES[manifest.target]
+    graph_file = get_target(manifest.target).graph_file  # the target knows which file its graph is
+    name = manifest.runtime.get("file") or graph_file
     if Path(name).suffix not in (".onnx", ".xml"):  # an engine: its tensors are named as in the graph it came from
-        name = GRAPH_FILES[manifest.target]
+        name = graph_file
     path = Path(directory) / name
     signature = openvino_signature(path) if path.suffix == ".xml" else onnx_signature(path)
     declared = manifest.input

@@ -13,7 +13,7 @@ from importlib import metadata
 from typing import Dict, Tuple
 
 from ..errors import UserError
-from ..recipes import Recipe
+from ..recipe import Recipe
 from .base import BuildContext, BuildPlan, Settings, Target, TargetOptions, TargetResult
 
 ENTRY_POINTS = "tome_export.targets"

@@ -24,8 +24,9 @@ from ..graph_names import INPUT_NAME, OUTPUT_NAME, SOURCE_NAME
 from ..info import ModelInfo
 from ..manifest import InputSpec
 from ..preprocess import Preprocessing
+from ..quality.calibration import image_files
 from ..quality.validate import DEFAULT_IMAGES, Thresholds, validation_batches
-from ..recipes import Recipe
+from ..recipe import Recipe
 from ..runtime.base import ArtifactIO
 from ..schedule import Schedule
 
@@ -158,12 +159,20 @@ class TargetOptions:
                 raise UserError(f"--{key.replace('_', '-')}{shown} does not apply to --target {target}")
         return cls(**values)
 
+    def check(self) -> None:
+        """One-line UserError for a value no build could use (run before any model is loaded)."""
+
 
 @dataclass(frozen=True)
 class CalibrationOptions(TargetOptions):
     calib_data: Optional[str] = field(default=None, metadata={
         "help": "folder of representative images for int8/fp8 calibration (default: the bundled photos)",
         "metavar": "DIR"})
+
+    def check(self) -> None:
+        """``--calib-data``, when given, is a folder holding at least one image."""
+        if self.calib_data is not None:
+            image_files(self.calib_data)
 
 
 # --- a build's data ---------------------------------------------------------------------------------------------
@@ -260,6 +269,7 @@ class Target:
     default_merge_impl: str
     runner: str  # "module:Class" of the runner (imported only when an artifact is loaded)
     build: Callable[[BuildContext], TargetResult]
+    runtime_extra: str  # the tome-export extra(s) a machine that only runs the artifact installs, e.g. "openvino"
     settings: Type[Settings] = Settings
     options: Type[TargetOptions] = TargetOptions
     # precision -> section -> defaults that depend on the precision (the section dataclasses hold the rest)
@@ -271,6 +281,8 @@ class Target:
     device: str = "cpu"  # where its artifacts run: cpu | cuda
     default_precision: str = "fp32"  # without --precision
     version_modules: Tuple[str, ...] = ()  # libraries whose versions benchmark results record
+    graph_file: str = "model.onnx"  # the graph a server loads, or whose tensor names a compiled engine keeps
+    runtime_elsewhere: str = ""  # what the runtime needs beyond the extra, from outside PyPI (said in READMEs)
 
     def settings_for(self, recipe: Recipe) -> Settings:
         return self.settings.from_recipe(recipe, self.precision_defaults.get(recipe.precision, {}))

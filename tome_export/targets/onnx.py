@@ -44,6 +44,7 @@ TARGET = register(Target(
     runner="tome_export.runtime.onnxruntime:OnnxRuntimeRunner",
     build=build,
     settings=OnnxSettings,
+    runtime_extra="onnxruntime",
     requires=("onnxruntime",),
     install_hint="pip install 'tome-export[onnxruntime]'",
     version_modules=("onnxruntime",),

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..onnx_files import copy_onnx, data_files, data_location, move_onnx, save_onnx
-from ..quality.calibration import Calibration, image_files
+from ..quality.calibration import Calibration
 from ..quality.decisions import artifact_merge_decisions, decision_output_names, decision_tensors
 from .base import (BuildContext, BuildPlan, CalibrationOptions, Settings, Target, TargetResult, Validation)
 from . import register
@@ -309,8 +309,6 @@ def check(plan: BuildPlan) -> None:
     if method not in STEPS[plan.precision]:
         raise UserError(f"recipe quantization.method {method!r} does not make {plan.precision}: "
                         f"choose {', '.join(STEPS[plan.precision])}")
-    if plan.options.calib_data is not None:
-        image_files(plan.options.calib_data)
 
 
 TARGET = register(Target(
@@ -324,6 +322,7 @@ TARGET = register(Target(
     options=CalibrationOptions,
     precision_defaults={p: {"quantization": {"method": m}} for p, m in DEFAULT_METHOD.items()},
     check=check,
+    runtime_extra="onnxruntime",
     requires=("onnxruntime",),
     install_hint="pip install 'tome-export[onnxruntime]'",
     version_modules=("onnxruntime",),

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..graph_names import KEEP_FP32
-from ..quality.calibration import Calibration, image_files
+from ..quality.calibration import Calibration
 from ..quality.decisions import artifact_merge_decisions, decision_output_names, decision_tensors
 from .base import BuildContext, BuildPlan, CalibrationOptions, Settings, Target, TargetResult
 from .onnxruntime import CpuValidation
@@ -94,8 +94,6 @@ def check(plan: BuildPlan) -> None:
             raise UserError(f"OpenVINO cannot run {hint} on this CPU (OPTIMIZATION_CAPABILITIES: {', '.join(caps)}); "
                             f"it would silently run another precision: use --precision fp32 or int8 "
                             f"(with build.inference_precision: f32)")
-    if plan.options.calib_data is not None:
-        image_files(plan.options.calib_data)
 
 
 def _protected_ops(model, keep_fp32: str) -> List[str]:
@@ -282,6 +280,8 @@ TARGET = register(Target(
     precision_defaults={p: {"build": {"inference_precision": h}}
                         for p, h in {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}.items()},
     check=check,
+    runtime_extra="openvino",
+    graph_file="model.xml",
     requires=("openvino",),  # and nncf for int8 (see check)
     install_hint="pip install 'tome-export[openvino]'",
     version_modules=("openvino", "nncf"),

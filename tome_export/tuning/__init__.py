@@ -90,7 +90,7 @@ def tune(request: Optional[TuneRequest] = None, log: Log = lambda msg: None, **f
 def write_output(out: Path, source: Path, section: Dict[str, Any], model: str) -> Path:
     """Copy the winning build to ``out`` with ``tune.md``, the plot and the manifest's ``tune`` section; the
     manifest is rewritten last, with the checksums of every file, so ``runtime.load`` verifies the report too."""
-    from ..pipeline import output_lock, staged_output
+    from ..files import output_lock, staged_output
     from .report import PLOT, REPORT, markdown, pareto_plot
 
     out = Path(out)

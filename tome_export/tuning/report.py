@@ -9,19 +9,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ..flops import flops_summary
 from ..info import ModelInfo
+from ..schedule import r_text
 from .measure import Evaluation
 from .select import Decision
 
 REPORT, PLOT = "tune.md", "tune-pareto.png"
-
-
-def r_text(r: Any) -> str:
-    """A schedule as ``--r`` takes it: ``16``, ``16:-1``, ``8,8,7``."""
-    if isinstance(r, int):
-        return str(r)
-    if isinstance(r, tuple):
-        return f"{r[0]}:{r[1]:g}"
-    return ",".join(str(v) for v in r)
 
 
 def candidate_entry(e: Evaluation, info: ModelInfo, decision: Decision) -> Dict[str, Any]:

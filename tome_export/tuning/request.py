@@ -14,6 +14,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..bench.config import Timing
 from ..errors import UserError
+from ..targets.base import CalibrationOptions
 from ..manifest import output_holds
 
 DIGITS_DATA = "digits"  # --data digits: the embedded case's held-out split
@@ -221,8 +222,7 @@ def check_request(request: TuneRequest) -> CheckedRequest:
     if request.checkpoint is not None and not Path(request.checkpoint).is_file():
         raise UserError(f"checkpoint {str(request.checkpoint)!r} does not exist: pass the path of a .pth or "
                         f".safetensors file")
-    if request.calib_data is not None and not Path(request.calib_data).is_dir():
-        raise UserError(f"--calib-data {str(request.calib_data)!r} is not a directory: pass a folder of photos")
+    CalibrationOptions(calib_data=str(request.calib_data) if request.calib_data is not None else None).check()
     _check_data(request)
     if importlib.util.find_spec("matplotlib") is None:
         raise UserError("the tuning report's plot needs matplotlib: pip install 'tome-export[bench]'")

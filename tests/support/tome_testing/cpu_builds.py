@@ -15,7 +15,7 @@ import yaml
 
 from tome_export.models import ModelName, ModelSpec, model_info, preprocessing
 from tome_export.pipeline import BuildRequest, PreparedBuild, PreparedModel, build_into, plan_build
-from tome_export.recipes import parse_recipe, recipe_for
+from tome_export.recipe import parse_recipe, recipe_for
 from tome_export.schedule import resolve_schedule
 from tome_export.targets import TargetResult
 

@@ -16,7 +16,6 @@ int8 GEMMs on RTX GPUs as weight-only. Engines run with :class:`tome_export.runt
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, Optional, Tuple
 
 from ...errors import UserError
@@ -124,9 +123,6 @@ def check(plan: BuildPlan, library: Library) -> None:
             "TensorRT-RTX has no plugins"
         raise UserError(f"--merge-impl gather puts ScatterElements(reduction=add) in the graph, which "
                         f"{library.display} cannot build without a plugin: use --merge-impl onehot, {hint}")
-    calib_data = plan.options.calib_data
-    if calib_data is not None and not Path(calib_data).is_dir():
-        raise UserError(f"--calib-data {calib_data!r} is not a directory: pass a folder of JPEG/PNG photos")
     if plan.options.require_engine and plan.options.no_engine:
         raise UserError("--require-engine and --no-engine contradict each other: choose one")
     if plan.options.require_engine:
@@ -142,10 +138,12 @@ def _build(ctx: BuildContext, library: Library) -> TargetResult:
     return build(ctx, library)
 
 
-def _target(name: str, library: Library, description: str, options: type, requires: Tuple[str, ...]) -> Target:
+def _target(name: str, library: Library, description: str, options: type, requires: Tuple[str, ...],
+            runtime_extra: str, runtime_elsewhere: str = "") -> Target:
     return register(Target(
         name=name, description=description, precisions=PRECISIONS, default_merge_impl="onehot", runner=RUNNER,
-        build=lambda ctx: _build(ctx, library), settings=TensorRTSettings, options=options,
+        build=lambda ctx: _build(ctx, library), runtime_extra=runtime_extra, runtime_elsewhere=runtime_elsewhere,
+        settings=TensorRTSettings, options=options,
         precision_defaults={p: {"validation": limits} for p, limits in DEFAULT_THRESHOLDS.items()},
         check=lambda plan: check(plan, library), requires=requires, install_hint=library.install,
         device="cuda", version_modules=(library.module,), default_precision="fp16"))  # fp32 is the slowest engine
@@ -153,7 +151,8 @@ def _target(name: str, library: Library, description: str, options: type, requir
 
 TENSORRT_TARGET = _target(
     "tensorrt", TENSORRT, "TensorRT (strongly typed): precision-in-graph ONNX + build_engine.sh (trtexec); the engine "
-    "too where TensorRT and a GPU are present", TensorRTOptions, ())
+    "too where TensorRT and a GPU are present", TensorRTOptions, (), "cuda",
+    "tensorrt from NVIDIA's package index")
 TENSORRT_RTX_TARGET = _target(
     "tensorrt-rtx", TENSORRT_RTX, "TensorRT-RTX: precision-in-graph ONNX + a real engine compiled here on the CPU "
-    "(no GPU needed)", EngineOptions, ("tensorrt_rtx",))
+    "(no GPU needed)", EngineOptions, ("tensorrt_rtx",), "tensorrt-rtx,cuda")

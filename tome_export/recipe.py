@@ -1,4 +1,7 @@
-"""Declarative build recipes: one YAML file per (target, precision), shipped in this package as data.
+"""Declarative build recipes: one YAML file per (target, precision), in the top-level ``recipes/`` folder.
+
+The folder ships inside the package as ``tome_export.recipes`` (pyproject's ``package-dir`` maps it), so a wheel, an
+editable install and a source checkout all read the same files.
 
 A recipe is data the build reads — opset, merge lowering, target settings, quantization, calibration and
 validation thresholds — never code. Users run an edited copy with ``--recipe FILE``. This module reads the
@@ -25,9 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-import yaml
-
-from ..errors import UserError
+from .errors import UserError
 
 SECTIONS = ("build", "quantization", "calibration", "validation")
 TOP_LEVEL = {"target": str, "precision": str, "description": str, "opset": int, "merge_impl": str,
@@ -59,6 +60,8 @@ class Recipe:
 
 
 def _read(path: Path) -> Dict[str, Any]:
+    import yaml  # only reading a recipe needs PyYAML: the registries and deployment tools stay without it
+
     try:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
@@ -94,16 +97,25 @@ def load_recipe(path: Path) -> Recipe:
     return parse_recipe(_read(path), Path(path))
 
 
+def recipe_folder() -> Path:
+    """Where the built-in recipes are: the checkout's ``recipes/`` when this package runs from a source tree (also
+    through ``PYTHONPATH``), else the installed ``tome_export.recipes``."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "recipes" / "__init__.py").is_file():
+        return checkout / "recipes"
+    return Path(str(resources.files("tome_export.recipes")))
+
+
 def builtin_recipe_path(target: str, precision: str) -> Optional[Path]:
-    """The built-in recipe file of (target, precision), ``<target>-<precision>.yaml`` in this package."""
-    entry = resources.files(__name__) / f"{target}-{precision}.yaml"
-    return Path(str(entry)) if entry.is_file() else None
+    """The built-in recipe file of (target, precision), ``<target>-<precision>.yaml``."""
+    path = recipe_folder() / f"{target}-{precision}.yaml"
+    return path if path.is_file() else None
 
 
 def builtin_recipes() -> Dict[Tuple[str, str], Path]:
     """Every built-in recipe by the (target, precision) its content names."""
     found: Dict[Tuple[str, str], Path] = {}
-    for entry in sorted(resources.files(__name__).iterdir(), key=lambda e: e.name):
+    for entry in sorted(recipe_folder().iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".yaml"):
             recipe = load_recipe(Path(str(entry)))
             found[(recipe.target, recipe.precision)] = recipe.path
