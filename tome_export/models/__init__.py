@@ -268,9 +268,10 @@ def patch(
     fine-tuning with ToMe (and for MAE models off the shelf). Deploy a model with the ``prop_attn`` it
     was trained with (CLI: ``--no-prop-attn``).
 
-    ``fused``: on CUDA tensors, run each block's matching and merge as one Triton kernel and one batched
-    matmul (same decisions as ``merge_impl``; see :mod:`tome_export.kernels.fused_merge`). Exports and CPU runs
-    always use ``merge_impl``.
+    ``fused``: on CUDA tensors, run each block's matching and merge as Triton kernels (same decisions as
+    ``merge_impl``; see :mod:`tome_export.kernels.fused_merge`). On CUDA, proportional attention runs in the
+    formulation measured fastest on that GPU either way (:mod:`tome_export.kernels.designs`). Exports and CPU
+    runs always use ``merge_impl`` and the additive mask.
     """
     family = family_of(model)
     info = family.model_info(model)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..info import ModelInfo  # noqa: F401  (what every family hands to the rest of the package)
-from ..kernels import fused_merge
+from ..kernels import attention as gpu_attention
+from ..kernels import designs, fused_merge
 from ..merge import MERGE_IMPLS, Merge, TokenOwners, bipartite_soft_matching, cap_r, merge_wavg
 from ..tasks import CLASSIFY, DENSE, EMBED, OUTPUTS, TOKENS
 
@@ -22,7 +23,7 @@ class ToMeConfig:
     r: Tuple[int, ...]  # requested r per block (the per-block cap applies at run time)
     merge_impl: str = "gather"  # the lowering traced into exports and run on the CPU
     prop_attn: bool = True
-    fused: bool = True  # on CUDA: matching and merge as one Triton kernel + a batched matmul (same decisions)
+    fused: bool = True  # on CUDA: matching and merge as Triton kernels (same decisions as merge_impl)
 
     def __post_init__(self) -> None:
         if self.merge_impl not in MERGE_IMPLS:
@@ -48,6 +49,20 @@ class TokenMatch(torch.nn.Module):
         return f"r={self.r}, num_protected={self.num_protected}, merge_impl={self.merge_impl!r}"
 
 
+class SizeBias(NamedTuple):
+    """Proportional attention's bias for the next block: a token standing for s patches gets log(s) added to its
+    attention logits. ``log`` ``(B, 1, 1, T)``; ``channels`` ``(B, T, 2)``: the same for padded heads, as the
+    fused merge writes it (None: made where needed)."""
+
+    log: torch.Tensor
+    channels: Optional[torch.Tensor] = None
+
+    @classmethod
+    def of(cls, size: torch.Tensor) -> "SizeBias":
+        """From token sizes ``(B, T, 1)``."""
+        return cls(size.log()[:, None, None, :, 0])
+
+
 class TokenMerge(torch.nn.Module):
     """One block's ToMe step: match, size-weighted merge, source tracking, next attention's log-size bias.
 
@@ -66,64 +81,45 @@ class TokenMerge(torch.nn.Module):
 
     def forward(
         self, x: torch.Tensor, keys: torch.Tensor, size: Optional[torch.Tensor], source: Optional[torch.Tensor]
-    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[SizeBias]]:
         if self.fused and source is None and fused_merge.available(x):
-            x, size, bias = fused_merge.merge_weighted(x, keys, size, self.match.r, self.match.num_protected)
-            return x, size, None, bias if self.prop_attn else None
+            one_kernel = designs.design(x).merge == "one"
+            x, size, log, channels = fused_merge.merge_weighted(x, keys, size, self.match.r, self.match.num_protected,
+                                                                one_kernel)
+            return x, size, None, SizeBias(log, channels) if self.prop_attn else None
         merge = self.match(keys)
         x, size = merge_wavg(merge, x, size)
         if source is not None:
             source = merge(source)
-        # Proportional attention: a token standing for s patches gets log(s) added to its attention logits.
-        bias = size.log()[:, None, None, :, 0] if self.prop_attn else None
-        return x, size, source, bias
+        return x, size, source, SizeBias.of(size) if self.prop_attn else None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[SizeBias],
               dropout_p: float = 0.0) -> torch.Tensor:
     """Self-attention of ``(B, heads, T, head_dim)`` q/k/v with ToMe's proportional-attention bias.
 
-    ``bias`` is the log-size of each key, ``(B, 1, 1, T)`` (None before the first merge). Every family calls
-    this, so the lowering of proportional attention is chosen in one place: an additive mask, or on a GPU the
-    extra channel of :func:`channel_attention` from ``CHANNEL_MIN_TOKENS`` query tokens per call on.
+    ``bias``: the keys' sizes (None before the first merge). Every family calls this, so the formulation of
+    proportional attention is chosen in one place: the additive mask on the CPU and in exports, on a GPU the one
+    measured fastest there at this batch (:mod:`tome_export.kernels.designs`) among those that take q, k, v as
+    they are (padded heads start at the projection: see :func:`uses_padded_heads`).
     """
-    if bias is not None and CHANNEL_MIN_TOKENS is not None and q.is_cuda \
-            and q.shape[0] * q.shape[2] >= CHANNEL_MIN_TOKENS and not torch.compiler.is_exporting():
-        return channel_attention(q, k, v, bias, dropout_p)
-    mask = None if bias is None else bias.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    if bias is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=dropout_p)
+    formulation = designs.design(q).attention_without("padded")
+    return gpu_attention.FORMULATIONS[formulation](q, k, v, bias.log, dropout_p)
 
 
-# None: always the mask. On an H200 the mask measured faster than the extra channel at every batch size from 1 to
-# 256 (benchmarks/results/gpu_speedup.md): copying q and k into wider tensors costs more than the mask does.
-CHANNEL_MIN_TOKENS: Optional[int] = None
-
-
-def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                      dropout_p: float = 0.0) -> torch.Tensor:
-    """Proportional attention with the bias folded into q and k: ``scale·[q, 1, 1]·[k, hi, lo] = scale·q·k + log s``.
-
-    Flash attention takes no additive bias; with the bias in q and k it can run. ``log s / scale`` is split into
-    a high part and the remainder so that 16-bit q/k carry it as exactly as an fp32 mask would; the padding
-    keeps the head dim a multiple of 8.
-    """
-    b, h, t, d = q.shape
-    scale = d ** -0.5
-    pad = 8
-    term = (bias.transpose(-1, -2).float() / scale).expand(b, h, t, 1)  # (B, H, T, 1)
-    hi = term.to(k.dtype)
-    lo = (term - hi.float()).to(k.dtype)
-    ones = q.new_ones(1, 1, 1, 1).expand(b, h, t, 2)
-    zeros = q.new_zeros(1, 1, 1, 1).expand(b, h, t, pad - 2)
-    q = torch.cat([q, ones, zeros], dim=-1)
-    k = torch.cat([k, hi, lo, zeros], dim=-1)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+def uses_padded_heads(x: torch.Tensor, bias: Optional[SizeBias]) -> bool:
+    """Whether a block's attention on ``x`` ``(B, T, C)`` runs with padded heads
+    (:func:`tome_export.kernels.attention.padded_heads_attention`): where its GPU design puts them first and
+    there is a bias to carry. A family that can pad its projections asks this before projecting."""
+    return bias is not None and designs.design(x).attention[0] == "padded"
 
 
 # A block's ToMe state between blocks: tokens, sizes, sources, the next attention's log-size bias.
-State = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
+State = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[SizeBias]]
 BlockForward = Callable[[torch.nn.Module, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
-                         Optional[torch.Tensor]], State]
+                         Optional[SizeBias]], State]
 
 
 def identity_source(batch: int, tokens: int, like: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..info import ModelInfo
 from ..preprocess import Preprocessing
-from .base import State, ToMeConfig, ToMeModel, Track, attention, patch_model, run_blocks
+from .base import SizeBias, State, ToMeConfig, ToMeModel, Track, attention, patch_model, run_blocks
 from .family import Family
 from .hf_architectures import ARCHITECTURES, KINDS, VISION_TOWERS, Arch, Kind, Layout, unmergeable_reason
 from .hf_hub import build, pair, preprocessing, quiet_transformers, resolve
@@ -191,7 +191,7 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
 # --- forward ---------------------------------------------------------------------------------------------------
 
 
-def _self_attention(attn: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor],
+def _self_attention(attn: torch.nn.Module, x: torch.Tensor, bias: Optional[SizeBias],
                     layout: Layout) -> Tuple[torch.Tensor, torch.Tensor]:
     """A transformers attention module with the log-size bias, through ``attention``; also returns the keys."""
     b, n, _ = x.shape
@@ -246,7 +246,7 @@ def _attention_pool(head: torch.nn.Module, x: torch.Tensor, size: Optional[torch
         return out.view(b, -1, mha.num_heads, d).transpose(1, 2)
 
     q, k, v = project(head.probe.expand(b, -1, -1), 0), project(x, 1), project(x, 2)
-    bias = size.log()[:, None, None, :, 0] if size is not None else None
+    bias = SizeBias.of(size) if size is not None else None
     out = attention(q, k, v, bias, dropout_p=mha.dropout if mha.training else 0.0)
     out = mha.out_proj(out.transpose(1, 2).reshape(b, -1, c))
     out = out + head.mlp(head.layernorm(out))

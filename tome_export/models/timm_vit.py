@@ -19,7 +19,9 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..info import ModelInfo
 from ..preprocess import Preprocessing
-from .base import State, Track, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
+from ..kernels.attention import padded_heads_attention
+from .base import (SizeBias, State, Track, attention, ToMeConfig, ToMeModel, patch_model, run_blocks,
+                   uses_padded_heads)
 from . import digits_vit
 from .checkpoint import hub_reachable, read_state_dict
 from .family import Family
@@ -119,14 +121,20 @@ def model_info(model: VisionTransformer, img_size: Optional[Tuple[int, int]] = N
     )
 
 
-def _attention(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _attention(attn: Attention, x: torch.Tensor, bias: Optional[SizeBias]) -> Tuple[torch.Tensor, torch.Tensor]:
     """timm Attention with an additive logit bias (proportional attention); also returns the keys."""
     b, n, _ = x.shape
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+    if attn.gate is None and isinstance(attn.norm, torch.nn.Identity) and uses_padded_heads(x, bias):
+        out, k = padded_heads_attention(x, (attn.qkv.weight, attn.qkv.bias), (attn.proj.weight, attn.proj.bias),
+                                        attn.num_heads, bias.log, bias.channels, (attn.q_norm, attn.k_norm),
+                                        dropout_p)
+        return attn.proj_drop(out), k
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
     qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    x = attention(q, k, v, bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    x = attention(q, k, v, bias, dropout_p=dropout_p)
     x = x.transpose(1, 2).reshape(b, n, attn.attn_dim)
     x = attn.norm(x)
     if gate is not None:

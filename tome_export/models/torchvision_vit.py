@@ -25,7 +25,9 @@ from torchvision.transforms._presets import ImageClassification
 from ..errors import UserError
 from ..info import ModelInfo
 from ..preprocess import Preprocessing
-from .base import State, Track, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
+from ..kernels.attention import padded_heads_attention
+from .base import (SizeBias, State, Track, attention, ToMeConfig, ToMeModel, patch_model, run_blocks,
+                   uses_padded_heads)
 from .checkpoint import read_state_dict, url_reachable
 from .family import Family
 
@@ -216,9 +218,13 @@ def data_config(model: VisionTransformer) -> Dict[str, Any]:
     return transforms_config(weights, model.image_size)
 
 
-def _attention(mha: torch.nn.MultiheadAttention, x: torch.Tensor, bias: Optional[torch.Tensor]):
+def _attention(mha: torch.nn.MultiheadAttention, x: torch.Tensor, bias: Optional[SizeBias]):
     """``nn.MultiheadAttention`` self-attention with an additive logit bias; also returns the keys."""
     b, n, c = x.shape
+    if uses_padded_heads(x, bias):
+        return padded_heads_attention(x, (mha.in_proj_weight, mha.in_proj_bias),
+                                      (mha.out_proj.weight, mha.out_proj.bias), mha.num_heads, bias.log,
+                                      bias.channels, dropout_p=mha.dropout if mha.training else 0.0)
     qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
     q, k, v = qkv.reshape(b, n, 3, mha.num_heads, mha.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     out = attention(q, k, v, bias, dropout_p=mha.dropout if mha.training else 0.0)
