@@ -438,8 +438,10 @@ def self_check(prepared: PreparedBuild, model: PreparedModel, workdir: Path, res
         except (UserError, ImportError):  # runs elsewhere (an engine built on the GPU machine, a missing backend)
             return None
 
-    return record_self_check(model.model, model.preprocessing, workdir, plan.settings.validation.thresholds().applied(),
-                             open_runner, plan.outputs[0])
+    thresholds = dict(plan.settings.validation.thresholds().applied())
+    if model.task.name != CLASSIFY:  # features have no class to agree on: their cosine and difference are checked
+        thresholds.pop("top1_agreement", None)
+    return record_self_check(model.model, model.preprocessing, workdir, thresholds, open_runner, plan.outputs[0])
 
 
 def build(request: BuildRequest, log: Log = lambda msg: None, warn: Log = _warn) -> BuildResult:

@@ -73,7 +73,8 @@ def record_self_check(model: Any, preprocessing: Preprocessing, workdir: Path, t
     """
     limits = {k: float(v) for k, v in thresholds.items() if k in selfcheck.LIMITS}
     inputs = preprocessing.batch(sample_views(CANDIDATES))
-    reference, _ = torch_outputs(model, [inputs])
+    outputs, _ = torch_outputs(model, [inputs])
+    reference = outputs[output]
     margins = matching_margins(model, [inputs])
     runner = open_runner()
     try:
