@@ -25,10 +25,11 @@ from .files import output_lock, remove_stale_workdirs, staged_output
 from .export import MIN_OPSET, export_onnx, max_opset
 from .flops import flops_summary
 from .info import ModelInfo
-from .manifest import Manifest, output_holds, write_manifest
+from .manifest import Manifest, write_manifest
 from .merge import MERGE_IMPLS
 from .models import ModelName, ModelSpec, create_model, family_libraries, model_info, patch, preprocessing, resolve
 from .onnx_files import copy_onnx
+from .ownership import OutputDir, survey
 from .preprocess import Preprocessing
 from .quality.validate import DEFAULT_IMAGES
 from .recipe import load_recipe, recipe_for
@@ -116,6 +117,7 @@ class PreparedModel:
 class BuildResult:
     path: Path
     manifest: Dict[str, Any]  # the JSON written
+    kept: Tuple[str, ...] = ()  # entries of the output that were not tome-export's, left in place (--force)
 
 
 # --- checks that need no model ----------------------------------------------------------------------------------
@@ -220,12 +222,24 @@ def _check_output(out: Path, identity: Tuple[Any, ...], force: bool) -> None:
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {str(parent)!r} (not a writable directory): choose another --output")
     _check_name_length(out, probe)
-    taken, existing = output_holds(out)
-    if taken and (existing is None or existing.identity != identity) and not force:
-        old = existing.model.get("alias", "another model") if existing else "another model"
-        what = f" ({existing.target}, {existing.precision})" if existing else ""
-        raise UserError(f"--output {str(out)!r} already holds artifacts of {old}{what}: choose another --output or "
-                        f"pass --force to replace them")
+    check_replaceable(survey(out), identity, force)
+
+
+def check_replaceable(found: OutputDir, identity: Tuple[Any, ...], force: bool) -> None:
+    """Refuse an output that holds another build (unless ``force``) or anything tome-export did not write: only
+    its own recorded files are ever replaced, and ``force`` keeps the others in place."""
+    out, existing = str(found.path), found.manifest
+    if existing is None and found.foreign:
+        raise UserError(f"--output {out!r} holds {found.foreign_text()}, which tome-export did not write (it holds "
+                        f"no build of tome-export's): choose another --output")
+    if existing is not None and existing.identity != identity and not force:
+        raise UserError(f"--output {out!r} already holds artifacts of {existing.model.get('alias', 'another model')} "
+                        f"({existing.target}, {existing.precision}): choose another --output or pass --force to "
+                        f"replace them")
+    if found.foreign and not force:
+        raise UserError(f"--output {out!r} holds {found.foreign_text()}, which tome-export did not write: move it "
+                        f"away or choose another --output (--force replaces only tome-export's own files and keeps "
+                        f"the others)")
 
 
 def _check_name_length(out: Path, probe: Path) -> None:
@@ -352,15 +366,22 @@ def build(request: BuildRequest, log: Log = lambda msg: None, warn: Log = _warn)
     out = prepared.output
     out.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(out):  # checked again under the lock, held until the build is in place
+        remove_stale_workdirs(out.parent, out.name)  # first: it puts back a previous build a killed swap left
         _check_output(out, prepared.identity, prepared.request.force)
         model = prepare_model(prepared, log, warn)
         batch = max(prepared.plan.batch, 3 if prepared.plan.dynamic_batch else 1)  # validation runs 3 at once
         check_memory(model.info, batch, "the build", prepared.request.allow_large)
-        remove_stale_workdirs(out.parent, out.name)
         return _build_locked(prepared, model, log, started)
 
 
 def _build_locked(prepared: PreparedBuild, model: PreparedModel, log: Log, started: float) -> BuildResult:
-    with staged_output(prepared.output) as tmp:
+    kept: List[str] = []
+
+    def foreign(out: Path) -> Tuple[str, ...]:  # asked at the swap: files added during the build are kept too
+        found = survey(out).foreign
+        kept.extend(found)
+        return found
+
+    with staged_output(prepared.output, foreign) as tmp:
         _, manifest = build_into(prepared, model, tmp, log, started=started)
-    return BuildResult(prepared.output, manifest)
+    return BuildResult(prepared.output, manifest, tuple(kept))

@@ -53,8 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValidationError as exc:
         print(f"tome-export: validation failed: {exc}", file=sys.stderr)
         return EXIT_CHECK_FAILED
-    except KeyboardInterrupt:
-        print("tome-export: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # its message, when it has one, says what was complete before it
+        print(f"tome-export: interrupted; {str(exc) or 'nothing was written'}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (``| head``): nothing more to say to it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

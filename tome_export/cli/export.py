@@ -200,13 +200,15 @@ def _report(args: argparse.Namespace, result: Any, served: Any) -> None:
     """What was built (and served): the summary, or with ``--json`` one JSON document."""
     if args.json:
         report = {"path": str(result.path), "manifest": result.manifest,
-                  "served": str(served.model_dir) if served else None}
+                  "served": str(served.model_dir) if served else None, "kept": list(result.kept)}
         print(json.dumps(report, indent=2, default=str))
         return
     from ..inspection import build_summary
     from ..manifest import Manifest
 
     print("\n".join(build_summary(result.path, Manifest.from_dict(result.manifest))))
+    for rel in result.kept:
+        print(f"  kept       {rel} (not tome-export's: left in place)")
     if served is not None:
         print_served(served)
 

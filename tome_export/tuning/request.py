@@ -15,7 +15,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 from ..bench.config import Timing
 from ..errors import UserError
 from ..targets.base import CalibrationOptions
-from ..manifest import output_holds
+from ..ownership import survey
 
 DIGITS_DATA = "digits"  # --data digits: the embedded case's held-out split
 TUNE_SECTION = "tune"  # the manifest section a tuned artifact carries
@@ -208,11 +208,17 @@ def check_output(out: Path, force: bool) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise UserError(f"cannot write under {str(probe)!r}: choose another --output")
-    taken, existing = output_holds(out)
-    tuned = existing is not None and existing.section(TUNE_SECTION) is not None
-    if taken and not tuned and not force:
+    found = survey(out)
+    if found.manifest is None and found.foreign:
+        raise UserError(f"--output {str(out)!r} holds {found.foreign_text()}, which tome-export did not write: "
+                        f"choose another --output")
+    tuned = found.manifest is not None and found.manifest.section(TUNE_SECTION) is not None
+    if found.manifest is not None and not tuned and not force:
         raise UserError(f"--output {str(out)!r} holds a build that tune did not write: choose another --output or "
                         f"pass --force to replace it")
+    if found.foreign and not force:
+        raise UserError(f"--output {str(out)!r} holds {found.foreign_text()}, which tome-export did not write: move "
+                        f"it away or choose another --output (--force replaces only tome-export's own files)")
 
 
 def check_request(request: TuneRequest) -> CheckedRequest:
