@@ -8,11 +8,15 @@ measurement, ``visualize --artifact``, the bench and deployments all run the sam
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import gc
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -42,6 +46,21 @@ class ArtifactIO:
                    manifest.target)
 
 
+# Runners still open when the interpreter exits, closed while it is whole. Left to the final teardown, a backend's
+# objects can be destroyed (or its library's static state torn down) while a daemon thread is still inside a call:
+# ONNX Runtime then aborts ("terminate called", exit 134) and OpenVINO aborts or hangs.
+_OPEN: "weakref.WeakSet[Runner]" = weakref.WeakSet()
+CLOSE_WAIT_S = 30.0  # how long closing waits for calls in progress in other threads
+
+
+@atexit.register
+def _close_open_runners() -> None:
+    for runner in list(_OPEN):
+        if runner.stop_calls():  # no call is inside the backend any more: safe to free
+            runner.close()
+    gc.collect()
+
+
 class Runner:
     """Runs one artifact. ``runner(batch) -> logits``; ``runner.infer(batch) -> {output name: array}``.
 
@@ -50,7 +69,10 @@ class Runner:
     resources (sessions, compiled models, device memory) before the object is collected.
 
     Thread safety: one runner may be shared by any number of threads. Backends whose ``_infer`` is safe to call
-    concurrently say so with ``concurrent = True``; for the others this class runs one call at a time.
+    concurrently say so with ``concurrent = True``; for the others this class runs one call at a time. Closing
+    refuses new calls, waits (up to :data:`CLOSE_WAIT_S`) for those in progress, then frees the backend; a runner
+    left open is closed that way when the interpreter exits, so daemon threads still calling it cannot take the
+    process down with them (their next call raises a UserError instead).
     """
 
     backend = "base"
@@ -70,6 +92,9 @@ class Runner:
         self.output_names: List[str] = list(io.outputs) + [n for n in extra_outputs if n not in io.outputs]
         self.closed = False
         self._serial = threading.Lock()
+        self._calls = 0  # calls inside the backend now
+        self._state = threading.Condition()
+        _OPEN.add(self)
 
     def preprocess(self, image: Union[Image.Image, str, os.PathLike]) -> np.ndarray:
         """One image (PIL or path) -> ``(C, H, W)`` array, as the model was trained."""
@@ -110,16 +135,36 @@ class Runner:
     def run_many(self, batches: Sequence[np.ndarray]) -> List[np.ndarray]:
         """Logits of several batches; in throughput mode backends overlap them (batch serving)."""
         checked = [self.check(b) for b in batches]
-        if self.concurrent:
-            return self._infer_many(checked)
-        with self._serial:
+        with self._call(), (contextlib.nullcontext() if self.concurrent else self._serial):
             return self._infer_many(checked)
 
     def _run(self, batch: np.ndarray, names: Sequence[str]) -> Dict[str, np.ndarray]:
-        if self.concurrent:
+        with self._call(), (contextlib.nullcontext() if self.concurrent else self._serial):
             return self._infer(batch, names)
-        with self._serial:
-            return self._infer(batch, names)
+
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        """One call inside the backend: refused once the runner is closing, counted so closing can wait for it."""
+        with self._state:
+            if self.closed:
+                raise UserError(f"{self!r} was closed: load the artifact again")
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._calls -= 1
+                self._state.notify_all()
+
+    def stop_calls(self, timeout: float = CLOSE_WAIT_S) -> bool:
+        """Refuse new calls and wait for those in progress; whether none is left inside the backend."""
+        state = getattr(self, "_state", None)
+        if state is None:  # a subclass that failed before Runner.__init__ ran
+            self.closed = True
+            return True
+        with state:
+            self.closed = True
+            return state.wait_for(lambda: self._calls == 0, timeout=timeout)
 
     def _infer(self, batch: np.ndarray, names: Sequence[str]) -> Dict[str, np.ndarray]:  # backends implement this
         raise NotImplementedError
@@ -128,8 +173,13 @@ class Runner:
         return [self._infer(b, [OUTPUT_NAME])[OUTPUT_NAME] for b in batches]
 
     def close(self) -> None:
-        """Free the backend's resources; the runner cannot run afterwards. Closing twice is harmless."""
-        self.closed = True
+        """Free the backend's resources; the runner cannot run afterwards. Closing twice is harmless.
+
+        Backends free their resources after this (``super().close()`` first): calls in progress in other threads
+        end before anything they use is freed.
+        """
+        self.stop_calls()
+        _OPEN.discard(self)
 
     def __enter__(self) -> "Runner":
         return self

@@ -228,6 +228,7 @@ class TensorRTRunner(Runner):
         return {name: outputs[name] for name in names}
 
     def close(self) -> None:
+        super().close()  # first: calls in other threads finish before the buffers go
         for ptr, _ in getattr(self, "buffers", {}).values():
             try:
                 self.device.free(ptr)
@@ -235,7 +236,6 @@ class TensorRTRunner(Runner):
                 pass
         self.buffers = {}
         self.context = self.engine = None
-        super().close()
 
     def __del__(self) -> None:
         self.close()
