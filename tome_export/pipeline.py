@@ -27,18 +27,20 @@ from .flops import flops_summary
 from .info import ModelInfo
 from .manifest import Manifest, write_manifest
 from .merge import MERGE_IMPLS
-from .models import ModelName, ModelSpec, create_model, family_libraries, model_info, patch, preprocessing, resolve
+from .models import (ModelName, ModelSpec, create_model, estimated_info, family_libraries, model_info, patch,
+                     preprocessing, resolve)
 from .onnx_files import copy_onnx
 from .ownership import OutputDir, survey
 from .preprocess import Preprocessing
 from .quality.validate import DEFAULT_IMAGES
 from .recipe import load_recipe, recipe_for
-from .resources import check_memory
+from .resources import check_img_size, check_memory, check_seed
 from .schedule import RSpec, Schedule, expand_schedule, r_label, resolve_schedule
 from .targets import BuildContext, BuildPlan, Target, TargetResult, get_target, recipe_settings
 
 Log = Callable[[str], None]
 WORKDIR_SUFFIX = ".tmp-12345678"  # the longest name beside the output: mkdtemp adds 8 characters
+MAX_BATCH = 65536  # a static batch beyond this is a typo; the memory estimate refuses smaller ones that cannot fit
 EXPORT_DIR = ".export"  # inside the work directory: the fp32 export a target builds from, removed before the manifest
 
 
@@ -134,8 +136,8 @@ def _recipe_and_target(request: BuildRequest):
                     f"--{key} {mine} contradicts the recipe {str(request.recipe)!r} ({key}: {getattr(recipe, key)}); "
                     f"drop --{key} or edit the recipe")
     else:
-        target = get_target(request.target or "onnx")
-        precision = request.precision or target.default_precision
+        target = get_target(request.target if request.target is not None else "onnx")  # '' is no target
+        precision = request.precision if request.precision is not None else target.default_precision
         if precision not in target.precisions:
             raise UserError(f"--precision {precision!r} is not available for --target {target.name}; "
                             f"choose one of {', '.join(target.precisions)}")
@@ -151,8 +153,8 @@ def _check_request(request: BuildRequest, target: Target) -> None:
                         f"{target.install_hint}")
     if request.merge_impl not in ("auto",) + MERGE_IMPLS:
         raise UserError(f"unknown --merge-impl {request.merge_impl!r}; choose auto, {', '.join(MERGE_IMPLS)}")
-    if request.batch < 1:
-        raise UserError(f"--batch must be >= 1, got {request.batch}")
+    if request.batch < 1 or request.batch > MAX_BATCH:
+        raise UserError(f"--batch must be >= 1 and at most {MAX_BATCH:,} (a static batch), got {request.batch}")
     if request.opset < MIN_OPSET:
         raise UserError(
             f"--opset {request.opset} is too low: ToMe's scatter-add needs opset >= 16 (lower opsets silently drop "
@@ -160,10 +162,8 @@ def _check_request(request: BuildRequest, target: Target) -> None:
     if request.opset > max_opset():
         raise UserError(f"--opset {request.opset} is beyond what the installed exporter writes: use --opset "
                         f"{MIN_OPSET} to {max_opset()}")
-    if not 0 <= request.seed < 2**64:
-        raise UserError(f"--seed must be between 0 and 2**64 - 1, got {request.seed}")
-    if request.img_size is not None and request.img_size < 16:
-        raise UserError(f"--img-size must be a positive image side in pixels, got {request.img_size}")
+    check_seed(request.seed)
+    check_img_size(request.img_size)
     if request.checkpoint is not None and not Path(request.checkpoint).is_file():
         raise UserError(f"checkpoint {str(request.checkpoint)!r} does not exist: pass the path of a .pth or "
                         f".safetensors file")
@@ -266,15 +266,19 @@ def prepare_model(prepared: PreparedBuild, log: Log = lambda msg: None, warn: Lo
     """Create the model with its weights and patch it as the plan says."""
     request = prepared.request
     log("loading model")
-    kwargs = {**request.model_kwargs, **({"img_size": request.img_size} if request.img_size else {})}
     model, spec = create_model(request.model, weights=request.weights, checkpoint=request.checkpoint,
-                               seed=request.seed, **kwargs)
+                               seed=request.seed, **_model_kwargs(request))
     info = model_info(model)
     schedule = resolve_schedule(request.r, info.num_blocks, info.num_tokens, info.num_protected)
     if schedule.capped:
         warn(schedule.cap_message())
     patch(model, list(schedule.requested), merge_impl=prepared.plan.merge_impl, prop_attn=request.prop_attn)
     return PreparedModel(model, spec, info, schedule, preprocessing(model))
+
+
+def _model_kwargs(request: BuildRequest) -> Dict[str, Any]:
+    """The architecture arguments of the requested model (``--img-size`` among them)."""
+    return {**request.model_kwargs, **({"img_size": request.img_size} if request.img_size else {})}
 
 
 def export(prepared: PreparedBuild, model: PreparedModel, path: Path, log: Log = lambda msg: None) -> Path:
@@ -368,8 +372,11 @@ def build(request: BuildRequest, log: Log = lambda msg: None, warn: Log = _warn)
     with output_lock(out):  # checked again under the lock, held until the build is in place
         remove_stale_workdirs(out.parent, out.name)  # first: it puts back a previous build a killed swap left
         _check_output(out, prepared.identity, prepared.request.force)
-        model = prepare_model(prepared, log, warn)
         batch = max(prepared.plan.batch, 3 if prepared.plan.dynamic_batch else 1)  # validation runs 3 at once
+        estimate = estimated_info(prepared.request.model, **_model_kwargs(prepared.request))
+        if estimate is not None:  # before the model allocates anything
+            check_memory(estimate, batch, "the build", prepared.request.allow_large)
+        model = prepare_model(prepared, log, warn)
         check_memory(model.info, batch, "the build", prepared.request.allow_large)
         return _build_locked(prepared, model, log, started)
 

@@ -158,8 +158,9 @@ def run(argv: Sequence[str]) -> int:
     from ..schedule import CAP_WARNING, parse_r_text
 
     request = BuildRequest(
-        model=args.model, r=parse_r_text(args.r or DEFAULT_R), target=args.target, precision=args.precision,
-        batch=args.batch, dynamic_batch=bool(args.dynamic_batch), opset=args.opset, output=args.output,
+        model=args.model, r=parse_r_text(args.r if args.r is not None else DEFAULT_R), target=args.target,
+        precision=args.precision, batch=args.batch, dynamic_batch=bool(args.dynamic_batch), opset=args.opset,
+        output=args.output,
         weights=args.weights, checkpoint=args.checkpoint, seed=args.seed, merge_impl=args.merge_impl,
         prop_attn=not args.no_prop_attn, img_size=args.img_size, force=args.force, recipe=args.recipe,
         allow_large=args.allow_large,

@@ -42,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", help="a grid of merge states after these blocks, e.g. 1,6,12 (--model only)")
     p.add_argument("--fill", default="mean", choices=FILLS, help="group fill: mean colour or palette (default mean)")
     p.add_argument("--scale", type=int, default=2, help="pixels per input pixel (default 2)")
+    p.add_argument("--allow-large", action="store_true",
+                   help="run even when the memory estimate exceeds half of this machine's memory")
     return p
 
 
@@ -62,7 +64,7 @@ def run(argv: Sequence[str]) -> int:
         states = [state]
     else:
         source = vis.ModelSource(args.model, parse_r_text(args.r), args.weights, args.checkpoint, args.seed,
-                                 args.img_size, args.merge_impl, not args.no_prop_attn)
+                                 args.img_size, args.merge_impl, not args.no_prop_attn, args.allow_large)
         warn = lambda message: print(f"tome-export: warning: {message}", file=sys.stderr)  # noqa: E731
         picture, patch, states = vis.visualize_model(image, source, args.blocks, warn)
     vis.save_picture(vis.picture(picture, patch, states, fill=args.fill, scale=args.scale), args.output)
