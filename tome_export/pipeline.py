@@ -325,6 +325,7 @@ def manifest_for(prepared: PreparedBuild, model: PreparedModel, result: TargetRe
                  seconds: Optional[float] = None) -> Manifest:
     """The manifest of a finished target build (``write_manifest`` adds the checksums)."""
     request, plan, schedule, info = prepared.request, prepared.plan, model.schedule, model.info
+    notes = tuple(result.notes) + tuple(unused_options(prepared, result))
     entry = model.spec.manifest_entry(info.family)
     if request.model_kwargs:
         entry["model_kwargs"] = dict(request.model_kwargs)
@@ -333,12 +334,23 @@ def manifest_for(prepared: PreparedBuild, model: PreparedModel, result: TargetRe
         target=plan.target, precision=plan.precision, input=plan.input_spec(model.preprocessing.input_size),
         preprocessing=model.preprocessing.to_dict(), model=entry, outputs=plan.outputs,
         runtime=prepared.target.runtime_section(result.runtime), validation=dict(result.validation),
-        notes=tuple(result.notes), merge_decisions=result.merge_decisions, r=r, r_requested=schedule.requested,
+        notes=notes, merge_decisions=result.merge_decisions, r=r, r_requested=schedule.requested,
         r_schedule=schedule.r, r_capped=schedule.capped, tokens_per_block=schedule.tokens,
         num_tokens=schedule.num_tokens, num_protected=schedule.num_protected, patch_size=tuple(info.patch_size),
         merge_impl=plan.merge_impl, prop_attn=request.prop_attn, opset=plan.opset, num_classes=info.num_classes,
         flops=flops_summary(info, schedule.r), recipe=plan.recipe.to_dict(), versions=_versions(),
         build_seconds=round(seconds, 1) if seconds is not None else None, sections=dict(result.sections))
+
+
+def unused_options(prepared: PreparedBuild, result: TargetResult) -> List[str]:
+    """Notes for the options the target's recipe did not use: ``--calib-data`` where nothing calibrated (every
+    calibration records its source folder in the target's sections, so an unrecorded folder was never read)."""
+    folder = getattr(prepared.plan.options, "calib_data", None)
+    if folder is None or json.dumps(str(folder)) in json.dumps(result.sections, default=str):
+        return []
+    plan = prepared.plan
+    return [f"--calib-data {folder} was not used: the {plan.target} {plan.precision} recipe does not calibrate "
+            f"(e.g. dynamic int8 quantization, or no quantization), so no image of it was read"]
 
 
 def build_into(prepared: PreparedBuild, model: PreparedModel, workdir: Path, log: Log = lambda msg: None,
@@ -378,10 +390,10 @@ def build(request: BuildRequest, log: Log = lambda msg: None, warn: Log = _warn)
             check_memory(estimate, batch, "the build", prepared.request.allow_large)
         model = prepare_model(prepared, log, warn)
         check_memory(model.info, batch, "the build", prepared.request.allow_large)
-        return _build_locked(prepared, model, log, started)
+        return _build_locked(prepared, model, log, warn, started)
 
 
-def _build_locked(prepared: PreparedBuild, model: PreparedModel, log: Log, started: float) -> BuildResult:
+def _build_locked(prepared: PreparedBuild, model: PreparedModel, log: Log, warn: Log, started: float) -> BuildResult:
     kept: List[str] = []
 
     def foreign(out: Path) -> Tuple[str, ...]:  # asked at the swap: files added during the build are kept too
@@ -390,5 +402,7 @@ def _build_locked(prepared: PreparedBuild, model: PreparedModel, log: Log, start
         return found
 
     with staged_output(prepared.output, foreign) as tmp:
-        _, manifest = build_into(prepared, model, tmp, log, started=started)
+        result, manifest = build_into(prepared, model, tmp, log, started=started)
+    for note in unused_options(prepared, result):
+        warn(note)
     return BuildResult(prepared.output, manifest, tuple(kept))
