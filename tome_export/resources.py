@@ -15,6 +15,7 @@ from .info import ModelInfo
 
 MEMORY_FRACTION = 0.5  # refuse work estimated to need more than this share of the machine's memory
 MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 16, 8192  # --img-size: one patch at least; beyond the max the model itself is huge
+MAX_THREADS = 1024  # CPU threads beyond this are a typo
 MAX_CELLS = 2000  # a benchmark matrix larger than this is refused unless asked for
 LIFT_FLAG = "--allow-large"
 
@@ -57,6 +58,14 @@ def check_img_size(img_size: Optional[int], flag: str = "--img-size") -> None:
     if isinstance(img_size, bool) or not isinstance(img_size, int) or not MIN_IMAGE_SIDE <= img_size <= MAX_IMAGE_SIDE:
         raise UserError(f"{flag} must be an image side from {MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE} pixels, got "
                         f"{img_size!r}")
+
+
+def check_threads(threads: Optional[int], flag: str = "threads") -> None:
+    """A CPU thread count a backend takes: None (its default) or 1 to :data:`MAX_THREADS`."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not 1 <= threads <= MAX_THREADS):
+        raise UserError(f"{flag} must be an integer from 1 to {MAX_THREADS} (or None: the backend's default), got "
+                        f"{threads!r}")
 
 
 def check_seed(seed: int, flag: str = "--seed") -> None:

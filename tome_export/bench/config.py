@@ -40,6 +40,7 @@ import yaml
 
 from ..errors import UserError
 from ..files import sha256_file
+from ..resources import MAX_THREADS
 from ..schedule import RSpec, parse_r_text, r_label
 from .matrix import backends, precisions
 
@@ -56,9 +57,8 @@ _PER_BATCH = {"warmup": int, "rounds": int, "per_round": int}
 _QUALITY = {"images": int, "max_images": int, "decision_images": int}
 _BUDGET = {"top1_agreement": float, "accuracy_drop": float}
 # Timing settings beyond these never finish in useful time (rounds x runs of a large model at batch 64 would
-# take days); threads beyond MAX_THREADS are a typo.
+# take days).
 TIMING_LIMITS = {"warmup": (0, 1000), "rounds": (1, 1000), "per_round": (1, 1000), "pause_s": (0.0, 60.0)}
-MAX_THREADS = 1024
 
 
 @dataclass(frozen=True)

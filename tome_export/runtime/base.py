@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..graph_names import OUTPUT_NAME
 from ..manifest import InputSpec, Manifest
 from ..preprocess import Preprocessing
+from ..resources import check_threads
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Runner:
 
     def __init__(self, io: ArtifactIO, threads: Optional[int] = None, throughput: bool = False,
                  extra_outputs: Sequence[str] = ()) -> None:
+        check_threads(threads)  # before the backend is handed a count it would reject with a traceback (or take 0)
         self.io = io
         self.directory = io.directory
         self.threads = threads
@@ -126,6 +128,8 @@ class Runner:
 
     def infer(self, batch: np.ndarray, outputs: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
         """Named outputs of a preprocessed batch: ``outputs`` (default: every output, extra outputs included)."""
+        if isinstance(outputs, str):  # one name, not its letters
+            outputs = [outputs]
         names = list(outputs) if outputs is not None else self.output_names
         unknown = [n for n in names if n not in self.output_names]
         if unknown:

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from ..errors import UserError
 from ..manifest import Manifest
 from ..preprocess import Preprocessing
+from ..resources import MAX_THREADS
 from .signature import Signature, TensorSpec, artifact_signature
 
 VARIANTS = ("python", "native")
@@ -28,7 +29,6 @@ ENGINE = "model.engine"
 # What Triton's ModelConfig can hold: max_batch_size and preferred_batch_size are int32, the queue delay uint64.
 INT32_MAX = 2**31 - 1
 UINT64_MAX = 2**64 - 1
-MAX_THREADS = 1024  # --threads beyond this is a typo (Triton's backends parse the value as an int)
 MAX_NAME_BYTES = 255  # the model name is a directory name in the repository
 PREPROCESSING_PREFIX = "preprocessing."
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from ..bench.config import MAX_THREADS, Timing, check_timing
+from ..bench.config import Timing, check_timing
 from ..errors import UserError
 from ..targets.base import CalibrationOptions
 from ..ownership import survey
-from ..resources import check_seed
+from ..resources import MAX_THREADS, check_seed
 
 DIGITS_DATA = "digits"  # --data digits: the embedded case's held-out split
 TUNE_SECTION = "tune"  # the manifest section a tuned artifact carries
