@@ -10,7 +10,16 @@ pytest_plugins = [
     "tome_testing.cpu_builds",  # CPU recipe builds on one shared export
     "tome_testing.serve_builds",  # pipeline builds for tests/serve
     "tome_testing.digits",  # the small digits ViT, trained once
+    "tome_testing.aoti_builds",  # one tiny AOTInductor CPU package and one GPU-less aoti-cuda build
 ]
+
+
+def pytest_configure(config):
+    """Artifacts check themselves when loaded and cache the passes: keep the suite's out of the user's cache."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("TOME_EXPORT_CACHE", tempfile.mkdtemp(prefix="tome-test-cache-"))
 
 
 # --- the quick selection: `pytest -m "not slow"` -------------------------------------------------------------------

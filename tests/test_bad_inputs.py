@@ -102,9 +102,9 @@ def test_python_api_rejects_bad_r(r, message, tmp_path):
     assert "\n" not in str(err.value) and list(tmp_path.iterdir()) == []
 
 
-def test_r_larger_than_can_merge_warns_caps_and_is_recorded(traced_artifact):
+def test_r_capped_in_the_last_block_alone_is_recorded_without_a_warning(traced_artifact):
     directory, stderr = traced_artifact  # built with --r 16: the last block of vit_t16 can merge only 10
-    assert stderr.strip() == "warning: r capped where too few tokens are left to merge (block 11 16->10)"
+    assert "warning" not in stderr  # the ToMe reference's usual trim (tests/test_first_hour.py: earlier caps warn)
     m = read_manifest(directory)
     assert m["r"] == 16 and m["r_requested"] == [16] * 12 and m["r_schedule"] == [16] * 11 + [10]
     assert m["r_capped"] is True and m["tokens_per_block"][-1] == 11

@@ -62,7 +62,8 @@ def big_builds(tmp_path_factory) -> Iterator[Dict[str, Path]]:
 def test_the_export_is_a_graph_and_one_data_file_beside_it(big_builds):
     directory = big_builds["onnx"]
     graph, data = directory / "model.onnx", directory / "model.onnx.data"
-    assert sorted(p.name for p in directory.iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data"]
+    assert sorted(p.name for p in directory.iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data",
+                                                                 "selfcheck.npz"]
     assert data.stat().st_size > LIMIT > 100 * graph.stat().st_size
     assert data_files(graph) == [data]
     assert data.stat().st_mode == graph.stat().st_mode

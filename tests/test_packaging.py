@@ -183,3 +183,9 @@ def test_torch_free_venv_installs_and_runs(small_artifact, tmp_path):
     assert str(sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))) in shipped
     cli = subprocess.run([str(venv / "bin" / "tome-export"), "--version"], capture_output=True, text=True, env=env)
     assert cli.returncode == 0 and cli.stdout.startswith("tome-export ")
+    # the deployment-side tools run in this runtime-only venv (no torch, no onnx, no PyYAML)
+    for args in (["inspect", str(small_artifact)], ["verify", str(small_artifact)],
+                 ["serve", str(small_artifact), "-o", str(tmp_path / "repo")]):
+        tool = subprocess.run([str(venv / "bin" / "tome-export"), *args], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=300)
+        assert tool.returncode == 0, (args[0], tool.stderr)

@@ -100,9 +100,10 @@ def test_deployed_graph_merges_what_pytorch_merges(traced_artifact):
 def test_cli_visualize_model_and_artifact_agree(traced_artifact, tmp_path, capsys):
     directory, _ = traced_artifact
     common = ["--scale", "1", "--fill", "palette"]
-    assert main(["visualize", "chelsea", "--model", "vit_t16", "--r", "16", "--weights", "random",
-                 "-o", str(tmp_path / "torch.png"), *common]) == 0
-    assert main(["visualize", "chelsea", "--artifact", str(directory), "-o", str(tmp_path / "graph.png"), *common]) == 0
+    assert main(["visualize", "chelsea", "--model", "vit_t16", "--r", "16", "--weights", "random", "--blocks", "12",
+                 "--bare", "-o", str(tmp_path / "torch.png"), *common]) == 0
+    assert main(["visualize", "chelsea", "--artifact", str(directory), "--bare", "-o", str(tmp_path / "graph.png"),
+                 *common]) == 0
     out = capsys.readouterr().out
     assert "10 groups" in out and out.count("wrote") == 2
     torch_png, graph_png = (np.asarray(Image.open(tmp_path / n)) for n in ("torch.png", "graph.png"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Dict, Optional
+
 # Top-level modules of the ``build`` extra: the base install (the runtime) does not have them.
 BUILD_STACK = frozenset({"torch", "timm", "torchvision", "onnx", "onnxscript", "yaml", "tqdm", "safetensors",
                          "ml_dtypes", "huggingface_hub"})
@@ -12,7 +14,15 @@ class UserError(Exception):
 
 
 class ValidationError(Exception):
-    """A built artifact does not compute what PyTorch computes (beyond the recipe's threshold)."""
+    """A built artifact does not compute what PyTorch computes (beyond the recipe's threshold).
+
+    ``report``: the figures measured, the thresholds applied and which were missed (for ``--json`` and
+    ``--keep-failed``); ``kept``: where the failed build was kept, if it was."""
+
+    def __init__(self, message: str, report: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__(message)
+        self.report: Dict[str, Any] = dict(report or {})
+        self.kept: Optional[str] = None
 
 
 class UnvalidatedEngineWarning(UserWarning):

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .errors import UserError
+from .errors import UserError, build_stack_missing
 from .files import sha256_file
 from .graph_names import MATCH_PREFIX, MERGE_PREFIX, block_of, block_order
 from .manifest import MANIFEST, Manifest, read_manifest, unchanged_since_build
@@ -87,8 +87,13 @@ def tensorrt_verdict(model: Any) -> Dict[str, Any]:
 
 
 def graph_summary(path: Path) -> Dict[str, Any]:
-    """Op histogram (ToMe matching / merging / other), inputs, outputs, opset, ToMe blocks, TensorRT verdict."""
-    import onnx
+    """Op histogram (ToMe matching / merging / other), inputs, outputs, opset, ToMe blocks, TensorRT verdict (an
+    ``error`` instead where the graph cannot be read, or ``onnx`` is not installed: a runtime-only install)."""
+    try:
+        import onnx
+    except ImportError:
+        return {"error": f"{path.name}: the graph's details need the Python package 'onnx' (not installed: a "
+                         f"runtime-only install); pip install onnx to see them", "missing": "onnx"}
 
     try:
         model = onnx.load(str(path), load_external_data=False)  # the graph, not gigabytes of weights
@@ -144,6 +149,8 @@ def inspect_path(path: os.PathLike) -> Dict[str, Any]:
         if path.name == MANIFEST:
             return inspect_path(path.parent)
         graph = graph_summary(path)
+        if graph.get("missing"):
+            raise UserError(build_stack_missing(graph["missing"], "inspecting a bare graph"))
         if "error" in graph:
             raise UserError(f"{graph['error']}: pass a .onnx model or a directory written by tome-export")
         return {"path": str(path), "kind": "onnx", "bytes": path.stat().st_size, "sha256": sha256_file(path),
@@ -274,11 +281,39 @@ def _engine_line(trt: Any) -> Optional[str]:
                    f"photos: min cosine {v.get('min_cosine', 0):.6f}, top-1 agreement {v.get('top1_agreement', 0):.3f}")
 
 
+def _where_validated_lines(m: Manifest) -> List[str]:
+    """The machine and runtime the build validated on, and what the artifact checks itself against where it runs."""
+    from .runtime.machine import describe_cpu
+
+    lines = []
+    on = m.validated_on
+    if on:
+        versions = ", ".join(f"{k} {v}" for k, v in sorted((on.get("versions") or {}).items()))
+        device = (on.get("device") or {}).get("name") if isinstance(on.get("device"), dict) else None
+        lines.append(f"validated on {describe_cpu(on.get('cpu') or {})}{', ' + device if device else ''}"
+                     f"{', ' + versions if versions else ''}")
+    check = m.self_check
+    if check:
+        built = check.get("on_build_machine")
+        figures = (f"; on the build machine min cosine {built['min_cosine']:.6f}, max |diff| "
+                   f"{built['max_abs_diff']:.3g}" if built else "; not run on the build machine")
+        lines.append(f"self-check {check.get('views')} stored views ({check.get('file')}), thresholds "
+                     f"{json.dumps(check.get('thresholds'))}{figures}; runs before the first use on each machine "
+                     f"(tome-export verify runs it now)")
+    elif not m.failed:
+        lines.append("self-check none (built before artifacts carried one): runtime.load cannot tell whether it "
+                     "computes here what it computed when built")
+    return lines
+
+
 def _model_line(model: Dict[str, Any], upstream: Optional[str]) -> str:
     seed = f" seed {model['seed']}" if model.get("weights") == "random" else ""
     checkpoint = f" {model['checkpoint']}" if model.get("checkpoint") else ""
-    return (f"model      {model.get('alias')} ({upstream}, {model.get('family')}), weights {model.get('weights')}"
+    text = (f"model      {model.get('alias')} ({upstream}, {model.get('family')}), weights {model.get('weights')}"
             f"{seed}{checkpoint}")
+    if model.get("preprocessing_guessed"):
+        return text + f"\npreprocessing GUESSED: {model['preprocessing_guessed']}"
+    return text + (f"; preprocessing from {model['preprocessing_from']}" if model.get("preprocessing_from") else "")
 
 
 def manifest_lines(m: Manifest) -> List[str]:
@@ -298,8 +333,12 @@ def manifest_lines(m: Manifest) -> List[str]:
     fl = m.flops
     if fl:
         lines.append(f"FLOPs      {fl.get('gmacs')} GMACs vs {fl.get('gmacs_r0')} at r=0: {fl.get('ratio')}x fewer")
+    if m.failed:
+        lines.append(f"FAILED     validation failed; kept for inspection only (--keep-failed), never loadable: "
+                     f"{m.failed.get('reason')}")
     if m.validation:
         lines.append(_validation_line(m.validation, m.precision))
+    lines += _where_validated_lines(m)
     engine = _engine_line(m.section("tensorrt"))
     if engine:
         lines.append(engine)

@@ -26,7 +26,7 @@ SELF_DIGEST = "manifest_sha256"  # digest of the manifest's own content: edits a
 MAX_MANIFEST_BYTES = 64 << 20  # far above any manifest a build writes; a larger file is refused before it is read
 
 __all__ = ["MANIFEST", "FORMAT", "InputSpec", "Manifest", "artifact_table", "dumps", "load_manifest",
-           "read_manifest", "sha256_file", "unchanged_since_build", "write_manifest"]
+           "read_manifest", "refuse_failed", "sha256_file", "unchanged_since_build", "write_manifest"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,15 @@ class Manifest:
     outputs: Tuple[str, ...] = ("logits",)
     runtime: Dict[str, Any] = field(default_factory=dict)  # the runner ("module:Class") and its settings
     validation: Dict[str, Any] = field(default_factory=dict)
+    # Where the build validated: the CPU (model, every feature flag, ISA-limiting variables), the runtime
+    # libraries' versions and the device, as the artifact's runner describes them (runtime/machine.py).
+    validated_on: Dict[str, Any] = field(default_factory=dict)
+    # What the artifact checks itself against where it runs (runtime/selfcheck.py): the file holding the views,
+    # PyTorch's outputs and the build machine's, the thresholds, and the figures on the build machine.
+    self_check: Dict[str, Any] = field(default_factory=dict)
+    # Set only in a build that failed validation and was kept for inspection (--keep-failed): why it failed and
+    # the output it was meant for. Loaders refuse such a directory (refuse_failed).
+    failed: Dict[str, Any] = field(default_factory=dict)
     notes: Tuple[str, ...] = ()
     merge_decisions: Optional[Dict[str, Any]] = None
     r: Any = None
@@ -112,7 +121,11 @@ class Manifest:
             if key in data or key in _FIELDS:
                 raise ValueError(f"a target section may not replace the manifest's {key!r}")
             data[key] = value
-        data.update(runtime=dict(self.runtime), validation=dict(self.validation), notes=list(self.notes))
+        data.update(runtime=dict(self.runtime), validation=dict(self.validation))
+        data.update({key: dict(value) for key, value in (("validated_on", self.validated_on),
+                                                          ("self_check", self.self_check), ("failed", self.failed))
+                     if value})
+        data["notes"] = list(self.notes)
         if self.merge_decisions is not None:
             data["merge_decisions"] = self.merge_decisions
         data["build_seconds"] = self.build_seconds
@@ -260,7 +273,19 @@ def _verify(directory: Path, path: Path, data: Dict[str, Any]) -> None:
 
 def load_manifest(directory: Path, verify: bool = True) -> Manifest:
     """The typed :class:`Manifest` of an artifact directory (see :func:`read_manifest`); a manifest written by a
-    newer tome-export is reported (:class:`~tome_export.manifest_schema.NewerManifestWarning`)."""
+    newer tome-export is reported (:class:`~tome_export.manifest_schema.NewerManifestWarning`); with ``verify``, a
+    build kept after failing validation is refused (:func:`refuse_failed`)."""
     data = read_manifest(directory, verify)
     warn_if_newer(data)
-    return Manifest.from_dict(data)
+    manifest = Manifest.from_dict(data)
+    if verify:
+        refuse_failed(directory, manifest)
+    return manifest
+
+
+def refuse_failed(directory: Path, manifest: Manifest) -> None:
+    """A UserError for a build that failed validation and was kept only to be looked at (``--keep-failed``)."""
+    if manifest.failed:
+        raise UserError(f"{str(directory)!r} is a build that FAILED validation, kept for inspection (--keep-failed): "
+                        f"{manifest.failed.get('reason', 'see tome-export inspect')}; it cannot be loaded or served: "
+                        f"inspect it with `tome-export inspect {directory}`, fix the build, and build again")

@@ -10,6 +10,7 @@ end, so an interrupted or failed build never leaves a directory that looks compl
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ._version import __version__
-from .errors import UserError
+from .devices import gpu_available
+from .errors import UserError, ValidationError
 from .files import output_lock, remove_stale_workdirs, staged_output
 from .export import MIN_OPSET, export_onnx, max_opset
 from .flops import flops_summary
@@ -32,16 +34,21 @@ from .models import (ModelName, ModelSpec, create_model, estimated_info, family_
 from .onnx_files import copy_onnx
 from .ownership import OutputDir, survey
 from .preprocess import Preprocessing
+from .quality.selfcheck import Recorded, record_self_check
 from .quality.validate import DEFAULT_IMAGES
 from .recipe import load_recipe, recipe_for
 from .resources import check_img_size, check_memory, check_seed
-from .schedule import RSpec, Schedule, expand_schedule, r_label, resolve_schedule
+from .runtime import runner_class
+from .runtime.base import ArtifactIO, Runner
+from .schedule import RSpec, Schedule, cap_r, expand_schedule, r_label, r_text, resolve_schedule
 from .targets import BuildContext, BuildPlan, Target, TargetResult, get_target, recipe_settings
+from .targets.base import RANGES
 
 Log = Callable[[str], None]
 WORKDIR_SUFFIX = ".tmp-12345678"  # the longest name beside the output: mkdtemp adds 8 characters
 MAX_BATCH = 65536  # a static batch beyond this is a typo; the memory estimate refuses smaller ones that cannot fit
 EXPORT_DIR = ".export"  # inside the work directory: the fp32 export a target builds from, removed before the manifest
+KEPT_EXPORT = "exported-fp32"  # that export's folder in a failed build kept with --keep-failed
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,8 @@ class BuildRequest:
     validation_images: int = DEFAULT_IMAGES  # when the recipe names none
     recipe: Optional[Path] = None  # a recipe file; default: the built-in <target>-<precision> recipe
     target_options: Mapping[str, Any] = field(default_factory=dict)  # the target's own flags (e.g. calib_data)
+    thresholds: Mapping[str, float] = field(default_factory=dict)  # validation limits over the recipe's (by key)
+    keep_failed: Optional[Path] = None  # where a build that fails validation is kept for inspection
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # architecture arguments (e.g. depth)
 
     def default_output(self) -> Path:
@@ -125,8 +134,24 @@ class BuildResult:
 # --- checks that need no model ----------------------------------------------------------------------------------
 
 
+THRESHOLD_FLAGS = ("max_abs_diff", "min_cosine", "min_top1_agreement")  # recipe keys, and flags --max-abs-diff ...
+
+
+def _check_thresholds(thresholds: Mapping[str, float]) -> None:
+    for key, value in thresholds.items():
+        flag = "--" + key.replace("_", "-")
+        if key not in THRESHOLD_FLAGS:
+            raise UserError(f"unknown validation threshold {key!r}: choose {', '.join(THRESHOLD_FLAGS)}")
+        low, high = RANGES[key]
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low or (
+                high is not None and value > high):
+            bounds = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+            raise UserError(f"{flag} {value}: must be {bounds}")
+
+
 def _recipe_and_target(request: BuildRequest):
     """The recipe (a --recipe file or the built-in one), its target and typed settings."""
+    _check_thresholds(request.thresholds)
     if request.recipe is not None:
         recipe = load_recipe(Path(request.recipe))
         for key in ("target", "precision"):
@@ -142,6 +167,9 @@ def _recipe_and_target(request: BuildRequest):
             raise UserError(f"--precision {precision!r} is not available for --target {target.name}; "
                             f"choose one of {', '.join(target.precisions)}")
         recipe = recipe_for(target.name, precision)
+    if request.thresholds:  # the command line's limits replace the recipe's (the manifest's notes say so)
+        validation = {**recipe.section("validation"), **request.thresholds}
+        recipe = replace(recipe, sections={**recipe.sections, "validation": validation})
     target, settings = recipe_settings(recipe)
     return recipe, target, settings
 
@@ -210,6 +238,7 @@ def prepare(request: BuildRequest) -> PreparedBuild:
     out = Path(request.output) if request.output is not None else request.default_output()
     prepared = PreparedBuild(request, target, plan, name, out)
     _check_output(out, prepared.identity, request.force)
+    _check_keep_failed(request.keep_failed, out)
     return prepared
 
 
@@ -270,8 +299,12 @@ def prepare_model(prepared: PreparedBuild, log: Log = lambda msg: None, warn: Lo
                                seed=request.seed, **_model_kwargs(request))
     info = model_info(model)
     schedule = resolve_schedule(request.r, info.num_blocks, info.num_tokens, info.num_protected)
-    if schedule.capped:
+    _check_useful_r(request, info, schedule)
+    if schedule.capped_early:  # the last block alone trimmed is the reference's normal case: recorded, not warned
         warn(schedule.cap_message())
+    guessed = (getattr(model, "tome_source", None) or {}).get("preprocessing_guessed")
+    if guessed:  # recorded in the manifest's model entry too; inspect shows it
+        warn(f"preprocessing guessed: {guessed}")
     patch(model, list(schedule.requested), merge_impl=prepared.plan.merge_impl, prop_attn=request.prop_attn)
     return PreparedModel(model, spec, info, schedule, preprocessing(model))
 
@@ -279,6 +312,15 @@ def prepare_model(prepared: PreparedBuild, log: Log = lambda msg: None, warn: Lo
 def _model_kwargs(request: BuildRequest) -> Dict[str, Any]:
     """The architecture arguments of the requested model (``--img-size`` among them)."""
     return {**request.model_kwargs, **({"img_size": request.img_size} if request.img_size else {})}
+
+
+def _check_useful_r(request: BuildRequest, info: ModelInfo, schedule: Schedule) -> None:
+    """An r beyond what the first block can merge builds the same model as that largest value: refused."""
+    largest = cap_r(max(schedule.requested, default=0), info.num_tokens, info.num_protected)
+    if max(schedule.requested, default=0) > largest:
+        raise UserError(f"--r {r_text(request.r)} is more than any block of {request.model} can merge: its first block "
+                        f"holds {info.num_tokens} tokens ({info.num_protected} protected), so a block merges at most "
+                        f"{largest} and any larger r builds the same model; use --r {largest} or less")
 
 
 def export(prepared: PreparedBuild, model: PreparedModel, path: Path, log: Log = lambda msg: None) -> Path:
@@ -303,7 +345,8 @@ def build_target(prepared: PreparedBuild, model: PreparedModel, workdir: Path, o
     plan = prepared.plan
     log(f"building {plan.target} {plan.precision} and validating against PyTorch")
     ctx = BuildContext(plan=plan, workdir=workdir, model=model.model, spec=model.spec, info=model.info,
-                       schedule=model.schedule, preprocessing=model.preprocessing, onnx_path=onnx_path, log=log)
+                       schedule=model.schedule, preprocessing=model.preprocessing, onnx_path=onnx_path,
+                       log=getattr(log, "sub", log))  # a target's phases are parts of this step
     return prepared.target.build(ctx)
 
 
@@ -321,11 +364,22 @@ def _versions() -> Dict[str, str]:
     return {**versions, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
+def _threshold_note(request: BuildRequest) -> Tuple[str, ...]:
+    """What the command line changed in the recipe's validation thresholds."""
+    if not request.thresholds:
+        return ()
+    recipe, _, _ = _recipe_and_target(replace(request, thresholds={}))
+    was = recipe.section("validation")
+    text = ", ".join(f"{k} {v:g} (recipe: {was.get(k, 'unset')})" for k, v in request.thresholds.items())
+    return (f"validation thresholds set on the command line: {text}",)
+
+
 def manifest_for(prepared: PreparedBuild, model: PreparedModel, result: TargetResult,
-                 seconds: Optional[float] = None) -> Manifest:
+                 seconds: Optional[float] = None, checked: Optional[Recorded] = None) -> Manifest:
     """The manifest of a finished target build (``write_manifest`` adds the checksums)."""
     request, plan, schedule, info = prepared.request, prepared.plan, model.schedule, model.info
-    notes = tuple(result.notes) + tuple(unused_options(prepared, result))
+    notes = (tuple(result.notes) + _threshold_note(request) + ((checked.note,) if checked and checked.note else ())
+             + tuple(unused_options(prepared, result)))
     entry = model.spec.manifest_entry(info.family)
     if request.model_kwargs:
         entry["model_kwargs"] = dict(request.model_kwargs)
@@ -334,6 +388,7 @@ def manifest_for(prepared: PreparedBuild, model: PreparedModel, result: TargetRe
         target=plan.target, precision=plan.precision, input=plan.input_spec(model.preprocessing.input_size),
         preprocessing=model.preprocessing.to_dict(), model=entry, outputs=plan.outputs,
         runtime=prepared.target.runtime_section(result.runtime), validation=dict(result.validation),
+        validated_on=checked.validated_on if checked else {}, self_check=checked.self_check if checked else {},
         notes=notes, merge_decisions=result.merge_decisions, r=r, r_requested=schedule.requested,
         r_schedule=schedule.r, r_capped=schedule.capped, tokens_per_block=schedule.tokens,
         num_tokens=schedule.num_tokens, num_protected=schedule.num_protected, patch_size=tuple(info.patch_size),
@@ -370,8 +425,30 @@ def build_into(prepared: PreparedBuild, model: PreparedModel, workdir: Path, log
             export(prepared, model, onnx_path, log)
     result = build_target(prepared, model, workdir, onnx_path, log)
     shutil.rmtree(scratch, ignore_errors=True)
-    manifest = manifest_for(prepared, model, result, time.perf_counter() - started)
+    log("storing the self-check's views and outputs")
+    checked = self_check(prepared, model, workdir, result)
+    manifest = manifest_for(prepared, model, result, time.perf_counter() - started, checked)
     return result, write_manifest(workdir, manifest)
+
+
+def self_check(prepared: PreparedBuild, model: PreparedModel, workdir: Path, result: TargetResult) -> Recorded:
+    """Store what the artifact checks itself against where it runs (:mod:`tome_export.runtime.selfcheck`), with
+    its outputs from the runner deployments use, when it runs on this machine."""
+    plan = prepared.plan
+    runtime = prepared.target.runtime_section(result.runtime)
+    io = ArtifactIO(workdir, plan.input_spec(model.preprocessing.input_size), model.preprocessing, plan.outputs,
+                    runtime, plan.target)
+
+    def open_runner() -> Optional[Runner]:
+        if prepared.target.device != "cpu" and not gpu_available():
+            return None  # a GPU artifact built without a GPU: its check is established where it runs
+        try:
+            return runner_class(str(runtime["runner"]))(io)
+        except (UserError, ImportError):  # runs elsewhere (an engine built on the GPU machine, a missing backend)
+            return None
+
+    return record_self_check(model.model, model.preprocessing, workdir, plan.settings.validation.thresholds().applied(),
+                             open_runner, plan.outputs[0])
 
 
 def build(request: BuildRequest, log: Log = lambda msg: None, warn: Log = _warn) -> BuildResult:
@@ -402,7 +479,42 @@ def _build_locked(prepared: PreparedBuild, model: PreparedModel, log: Log, warn:
         return found
 
     with staged_output(prepared.output, foreign) as tmp:
-        result, manifest = build_into(prepared, model, tmp, log, started=started)
+        try:
+            result, manifest = build_into(prepared, model, tmp, log, started=started)
+        except ValidationError as exc:
+            if prepared.request.keep_failed is not None:
+                exc.kept = str(keep_failed_build(prepared, model, tmp, exc, time.perf_counter() - started))
+            raise
     for note in unused_options(prepared, result):
         warn(note)
     return BuildResult(prepared.output, manifest, tuple(kept))
+
+
+def keep_failed_build(prepared: PreparedBuild, model: PreparedModel, workdir: Path, exc: ValidationError,
+                      seconds: float) -> Path:
+    """Move what a build that failed validation wrote to ``--keep-failed``, with its fp32 export and a manifest
+    that records the failure (``failed``: loaders refuse the directory; ``inspect`` shows it)."""
+    keep = Path(prepared.request.keep_failed)
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(keep), staged_output(keep) as kept:
+        for item in workdir.iterdir():
+            shutil.move(str(item), str(kept / (KEPT_EXPORT if item.name == EXPORT_DIR else item.name)))
+        validation = {**exc.report, "passed": False}
+        manifest = manifest_for(prepared, model, TargetResult(runtime={}, validation=validation), seconds)
+        write_manifest(kept, replace(manifest, failed={"reason": str(exc), "output": str(prepared.output)}))
+    return keep
+
+
+def _check_keep_failed(keep: Optional[Path], out: Path) -> None:
+    """``--keep-failed`` names a place apart from the output that is free or holds an earlier failed build."""
+    if keep is None:
+        return
+    if Path(os.path.abspath(keep)) == Path(os.path.abspath(out)):
+        raise UserError(f"--keep-failed {str(keep)!r} is the build's output: choose another directory")
+    found = survey(Path(keep))  # replaced whole when the build fails: it may hold only an earlier failed build
+    if found.foreign:
+        raise UserError(f"--keep-failed {str(keep)!r} holds {found.foreign_text()}, which tome-export did not write: "
+                        f"choose another directory")
+    if found.manifest is not None and not found.manifest.failed:
+        raise UserError(f"--keep-failed {str(keep)!r} already holds a build that did not fail: choose another "
+                        f"directory")

@@ -87,6 +87,12 @@ class Schedule:
     def capped(self) -> bool:
         return self.requested != self.r
 
+    @property
+    def capped_early(self) -> bool:
+        """Whether a block before the last is capped: more than the reference's usual trim of the final block
+        (r=16 on a 197-token ViT caps only there), so worth a warning."""
+        return self.requested[:-1] != self.r[:-1]
+
     def cap_message(self) -> str:
         blocks = [f"block {i} {want}->{got}" for i, (want, got) in enumerate(zip(self.requested, self.r)) if want != got]
         return f"{CAP_WARNING} where too few tokens are left to merge ({', '.join(blocks)})"

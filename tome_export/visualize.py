@@ -200,6 +200,11 @@ def parse_blocks(text: str, num_blocks: int) -> List[int]:
     return blocks
 
 
+def default_blocks(num_blocks: int) -> List[int]:
+    """The merge states a picture shows unless asked: after a quarter, half, three quarters and all of the blocks."""
+    return sorted({max(1, round(num_blocks * q)) for q in (0.25, 0.5, 0.75)} | {num_blocks})
+
+
 def grid_shape(pre: Preprocessing, patch: Tuple[int, int]) -> Tuple[int, int]:
     return pre.input_size[1] // patch[0], pre.input_size[2] // patch[1]
 
@@ -301,10 +306,11 @@ def artifact_merge_state(directory: os.PathLike,
 
 
 def picture(image: np.ndarray, patch: Tuple[int, int], states: Sequence[MergeState], fill: str = "mean",
-            scale: int = 2, columns: int = 5) -> Image.Image:
-    """One state: the bare picture. Several: a grid of titled panels after the image as the model sees it."""
+            scale: int = 2, columns: int = 5, bare: Optional[bool] = None) -> Image.Image:
+    """A grid of titled panels after the image as the model sees it; ``bare`` (default: with one state) the one
+    state's picture alone."""
     panels = [render(image, s.labels, patch, fill=fill, scale=scale) for s in states]
-    if len(panels) == 1:
+    if len(panels) == 1 and (bare is None or bare):
         return Image.fromarray(panels[0])
     seen = np.repeat(np.repeat(np.asarray(image, np.uint8), scale, axis=0), scale, axis=1)
     titles = [f"{s.title} ({s.num_groups} groups)" for s in states]
@@ -357,7 +363,8 @@ class ModelSource:
 def visualize_model(image: Union[Image.Image, str, os.PathLike], source: ModelSource, blocks_text: Optional[str] = None,
                     warn: Any = lambda message: None) -> Tuple[np.ndarray, Tuple[int, int], List[MergeState]]:
     """(display image, patch size, merge states) of ``image`` through the model ``source`` names, patched with its
-    schedule; ``blocks_text`` (``"1,6,12"``) picks states after those blocks; ``warn`` hears a capped schedule."""
+    schedule; ``blocks_text`` (``"1,6,12"``) picks states after those blocks (default :func:`default_blocks`);
+    ``warn`` hears a schedule capped before its last block."""
     from .models import create_model, estimated_info, model_info, patch
     from .resources import check_img_size, check_memory, check_seed
     from .schedule import resolve_schedule
@@ -373,8 +380,8 @@ def visualize_model(image: Union[Image.Image, str, os.PathLike], source: ModelSo
     info = model_info(model)
     check_memory(info, 1, "visualize", source.allow_large)
     schedule = resolve_schedule(source.r, info.num_blocks, info.num_tokens, info.num_protected)
-    blocks = parse_blocks(blocks_text, info.num_blocks) if blocks_text else None
-    if schedule.capped:
+    blocks = parse_blocks(blocks_text, info.num_blocks) if blocks_text else default_blocks(info.num_blocks)
+    if schedule.capped_early:
         warn(schedule.cap_message())
     patch(model, source.r, merge_impl=source.merge_impl, prop_attn=source.prop_attn)
     return model_merge_states(model, image, blocks)

@@ -28,7 +28,7 @@ def built_t16(tmp_path_factory):
 
 def test_export_vit_t16(built_t16):
     m = read_manifest(built_t16)  # verifies every sha256
-    assert sorted(p.name for p in built_t16.iterdir()) == ["manifest.json", "model.onnx"]
+    assert sorted(p.name for p in built_t16.iterdir()) == ["manifest.json", "model.onnx", "selfcheck.npz"]
     assert m["model"] == {"alias": "vit_t16", "source": "timm", "name": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
                           "timm_name": "vit_tiny_patch16_224.augreg_in21k_ft_in1k", "family": "timm-vit",
                           "weights": "random", "seed": 0, "checkpoint": None, "pretrained_tag": "augreg_in21k_ft_in1k"}

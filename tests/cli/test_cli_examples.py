@@ -1,5 +1,6 @@
-"""Every ``tome-export`` command shown in the README and in the ``--help`` examples parses with today's flags, so
-an example cannot go stale when a flag is renamed (running them is the other tests' job: they need builds)."""
+"""Every ``tome-export`` command shown in the README, in docs/ and in the ``--help`` examples parses with today's
+flags, so an example cannot go stale when a flag is renamed (running them is the other tests' job: they need
+builds); every link between those pages leads to a file that exists."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from tome_export.cli import DEFAULT, commands
 from tome_testing import REPO_ROOT as ROOT
 
 
+DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def readme_commands():
-    text = (ROOT / "README.md").read_text()
+    text = "\n".join(page.read_text() for page in DOC_PAGES)
     for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             for part in re.split(r"&&|;|\|", line.split(" #")[0]):
@@ -66,9 +70,9 @@ def test_readme_inspect_sample_is_what_inspect_prints(traced_artifact):
     from tome_export.inspection import format_report, inspect_path
 
     directory, _ = traced_artifact
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "usage.md").read_text()
     sample = re.search(r"```\n\$ tome-export inspect (\S+)\n(.*?)```", text, flags=re.S)
-    assert sample, "the README has no inspect sample"
+    assert sample, "docs/usage.md has no inspect sample"
     shown = sample.group(2).replace(sample.group(1), "DIR").splitlines()
     printed = format_report(inspect_path(directory)).replace(str(directory), "DIR").splitlines()
     labels = [line[:12] for line in printed]
@@ -76,3 +80,21 @@ def test_readme_inspect_sample_is_what_inspect_prints(traced_artifact):
     for want, got in zip(shown, printed):
         if want.strip().startswith(STABLE):
             assert want == got
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: p.name)
+def test_links_between_pages_lead_to_files(page):
+    missing = []
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+        if not target.startswith(("http://", "https://")) and not (page.parent / target).exists():
+            missing.append(target)
+    assert missing == []
+
+
+def test_readme_is_a_map():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    assert text.index("## How the code is laid out") < text.index("## Documentation")
+    linked = set(re.findall(r"\(docs/([\w-]+\.md)", text))
+    assert linked >= {"usage.md", "merge-semantics.md", "models.md", "targets.md", "serving.md", "tuning.md",
+                      "benchmarks.md", "development.md"}

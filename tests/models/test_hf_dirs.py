@@ -257,7 +257,8 @@ def test_cli_builds_a_directory_to_onnx(vit_dir, tmp_path, capsys):
     m = read_manifest(out)
     assert m["model"] == {"alias": str(path), "source": "transformers", "name": str(path.resolve()),
                           "family": "transformers-vit", "weights": "pretrained", "seed": None, "checkpoint": None,
-                          "architecture": "ViTForImageClassification"}
+                          "architecture": "ViTForImageClassification",
+                          "preprocessing_from": str(path.resolve() / "preprocessor_config.json")}
     assert m["r_schedule"] == [8, 8, 8] and m["tokens_per_block"] == [57, 49, 41] and m["num_classes"] == 10
     assert m["preprocessing"]["input_size"] == [3, 64, 64] and m["preprocessing"]["crop_mode"] == "squash"
     assert m["validation"]["passed"] and m["validation"]["max_abs_diff"] <= 1e-4

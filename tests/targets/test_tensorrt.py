@@ -249,7 +249,8 @@ def rtx_fp16(tmp_path_factory):
 
 def test_cli_tensorrt_rtx_fp16(rtx_fp16):
     m = read_manifest(rtx_fp16)  # verifies every sha256
-    assert sorted(p.name for p in rtx_fp16.iterdir()) == ["build_engine.sh", "manifest.json", "model.engine", "model.onnx"]
+    assert sorted(p.name for p in rtx_fp16.iterdir()) == ["build_engine.sh", "manifest.json", "model.engine", "model.onnx",
+                                                           "selfcheck.npz"]
     assert m["target"] == "tensorrt-rtx" and m["merge_impl"] == "onehot" and m["recipe"]["file"] == "tensorrt-rtx-fp16.yaml"
     t = m["tensorrt"]
     assert t["engine_built"] and t["engine"]["bytes"] == (rtx_fp16 / "model.engine").stat().st_size
@@ -298,7 +299,7 @@ def test_cli_tensorrt_int8_without_tensorrt(tmp_path, capsys):
     if m["tensorrt"]["engine_built"]:  # a machine with TensorRT and a GPU
         assert (out / "model.engine").is_file()
         return
-    assert sorted(p.name for p in out.iterdir()) == ["build_engine.sh", "manifest.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["build_engine.sh", "manifest.json", "model.onnx", "selfcheck.npz"]
     assert "must be built on the target GPU machine" in m["tensorrt"]["engine_note"]
     assert "engine NOT built here" in stdout and "build_engine.sh" in stdout
     with pytest.raises(UserError, match=r"holds no model.engine.*build_engine.sh"):

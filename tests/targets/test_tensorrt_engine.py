@@ -58,7 +58,8 @@ def _snapshot(directory):
 
 def test_no_engine_build_leaves_the_engine_to_the_gpu_machine(rtx_no_engine):
     m = read_manifest(rtx_no_engine)
-    assert sorted(p.name for p in rtx_no_engine.iterdir()) == ["build_engine.sh", "manifest.json", "model.onnx"]
+    assert sorted(p.name for p in rtx_no_engine.iterdir()) == ["build_engine.sh", "manifest.json", "model.onnx",
+                                                                "selfcheck.npz"]
     trt = m["tensorrt"]
     assert not trt["engine_built"] and "(--no-engine)" in trt["engine_note"] and "tome-export engine" in trt["engine_note"]
     assert trt["profile"] == {"input": "images", "min": 2, "opt": 2, "max": 2} and trt["timing_cache"] is None
@@ -80,7 +81,8 @@ def test_engine_step_builds_records_and_says_what_is_not_validated(copy, capsys)
     assert m["validation"] == before["validation"] and m["tensorrt"]["engine_built"]
     for name in ("model.onnx", "build_engine.sh"):
         assert m["artifacts"][name] == before["artifacts"][name]
-    assert sorted(p.name for p in copy.iterdir()) == ["build_engine.sh", "manifest.json", "model.engine", "model.onnx"]
+    assert sorted(p.name for p in copy.iterdir()) == ["build_engine.sh", "manifest.json", "model.engine", "model.onnx",
+                                                       "selfcheck.npz"]
     assert "wrote" in out and "model.engine" in out
     validation = m["tensorrt"]["engine_validation"]
     if _gpu_reason() is None:
@@ -139,7 +141,7 @@ def test_engine_refuses_what_it_cannot_finish(tmp_path, traced_artifact, cpu_bui
     onnx_build, _ = traced_artifact
     trt_build, _ = cpu_build("tensorrt", "fp16", "onehot")
     cases = [(tmp_path / "missing", "is not a directory"), (tmp_path, "holds no manifest.json"),
-             (onnx_build, "is a --target onnx build: `tome-export engine` builds the engine of a --target tensorrt")]
+             (onnx_build, "is a --target onnx build, which has nothing to finish on the target machine")]
     reason = engine_unavailable_reason(TENSORRT)
     if reason is not None:  # TensorRT itself (not TensorRT-RTX) needs its package and a GPU
         cases.append((trt_build, f"no TensorRT engine can be built here: {reason}"))

@@ -45,7 +45,7 @@ from ..schedule import RSpec, parse_r_text, r_label
 from .matrix import backends, precisions
 
 # The embedded accuracy case (:mod:`.digits`): the only model the harness trains itself.
-DIGITS_ALIAS, DIGITS_MODEL = "digits_vit", "tome_digits_vit"
+DIGITS_ALIAS, DIGITS_MODEL = "digits_vit", "tome_digits_vit"  # tome_export.models.digits_vit (no torch here)
 
 _TOP = ("name", "description", "models", "r", "precisions", "backends", "batches", "threads", "build", "timing",
         "memory", "quality", "budget")

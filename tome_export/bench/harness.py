@@ -285,8 +285,8 @@ class _Run:
         for c in plan.live:
             if c.id in timed:
                 record = timed[c.id]
-            elif c.id in failures or c.variant in subjects.failed:
-                status, reason = failures.get(c.id) or subjects.failed[c.variant]
+            elif c.id in failures or subjects.failure(c.variant, c.batch) is not None:
+                status, reason = failures.get(c.id) or subjects.failure(c.variant, c.batch)
                 record = {**self.base_record(c), "status": status, "reason": reason}
             elif c.id in plan.final:
                 record = plan.final[c.id]
@@ -318,7 +318,8 @@ class _Run:
         except Exception as exc:
             self.results["variants"][v.id] = {"variant": v.id, "error": _failure(exc).reason}
             return
-        record: Dict[str, Any] = {"variant": v.id, "eval_set": ev.name,
+        # which artifact (each static batch has its own): the cells of other batches carry their own status
+        record: Dict[str, Any] = {"variant": v.id, "eval_set": ev.name, "static_batch": subject.static_batch,
                                   "fidelity": quality.fidelity(ref["logits"], logits)}
         if ev.labels is not None:
             record["accuracy"] = quality.accuracy(logits, ev.labels)
@@ -514,7 +515,7 @@ class _Subjects:
         self.torch: Dict[Variant, TorchSubject] = {}
         self.dirs: Dict[tuple, tuple] = {}  # (variant, batch or None) -> (directory, built by this run)
         self.artifacts: Dict[tuple, ArtifactSubject] = {}  # (directory, threads) -> the loaded artifact
-        self.failed: Dict[Variant, Failure] = {}
+        self.failed: Dict[tuple, Failure] = {}  # by (variant, batch or None): a static batch's own artifact
 
     def _key(self, v: Variant, batch: int) -> tuple:
         return (v, None if self.config.dynamic_batch else batch)
@@ -525,13 +526,18 @@ class _Subjects:
 
     def get(self, v: Variant, batch: int, threads: int) -> Optional[Subject]:
         """The variant ready to run ``batch`` images with ``threads`` threads; None when it cannot be had."""
-        if v in self.failed:
+        key = (v, None) if self.eager else self._key(v, batch)
+        if key in self.failed:
             return None
         try:
             return self._eager(v) if self.eager else self._artifact(v, batch, threads)
         except Exception as exc:  # one variant that cannot be built or loaded must not stop the others
-            self.failed[v] = _failure(exc)
+            self.failed[key] = _failure(exc)
             return None
+
+    def failure(self, v: Variant, batch: int) -> Optional[Failure]:
+        """Why the variant cannot run ``batch`` here (each static batch has its own artifact), or None."""
+        return self.failed.get((v, None) if self.eager else self._key(v, batch))
 
     def _eager(self, v: Variant) -> TorchSubject:
         if v not in self.torch:

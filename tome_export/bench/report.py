@@ -293,14 +293,16 @@ def _fidelity(results: Dict[str, Any], cells: List[Dict[str, Any]], measured: Li
             continue
         fid, acc, dec = q.get("fidelity") or {}, q.get("accuracy") or {}, q.get("merge_decisions") or {}
         fl = gmacs.get(vid) or {}
+        batch = q.get("static_batch")
         rows.append((cell["model_name"], cell["backend"], cell["precision"], cell["r"],
+                     f"batch {batch}" if batch else ("dynamic" if "static_batch" in q else "–"),
                      f"{fl.get('gmacs', '–')} ({_x(fl.get('ratio'))} fewer)" if fl else "–",
                      _f(fid.get("top1_agreement"), 3), _f(fid.get("mean_cosine"), 5), _f(fid.get("min_cosine"), 5),
                      _pct(acc.get("top1")) if acc else "–", _pct(acc.get("top5")) if acc else "–",
                      f"{100 * q['accuracy_drop']:+.2f} pts" if q.get("accuracy_drop") is not None else "–",
                      _decisions(dec, q)))
     return ["## Fidelity and accuracy (vs fp32 r=0 eager PyTorch)", ""] + _table(
-        ["model", "backend", "precision", "r", "GMACs/image", "top-1 agreement", "mean cosine", "min cosine", "top-1",
+        ["model", "backend", "precision", "r", "measured on", "GMACs/image", "top-1 agreement", "mean cosine", "min cosine", "top-1",
          "top-5", "accuracy drop", "merge decisions identical (merged groups kept)"], rows)
 
 
@@ -327,11 +329,11 @@ def _not_run(cells: List[Dict[str, Any]]) -> List[str]:
         return []
     by_reason: Dict[Tuple[str, str], List[str]] = defaultdict(list)
     for c in not_run:
-        label = f"{c['backend']} {c['precision']}"
+        label = f"{c['backend']} {c['precision']} {c['r']} batch {c['batch']}"
         if label not in by_reason[(c["status"], c["reason"])]:
             by_reason[(c["status"], c["reason"])].append(label)
     return ["## Skipped and failed cells", ""] + _table(
-        ["status", "backend / precision", "reason"],
+        ["status", "backend / precision / r / batch", "reason"],
         [(status, ", ".join(labels), reason) for (status, reason), labels in by_reason.items()])
 
 

@@ -22,7 +22,6 @@ from ..models import create_model, model_info, patch, preprocessing
 from ..pipeline import BuildRequest, build
 from ..preprocess import Preprocessing
 from ..schedule import RSpec, r_label
-from . import digits  # noqa: F401  (registers the digits model and its alias)
 from .config import ModelConfig
 from .config import Variant
 from .matrix import backends

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, Sequence
 
 from .._version import __version__
-from ..errors import UserError
+from ..errors import UserError, ValidationError
 from .common import Command, Parser, Progress
 from .serve import add_build_arguments, print_served
 
@@ -83,6 +83,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prop-attn", action="store_true", help="disable proportional attention")
     p.add_argument("--trace-source", action="store_true",
                    help="add a 'source' output (which patches each final token holds; see `tome-export visualize`)")
+    limits = p.add_argument_group("validation", "limits that replace the recipe's validation thresholds (same names; "
+                                  "the manifest notes the change), and what to keep when validation fails")
+    limits.add_argument("--max-abs-diff", type=float, metavar="X", help="largest logit difference allowed")
+    limits.add_argument("--min-cosine", type=float, metavar="X", help="smallest per-image logit cosine allowed")
+    limits.add_argument("--min-top1-agreement", type=float, metavar="X",
+                        help="smallest share of images whose top-1 class matches PyTorch's")
+    limits.add_argument("--keep-failed", type=Path, metavar="DIR", help="when validation fails, write the failed "
+                        "build, its fp32 export and its validation report to DIR, marked failed (inspect shows it; "
+                        "runtime.load and serve refuse it)")
     p.add_argument("--force", action="store_true", help="replace an output directory holding another model's build")
     p.add_argument("--allow-large", action="store_true",
                    help="build even when the memory estimate exceeds half of this machine's memory")
@@ -154,7 +163,7 @@ def run(argv: Sequence[str]) -> int:
         return list_models()
     if not args.model:
         raise UserError("--model is required (e.g. --model vit_b16; see --list-models)")
-    from ..pipeline import BuildRequest, build, prepare
+    from ..pipeline import THRESHOLD_FLAGS, BuildRequest, build, prepare
     from ..schedule import CAP_WARNING, parse_r_text
 
     request = BuildRequest(
@@ -165,16 +174,21 @@ def run(argv: Sequence[str]) -> int:
         prop_attn=not args.no_prop_attn, img_size=args.img_size, force=args.force, recipe=args.recipe,
         allow_large=args.allow_large,
         target_options=_target_options(args), trace_source=args.trace_source,
+        thresholds={key: getattr(args, key) for key in THRESHOLD_FLAGS if getattr(args, key) is not None},
+        keep_failed=args.keep_failed,
     )
     prepared = prepare(request)  # cheap checks first, before any progress display
     serving = _serving(args, prepared.output)
-    progress = Progress(4, args.quiet)
+    # loading, exporting (where the target builds from ONNX), building and validating, storing the self-check
+    progress = Progress(4 if prepared.target.needs_onnx else 3, args.quiet)
     # The default r caps in the last blocks of most models, as in the reference: said only for a chosen r.
     warn = progress.warn if args.r is not None else (
         lambda message: None if message.startswith(CAP_WARNING) else progress.warn(message))
     try:
         result = build(prepared, log=progress, warn=warn)
         progress.done()
+    except ValidationError as exc:
+        raise _failure(args, exc) from None
     finally:
         progress.close()
     served = None
@@ -184,6 +198,21 @@ def run(argv: Sequence[str]) -> int:
         served = serve_artifact(result.path, args.serve, args.serve_repository, serving, args.force)
     _report(args, result, served)
     return 0
+
+
+def _failure(args: argparse.Namespace, exc: ValidationError) -> ValidationError:
+    """The failed validation, saying where the build was kept or how to keep it and which flag would accept it;
+    with ``--json`` its report goes to stdout as well."""
+    flags = ", ".join(f"--{key.replace('_', '-')}" for key in exc.report.get("missed", [])) or "--min-cosine"
+    kept = (f"the failed build is kept in {exc.kept} (tome-export inspect {exc.kept})" if exc.kept else
+            "--keep-failed DIR keeps the failed build to look at")
+    message = f"{exc}. {kept}; {flags} set the threshold without editing the recipe"
+    if args.json:
+        print(json.dumps({"path": None, "failed": {"reason": str(exc), "report": exc.report, "kept": exc.kept}},
+                         indent=2, default=str))
+    failure = ValidationError(message, exc.report)
+    failure.kept = exc.kept
+    return failure
 
 
 def _serving(args: argparse.Namespace, output: Path) -> Any:

@@ -16,8 +16,10 @@ EXAMPLES = """examples:
   tome-export visualize chelsea --artifact tome-out/vit_b16-r16-onnx-fp32 -o deployed.png
 
 IMAGE is an image file or a photo bundled with tome-export (astronaut, chelsea, coffee, rocket,
-motorcycle_left, ...). Each colour is one final token: its patches filled with their mean colour and
-outlined in the token's colour. --artifact runs a build made with --trace-source through its own runner.
+motorcycle_left, ...). The picture shows the input as the model sees it, then the merge state after
+several blocks, each captioned with its token count. Each colour is one token: its patches filled with
+their mean colour and outlined in the token's colour. --artifact runs a build made with --trace-source
+through its own runner (its final state only).
 """
 
 
@@ -39,7 +41,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, help="input image side in pixels (default: the model's)")
     p.add_argument("--merge-impl", default="gather", choices=["gather", "onehot"])
     p.add_argument("--no-prop-attn", action="store_true", help="disable proportional attention")
-    p.add_argument("--blocks", help="a grid of merge states after these blocks, e.g. 1,6,12 (--model only)")
+    p.add_argument("--blocks", help="merge states after these blocks, e.g. 1,6,12 (--model only; default: after a "
+                   "quarter, half, three quarters and all of the blocks)")
+    p.add_argument("--bare", action="store_true", help="one merge state's picture alone, without the input and "
+                   "captions (with --artifact, or --model and one block)")
     p.add_argument("--fill", default="mean", choices=FILLS, help="group fill: mean colour or palette (default mean)")
     p.add_argument("--scale", type=int, default=2, help="pixels per input pixel (default 2)")
     p.add_argument("--allow-large", action="store_true",
@@ -67,7 +72,10 @@ def run(argv: Sequence[str]) -> int:
                                  args.img_size, args.merge_impl, not args.no_prop_attn, args.allow_large)
         warn = lambda message: print(f"tome-export: warning: {message}", file=sys.stderr)  # noqa: E731
         picture, patch, states = vis.visualize_model(image, source, args.blocks, warn)
-    vis.save_picture(vis.picture(picture, patch, states, fill=args.fill, scale=args.scale), args.output)
+    if args.bare and len(states) != 1:
+        raise UserError(f"--bare pictures one merge state; {len(states)} were asked: pass --blocks with one block")
+    vis.save_picture(vis.picture(picture, patch, states, fill=args.fill, scale=args.scale, bare=args.bare),
+                     args.output)
     print(f"wrote {args.output}: " + "; ".join(f"{s.title}, {s.num_groups} groups" for s in states))
     return 0
 

@@ -112,11 +112,49 @@ def resolve(name: str) -> ModelName:
         upstream = f.resolve(name)
         if upstream is not None:
             return ModelName(name, f.source, upstream, f.name)
-    candidates = list(all_aliases()) + [n for f in families() for n in f.names()]
-    close = difflib.get_close_matches(name, candidates, n=3)
+    close = suggestions(name)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise UserError(f"unknown model {name!r}.{hint} Use an alias ({', '.join(all_aliases())}) or a model name of a "
                     f"supported family (see `tome-export --list-models`).")
+
+
+def suggestions(name: str, count: int = 3) -> List[str]:
+    """Up to ``count`` aliases and model names close to ``name`` that build: a family's name list holds models it
+    then refuses (timm's ``*vit*`` holds LeViT, MobileViT, ...), so each name is made on the meta device (no
+    weights, milliseconds) and checked by its family first."""
+    aliases = list(all_aliases())
+    names = [n for f in families() for n in f.names()]
+    found: List[str] = []
+    for candidate in difflib.get_close_matches(name, aliases + names, n=4 * count):
+        if len(found) == count:
+            break
+        if candidate in aliases or _builds(candidate):
+            found.append(candidate)
+    return found
+
+
+def _builds(name: str) -> bool:
+    for family in families():
+        upstream = family.resolve(name)
+        if upstream is None:
+            continue
+        try:
+            with torch.device("meta"):
+                model = _made_quickly(family, upstream)
+        except Exception:  # a name the library lists but cannot make with its defaults
+            return False
+        return family.unsupported_reason(model) is None
+    return False
+
+
+def _made_quickly(family: Family, upstream: str) -> torch.nn.Module:
+    """The model without its weight initialisation where the constructor can skip it (timm's ``weight_init``:
+    ten times faster on the meta device); other constructors refuse the argument and are called without it."""
+    try:
+        return family.create(upstream, False, weight_init="skip")
+    except (TypeError, UserError):  # families report a constructor's TypeError as a UserError
+        return family.create(upstream, False)
+    return False
 
 
 def resolve_name(name: str) -> Tuple[str, str]:

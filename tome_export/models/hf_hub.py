@@ -156,7 +156,13 @@ def build(name: str, pretrained: bool, **kwargs: Any) -> torch.nn.Module:
     else:
         model = cls._from_config(config)
     model.tome_data_config = preprocessing(directory, config, img_size)
-    model.tome_source = {"architecture": class_name, **_revision(directory)}
+    model.tome_source = {"architecture": class_name, **_revision(directory),
+                         "preprocessing_from": model.tome_data_config["source"]}
+    if model.tome_data_config["guessed"]:
+        where = f"{directory} has no {PROCESSOR_FILE}" if directory is not None else f"no {PROCESSOR_FILE}"
+        model.tome_source["preprocessing_guessed"] = (f"{where}: the {model.tome_data_config['source']} at the "
+                                                      f"config's image size were used; check they are what the "
+                                                      f"model was trained with")
     return model.eval()
 
 
@@ -228,12 +234,13 @@ def preprocessing(directory: Optional[Path], config, img_size: Optional[int] = N
         except Exception as exc:
             raise UserError(f"transformers cannot read {str(path)!r} ({type(exc).__name__}): fix or re-save the "
                             "image processor") from None
-        where = str(path)
+        where, guessed = str(path), False
     else:
         processor = getattr(transformers, PROCESSORS.get(config.model_type, "ViTImageProcessor"))()
-        where = f"{type(processor).__name__} defaults"
+        where, guessed = f"{type(processor).__name__} defaults", True
         img_size = img_size or pair(config.image_size)[0]
-    return processor_data_config(processor, where, img_size)
+    # where the preprocessing came from: the build records it, and warns when it was guessed
+    return {**processor_data_config(processor, where, img_size), "source": where, "guessed": guessed}
 
 
 def _size_field(size: Any, key: str) -> Optional[int]:

@@ -20,6 +20,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from ..info import ModelInfo
 from ..preprocess import Preprocessing
 from .base import State, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
+from . import digits_vit
 from .checkpoint import hub_reachable, read_state_dict
 from .family import Family
 
@@ -206,6 +207,7 @@ ALIASES: Dict[str, str] = {
     "deit3_b": "deit3_base_patch16_224",
     "clip_b16": "vit_base_patch16_clip_224",
     "dinov2_s14_reg": "vit_small_patch14_reg4_dinov2",
+    digits_vit.ALIAS: digits_vit.MODEL_NAME,  # the project's own 4-block, 32 px ViT (registered with timm on import)
 }
 
 # timm architectures ToMe cannot merge as defined (matched by class-name prefix), mostly because token positions
@@ -272,9 +274,11 @@ def claims(model: torch.nn.Module) -> bool:
 
 
 def names() -> List[str]:
+    """The names to suggest for a misspelt one: timm's models made by the VisionTransformer modules (its
+    ``*vit*`` names also hold LeViT, MobileViT, EfficientViT, ..., which this family refuses)."""
     import timm
 
-    return timm.list_models("*vit*") + timm.list_models("deit*")
+    return [n for module in ("vision_transformer", "deit") for n in timm.list_models(module=module)]
 
 
 def example() -> VisionTransformer:

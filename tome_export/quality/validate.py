@@ -155,8 +155,10 @@ def check_thresholds(metrics: Mapping[str, Any], thresholds: Thresholds, what: s
         if not (value <= limit if sense == "at most" else value >= limit):
             misses.append(f"{metric} {value:.6g} (must be {sense} {limit:g})")
     if misses:
+        missed = [key for key, limit in applied.items() if any(m.startswith(LIMITS[key][0] + " ") for m in misses)]
         raise ValidationError(f"{what} differs from PyTorch ToMe on {confidence(metrics)}: "
-                              f"{'; '.join(misses)}; nothing was written")
+                              f"{'; '.join(misses)}; nothing was written",
+                              report={**metrics, "thresholds": applied, "missed": missed, "passed": False})
     return {**metrics, "thresholds": applied, "passed": True}
 
 

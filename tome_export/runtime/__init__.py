@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from ..errors import UserError
-from ..manifest import Manifest, load_manifest
+from ..manifest import Manifest, load_manifest, refuse_failed
+from . import selfcheck
 from .base import ArtifactIO, Runner
+from .selfcheck import SelfCheckError
 
 # Manifests written before the runtime section named its runner: their target's runner and settings.
 LEGACY_RUNNERS: Dict[str, str] = {
@@ -68,16 +70,33 @@ class Artifact:
     manifest: Manifest
     io: ArtifactIO
 
-    def load(self, threads: Optional[int] = None, throughput: bool = False, extra_outputs: Sequence[str] = ()
-             ) -> Runner:
-        """A runner of this artifact (see :func:`load`)."""
+    def load(self, threads: Optional[int] = None, throughput: bool = False, extra_outputs: Sequence[str] = (),
+             self_check: bool = True) -> Runner:
+        """A runner of this artifact (see :func:`load`), checked on this machine first unless ``self_check=False``."""
         runtime = self.io.runtime
         try:  # runners import their backend when constructed, so both steps can miss it
-            return runner_class(str(runtime["runner"]))(self.io, threads=threads, throughput=throughput,
-                                                        extra_outputs=extra_outputs)
+            runner = runner_class(str(runtime["runner"]))(self.io, threads=threads, throughput=throughput,
+                                                          extra_outputs=extra_outputs)
         except ImportError as exc:
             raise UserError(f"running a {self.manifest.target} artifact needs {exc.name!r}, which is not installed: "
                             f"{runtime.get('install', 'install it')}") from None
+        if self_check and not selfcheck.skipped_by_environment():
+            try:
+                selfcheck.ensure(self.directory, self.manifest, runner)
+            except BaseException:
+                runner.close()
+                raise
+        return runner
+
+    def verify(self, threads: Optional[int] = None) -> Optional[selfcheck.Outcome]:
+        """Run the self-check now, whatever the cache holds (a pass is cached); None: the artifact has none."""
+        with self.load(threads, self_check=False) as runner:
+            if not selfcheck.has_self_check(self.manifest):
+                return None
+            outcome = selfcheck.measure(self.directory, self.manifest, runner)
+        if outcome.passed:
+            selfcheck.remember(outcome, self.directory)
+        return outcome
 
 
 def open_artifact(directory: os.PathLike, verify: bool = True) -> Artifact:
@@ -86,6 +105,7 @@ def open_artifact(directory: os.PathLike, verify: bool = True) -> Artifact:
     if not directory.is_dir():
         raise UserError(f"{str(directory)!r} is not a directory: pass a directory written by tome-export")
     manifest = load_manifest(directory, verify=verify)
+    refuse_failed(directory, manifest)  # even unverified: a failed build never runs as a good one
     runtime = runtime_settings(manifest)
     covered = runtime.get("file")
     if verify and covered and covered not in manifest.artifacts and (directory / str(covered)).exists():
@@ -97,13 +117,18 @@ def open_artifact(directory: os.PathLike, verify: bool = True) -> Artifact:
 
 
 def load(directory: os.PathLike, threads: Optional[int] = None, throughput: bool = False, verify: bool = True,
-         extra_outputs: Sequence[str] = ()) -> Runner:
+         extra_outputs: Sequence[str] = (), self_check: Optional[bool] = None) -> Runner:
     """A runner for the artifact in ``directory`` (checksums verified against the manifest unless ``verify=False``).
 
     ``threads``: CPU threads (None: the backend's default). ``throughput``: batch-serving mode where the backend
     has one (parallel requests); latency mode otherwise. ``extra_outputs``: intermediate tensors to return too.
+    ``self_check`` (default: as ``verify``): before the first use on this machine, run the views the build stored
+    and refuse (:class:`SelfCheckError`) when the outputs miss the build's thresholds against the outputs it
+    validated; a pass is cached per artifact x runtime versions x CPU/GPU features. ``TOME_EXPORT_SELF_CHECK=0``
+    skips it too.
     """
-    return open_artifact(directory, verify).load(threads, throughput, extra_outputs)
+    check = verify if self_check is None else self_check
+    return open_artifact(directory, verify).load(threads, throughput, extra_outputs, self_check=check)
 
 
-__all__ = ["Artifact", "ArtifactIO", "Runner", "load", "open_artifact"]
+__all__ = ["Artifact", "ArtifactIO", "Runner", "SelfCheckError", "load", "open_artifact"]

@@ -78,6 +78,7 @@ class Runner:
 
     backend = "base"
     concurrent = False  # whether _infer may run in several threads at once
+    libraries: Tuple[str, ...] = ()  # modules whose version decides what it computes (default: the backend's)
 
     def __init__(self, io: ArtifactIO, threads: Optional[int] = None, throughput: bool = False,
                  extra_outputs: Sequence[str] = ()) -> None:
@@ -175,6 +176,20 @@ class Runner:
 
     def _infer_many(self, batches: Sequence[np.ndarray]) -> List[np.ndarray]:  # backends may overlap requests
         return [self._infer(b, [OUTPUT_NAME])[OUTPUT_NAME] for b in batches]
+
+    def environment(self) -> Dict[str, Any]:
+        """What this runner's results depend on beyond the artifact: the runner, the CPU (model, feature flags,
+        ISA-limiting variables), the versions of its libraries and the device it runs on. The self-check's cache
+        is keyed by it and the manifest records it as where the build validated."""
+        from .machine import RUNTIME_MODULES, cpu_description, module_versions
+
+        versions = module_versions(self.libraries or (self.backend,)) or module_versions(RUNTIME_MODULES)
+        return {"runner": f"{type(self).__module__}:{type(self).__qualname__}", "versions": versions,
+                "cpu": cpu_description(), "device": self.accelerator()}
+
+    def accelerator(self) -> Optional[Dict[str, Any]]:
+        """The accelerator this runner computes on (name, capability); None: the CPU. GPU runners override it."""
+        return None
 
     def close(self) -> None:
         """Free the backend's resources; the runner cannot run afterwards. Closing twice is harmless.

@@ -10,8 +10,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..errors import UserError
 from ..graph_names import OUTPUT_NAME
 from .base import ArtifactIO, Runner
+from .machine import cpu_description, describe_cpu
 
 
 def compile_config(config: Mapping[str, Any], threads: Optional[int] = None, throughput: bool = False) -> Dict[str, Any]:
@@ -21,6 +23,12 @@ def compile_config(config: Mapping[str, Any], threads: Optional[int] = None, thr
     if threads:
         merged["INFERENCE_NUM_THREADS"] = int(threads)
     return merged
+
+
+def _last_line(exc: BaseException) -> str:
+    """OpenVINO's exceptions stack the places they passed through; the last line says what went wrong."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else type(exc).__name__
 
 
 def _store_output(request: Any, userdata: Any) -> None:
@@ -41,6 +49,7 @@ class OpenVINORunner(Runner):
 
     backend = "openvino"
     concurrent = False
+    libraries = ("openvino",)
 
     def __init__(self, io: ArtifactIO, threads: Optional[int] = None, throughput: bool = False,
                  extra_outputs: Sequence[str] = ()) -> None:
@@ -52,7 +61,12 @@ class OpenVINORunner(Runner):
         if extra_outputs:
             model.add_outputs(list(extra_outputs))
         config = compile_config(io.runtime.get("config", {}), self.threads, self.throughput)
-        self.compiled = core.compile_model(model, "CPU", config)
+        try:
+            self.compiled = core.compile_model(model, "CPU", config)
+        except RuntimeError as exc:  # e.g. an int8 IR under ONEDNN_MAX_CPU_ISA=SSE41: "bad combination"
+            raise UserError(f"OpenVINO {ov.__version__.split('-')[0]} cannot compile {str(self.directory)!r} for this "
+                            f"CPU ({describe_cpu(cpu_description())}): {_last_line(exc)}; run it on a CPU like the "
+                            f"one it was validated on (tome-export inspect shows it)") from None
         self.output_index = {name: i for i, port in enumerate(self.compiled.outputs) for name in port.get_names()}
         self.output_index.setdefault(OUTPUT_NAME, 0)
         self.ports = {name: self.compiled.output(i) for name, i in self.output_index.items()}

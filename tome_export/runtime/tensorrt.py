@@ -227,6 +227,9 @@ class TensorRTRunner(Runner):
         self.device.synchronize()
         return {name: outputs[name] for name in names}
 
+    def accelerator(self) -> Optional[Dict[str, str]]:
+        return cuda_device()
+
     def close(self) -> None:
         super().close()  # first: calls in other threads finish before the buffers go
         for ptr, _ in getattr(self, "buffers", {}).values():

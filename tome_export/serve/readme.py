@@ -74,9 +74,10 @@ def _server_lines(plan: ModelPlan, manifest: Manifest, repository: Path) -> List
         target = get_target(manifest.target)
         extras = target.runtime_extra
         nvidia = f"   # and {target.runtime_elsewhere}" if target.runtime_elsewhere else ""
+        backend = "torch (the backend here)" if "aoti" in extras.split(",") else "the backend, no torch"
         lines += ["", "The Python backend runs `1/model.py`, which loads `1/artifact/` with `tome_export.runtime.load` "
                   "(checksums verified) — the code path the build validated. The server's Python needs tome-export "
-                  "and the backend, no torch:",
+                  f"and {backend}:",
                   "", "```", f"pip install '/path/to/tome-export[{extras}]'   # its source tree or wheel, version "
                   f"{__version__}{nvidia}", "```"]
     else:

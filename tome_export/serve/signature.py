@@ -43,9 +43,18 @@ class Signature:
         return self.inputs[0].shape[0] == -1
 
 
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+             "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+             "tensor(bool)": "bool", "tensor(bfloat16)": "bfloat16"}
+
+
 def onnx_signature(path: Path) -> Signature:
-    """Inputs and outputs of an ONNX graph (weights are not loaded)."""
-    import onnx
+    """Inputs and outputs of an ONNX graph (weights are not loaded), read with ``onnx``, or where only the runtime
+    is installed with ONNX Runtime."""
+    try:
+        import onnx
+    except ImportError:
+        return _ort_signature(path)
 
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -61,6 +70,29 @@ def onnx_signature(path: Path) -> Signature:
 
     inputs = tuple(spec(v) for v in model.graph.input if v.name not in initializers)
     return Signature(inputs, tuple(spec(v) for v in model.graph.output), path.name)
+
+
+def _ort_signature(path: Path) -> Signature:
+    """The signature as an ONNX Runtime session sees it (a runtime-only install has no ``onnx``)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError(f"reading {path.name} needs the Python package 'onnx' or 'onnxruntime': "
+                        "pip install 'tome-export[onnxruntime]'") from None
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types
+        raise UserError(f"{path} is not a readable ONNX file ({type(exc).__name__}): rebuild the artifact") from None
+
+    def spec(value: Any) -> TensorSpec:
+        shape = tuple(d if isinstance(d, int) else -1 for d in value.shape)
+        return TensorSpec(value.name, ORT_TYPES.get(value.type, value.type), shape)
+
+    return Signature(tuple(spec(v) for v in session.get_inputs()), tuple(spec(v) for v in session.get_outputs()),
+                     path.name)
 
 
 def openvino_signature(path: Path) -> Signature:
@@ -84,13 +116,27 @@ def openvino_signature(path: Path) -> Signature:
     return Signature(tuple(spec(p) for p in model.inputs), tuple(spec(p) for p in model.outputs), path.name)
 
 
+def manifest_signature(manifest: Manifest, graph_file: str) -> Signature:
+    """Inputs and outputs of a compiled package that no tool here reads without running it (an AOTInductor
+    ``.pt2``): what its build exported and validated, from the manifest. fp32 images in; fp32 logits
+    ``(batch, classes)`` and, where traced, the source map ``(batch, final tokens, tokens)`` out."""
+    batch = -1 if manifest.input.dynamic_batch else int(manifest.input.shape[0])
+    shapes = {"logits": (batch, int(manifest.num_classes or -1)),
+              "source": (batch, int((manifest.tokens_per_block or (-1,))[-1]), int(manifest.num_tokens or -1))}
+    images = TensorSpec(manifest.input.name, manifest.input.dtype, (batch, *manifest.input.image_shape))
+    return Signature((images,), tuple(TensorSpec(n, "float32", shapes.get(n, (batch, -1))) for n in manifest.outputs),
+                     graph_file)
+
+
 def artifact_signature(directory: Path, manifest: Manifest) -> Signature:
     """The graph's signature, checked against what the manifest says the artifact takes."""
     graph_file = get_target(manifest.target).graph_file  # the target knows which file its graph is
     name = manifest.runtime.get("file") or graph_file
-    if Path(name).suffix not in (".onnx", ".xml"):  # an engine: its tensors are named as in the graph it came from
+    if Path(name).suffix not in (".onnx", ".xml", ".pt2"):  # an engine: tensors named as in the graph it came from
         name = graph_file
     path = Path(directory) / name
+    if path.suffix == ".pt2":
+        return manifest_signature(manifest, name)
     signature = openvino_signature(path) if path.suffix == ".xml" else onnx_signature(path)
     declared = manifest.input
     first = signature.inputs[0] if signature.inputs else None

@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..manifest import Manifest
 from ..preprocess import Preprocessing
 from ..resources import MAX_THREADS
+from ..targets import get_target
 from .signature import Signature, TensorSpec, artifact_signature
 
 VARIANTS = ("python", "native")
@@ -151,10 +152,14 @@ def _common_parameters(manifest: Manifest) -> Dict[str, str]:
 def _python_plan(directory: Path, manifest: Manifest, options: TritonOptions) -> Dict[str, Any]:
     files = [("manifest.json", "artifact/manifest.json")]
     files += [(rel, f"artifact/{rel}") for rel in sorted(manifest.artifacts)]
-    gpu = manifest.target.startswith("tensorrt")
+    gpu = get_target(manifest.target).device == "cuda"
     params = {"threads": str(options.threads)} if options.threads else {}
+    no_engine = manifest.target.startswith("tensorrt") and not (Path(directory) / ENGINE).is_file()
     notes = (f"there is no {ENGINE} yet: run ./build_engine.sh in 1/artifact/ on the serving GPU machine before "
-             f"starting the server",) if gpu and not (Path(directory) / ENGINE).is_file() else ()
+             f"starting the server",) if no_engine else ()
+    if manifest.runtime.get("compiled") is False:  # an aoti-cuda build made without a GPU
+        raise UserError(f"{str(directory)!r} holds no compiled package yet: run `tome-export engine {directory}` on "
+                        f"the GPU machine first, then serve it")
     return {"backend": "python", "platform": None, "default_model_filename": "model.py", "files": tuple(files),
             "instance_kind": "KIND_GPU" if gpu else "KIND_CPU", "parameters": params, "notes": notes}
 
@@ -232,6 +237,9 @@ def plan_model(directory: Path, manifest: Manifest, options: TritonOptions) -> M
     if options.variant == "python":
         chosen = _python_plan(directory, manifest, options)
     else:
+        if manifest.target not in NATIVE_PLANS:  # e.g. AOTInductor packages: no Triton backend loads them
+            raise UserError(f"Triton has no native backend for --target {manifest.target} artifacts: serve this one "
+                            f"with --variant python")
         chosen = NATIVE_PLANS[manifest.target](directory, manifest, options)
         if chosen["backend"] == "openvino" and batch.dynamic:
             # Triton's openvino backend rejects batches smaller than max_batch_size unless told to pad them.

@@ -8,13 +8,16 @@ and imported the first time the registry is read, as are targets other distribut
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from importlib import metadata
-from typing import Dict, Tuple
+from pathlib import Path
+from typing import Callable, Dict, Tuple
 
 from ..errors import UserError
+from ..manifest import load_manifest
 from ..recipe import Recipe
-from .base import BuildContext, BuildPlan, Settings, Target, TargetOptions, TargetResult
+from .base import BuildContext, BuildPlan, Finished, Settings, Target, TargetOptions, TargetResult
 
 ENTRY_POINTS = "tome_export.targets"
 TARGETS: Dict[str, Target] = {}
@@ -61,5 +64,25 @@ def recipe_settings(recipe: Recipe) -> Tuple[Target, Settings]:
     return target, target.settings_for(recipe)
 
 
-__all__ = ["BuildContext", "BuildPlan", "Settings", "Target", "TargetOptions", "TargetResult", "TARGETS",
-           "get_target", "recipe_settings", "register", "targets"]
+def finish_artifact(directory: os.PathLike, force: bool = False, validate_only: bool = False,
+                    log: Callable[[str], None] = lambda message: None) -> Finished:
+    """Finish a build directory on the machine that runs it (``tome-export engine DIR``): its target's step.
+
+    The manifest names the target; a target without such a step (its artifacts are complete when built) is a
+    UserError. The target's step verifies the directory and leaves it as it was unless every part succeeds.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{str(directory)!r} is not a directory: pass a build directory written by tome-export")
+    built = load_manifest(directory, verify=False).target  # the target's step verifies every checksum
+    target = targets().get(built)
+    if target is None or target.finish is None:
+        steps = sorted(t.name for t in targets().values() if t.finish is not None)
+        names = f"{', '.join(steps[:-1])} or {steps[-1]}" if len(steps) > 1 else "".join(steps)
+        raise UserError(f"{str(directory)!r} is a --target {built} build, which has nothing to finish on the target "
+                        f"machine: `tome-export engine` finishes --target {names} builds")
+    return target.finish(directory=directory, force=force, validate_only=validate_only, log=log)
+
+
+__all__ = ["BuildContext", "BuildPlan", "Finished", "Settings", "Target", "TargetOptions", "TargetResult", "TARGETS",
+           "finish_artifact", "get_target", "recipe_settings", "register", "targets"]

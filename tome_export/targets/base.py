@@ -2,7 +2,8 @@
 
 A :class:`Target` is one registration: its precisions, its typed recipe settings (a frozen dataclass per recipe
 section, with the defaults in it), its command-line options, its runner (``"module:Class"``, torch-free), what it
-needs installed and whether it builds from the exported ONNX at all. A build checks the request once into a
+needs installed, whether it builds from the exported ONNX at all, and the step that finishes its artifacts on the
+machine that runs them (where there is one). A build checks the request once into a
 :class:`BuildPlan`, gives the target a :class:`BuildContext` and gets back a :class:`TargetResult`.
 
 Target modules are imported to list the targets (CLI, bench, recipes), so they import nothing heavy at module
@@ -256,6 +257,25 @@ class TargetResult:
     sections: Dict[str, Any] = field(default_factory=dict)  # target-specific manifest sections
 
 
+@dataclass(frozen=True)
+class Finished:
+    """What a target's finishing step did on the machine that runs the artifact (``tome-export engine DIR``)."""
+
+    directory: Path
+    file: str  # the artifact file it built or compiled, in ``directory``
+    summary: str  # how: library and version, size, time, checksum
+    validation: Dict[str, Any]  # as recorded: ``passed`` and the metrics, or ``run: False``, ``reason`` and ``how``
+    device: Optional[str] = None  # the GPU it was validated on
+
+    @property
+    def validated(self) -> bool:
+        return bool(self.validation.get("passed"))
+
+
+# (directory, force=False, validate_only=False, log=print) -> Finished; a UserError leaves the directory as it was
+Finish = Callable[..., Finished]
+
+
 # --- the registration -------------------------------------------------------------------------------------------
 
 
@@ -281,6 +301,8 @@ class Target:
     device: str = "cpu"  # where its artifacts run: cpu | cuda
     default_precision: str = "fp32"  # without --precision
     version_modules: Tuple[str, ...] = ()  # libraries whose versions benchmark results record
+    # the step on the machine that runs the artifact (`tome-export engine DIR`): build, compile or validate there
+    finish: Optional[Finish] = None
     graph_file: str = "model.onnx"  # the graph a server loads, or whose tensor names a compiled engine keeps
     runtime_elsewhere: str = ""  # what the runtime needs beyond the extra, from outside PyPI (said in READMEs)
 

@@ -277,7 +277,8 @@ def build(ctx: BuildContext) -> TargetResult:
         source = Path(tmp) / "exported.onnx"
         move_onnx(ctx.onnx_path, source)
         converter = _Converter(ctx, source, Path(tmp), protected)
-        ctx.log(f"{ctx.precision}: {method}")
+        if method != "none":  # fp32: nothing to convert
+            ctx.log(f"{ctx.precision}: {method}")
         details = converter.convert(protected, ctx.workdir / "model.onnx")
         with OnnxRuntimeRunner(ctx.artifact_io(runtime)) as runner:
             validation = validate(ctx, runner, f"ONNX Runtime {ctx.precision} ({method})")

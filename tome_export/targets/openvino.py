@@ -63,6 +63,10 @@ class OvQuantization:
     method: Literal["nncf"] = "nncf"
     preset: Literal["performance", "mixed"] = "performance"
     fast_bias_correction: bool = True
+    # NNCF's overflow fix stores weights in 7 bits so that int8 dot products cannot saturate on CPUs without VNNI
+    # (their u8 x s8 kernels sum pairs into int16). auto: every layer when the building CPU lacks VNNI/AMX, where
+    # the build is validated, else NNCF's default (the first layer).
+    overflow_fix: Literal["auto", "enable", "first_layer_only", "disable"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -115,18 +119,34 @@ def _quiet_nncf():
         logger.setLevel(level)
 
 
+INT8_DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimd")  # asimd: Arm's kernels do not saturate
+
+
+def overflow_fix(setting: str) -> str:
+    """The overflow fix NNCF applies: ``setting``, or for ``auto`` what this CPU's int8 kernels need."""
+    if setting != "auto":
+        return setting
+    from ..runtime.machine import cpu_description
+
+    flags = set(cpu_description()["flags"])
+    return "first_layer_only" if not flags or flags & set(INT8_DOT_PRODUCT_FLAGS) else "enable"
+
+
 def _quantize(model, ctx: BuildContext, ignored: Sequence[str], batches: List[np.ndarray]):
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     q = ctx.settings.quantization
     presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
     kwargs: Dict[str, Any] = {}
     if ignored:
         kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(ignored))
+    fix = OverflowFix(overflow_fix(q.overflow_fix))
     with _quiet_nncf():
         return nncf.quantize(model, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER,
                              preset=presets[q.preset], subset_size=sum(len(b) for b in batches),
-                             fast_bias_correction=q.fast_bias_correction, **kwargs)
+                             fast_bias_correction=q.fast_bias_correction,
+                             advanced_parameters=AdvancedQuantizationParameters(overflow_fix=fix), **kwargs)
 
 
 def _fake_quantized_inputs(model, names: Sequence[str]) -> int:
@@ -220,6 +240,7 @@ def _precision_step(ctx: BuildContext, converted: Any, protected: Sequence[str])
     if leaks:
         raise RuntimeError(f"NNCF quantized {leaks} inputs of protected ToMe layers despite the ignored scope")
     step.update(method="nncf (model_type=TRANSFORMER)", preset=ctx.settings.quantization.preset,
+                overflow_fix=overflow_fix(ctx.settings.quantization.overflow_fix),
                 calibration=calib, tome_layers_ignored=len(protected), tome_inputs_quantized=leaks)
     return model, step, batches
 

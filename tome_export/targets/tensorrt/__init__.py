@@ -16,12 +16,12 @@ int8 GEMMs on RTX GPUs as weight-only. Engines run with :class:`tome_export.runt
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Tuple
+from typing import Any, Literal, Optional, Tuple
 
 from ...errors import UserError
 from ...quality.calibration import Calibration
 from .. import register
-from ..base import BuildContext, BuildPlan, CalibrationOptions, Settings, Target, TargetResult, Validation
+from ..base import BuildContext, BuildPlan, CalibrationOptions, Finished, Settings, Target, TargetResult, Validation
 from .engine import TENSORRT, TENSORRT_RTX, Library, Profile, engine_unavailable_reason
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
@@ -138,6 +138,12 @@ def _build(ctx: BuildContext, library: Library) -> TargetResult:
     return build(ctx, library)
 
 
+def _finish(**kwargs: Any) -> Finished:
+    from .handoff import finish
+
+    return finish(**kwargs)
+
+
 def _target(name: str, library: Library, description: str, options: type, requires: Tuple[str, ...],
             runtime_extra: str, runtime_elsewhere: str = "") -> Target:
     return register(Target(
@@ -146,7 +152,8 @@ def _target(name: str, library: Library, description: str, options: type, requir
         settings=TensorRTSettings, options=options,
         precision_defaults={p: {"validation": limits} for p, limits in DEFAULT_THRESHOLDS.items()},
         check=lambda plan: check(plan, library), requires=requires, install_hint=library.install,
-        device="cuda", version_modules=(library.module,), default_precision="fp16"))  # fp32 is the slowest engine
+        device="cuda", version_modules=(library.module,), default_precision="fp16",  # fp32: the slowest engine
+        finish=_finish))
 
 
 TENSORRT_TARGET = _target(

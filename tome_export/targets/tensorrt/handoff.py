@@ -26,6 +26,7 @@ from ...preprocess import Preprocessing
 from ...quality.validate import (DEFAULT_IMAGES, Thresholds, check_thresholds, compare_logits, input_ids,
                                  validation_batches)
 from ...runtime.tensorrt import cuda_device
+from ..base import Finished
 from .engine import (ENGINE, ONNX, TENSORRT, TENSORRT_RTX, EngineSpec, Library, engine_note,
                      engine_unavailable_reason)
 
@@ -151,6 +152,16 @@ def finish_engine(directory: Path, force: bool = False, validate_only: bool = Fa
     engine.update(sha256=sha256_file(directory / ENGINE), device=device or {"name": None, "reason": NO_GPU})
     _record(directory, manifest, library, engine, validation)
     return EngineResult(directory, engine, validation)
+
+
+def finish(directory: Path, force: bool = False, validate_only: bool = False,
+           log: Callable[[str], None] = lambda message: None) -> Finished:
+    """:func:`finish_engine` as the targets' finishing step (``tome-export engine DIR``)."""
+    result = finish_engine(directory, force=force, validate_only=validate_only, log=log)
+    engine = result.engine
+    summary = (f"{engine['library']} {engine['library_version']}, {engine['bytes'] / 1e6:.1f} MB, "
+               f"{engine['build_seconds']} s; sha256 {engine['sha256'][:16]}...")
+    return Finished(result.directory, engine["file"], summary, result.validation, engine["device"].get("name"))
 
 
 @contextlib.contextmanager
