@@ -11,6 +11,7 @@ pytest_plugins = [
     "tome_testing.serve_builds",  # pipeline builds for tests/serve
     "tome_testing.digits",  # the small digits ViT, trained once
     "tome_testing.aoti_builds",  # one tiny AOTInductor CPU package and one GPU-less aoti-cuda build
+    "tome_testing.ray_cluster",  # a real two-node Ray cluster on this machine
 ]
 
 
@@ -26,7 +27,7 @@ def pytest_configure(config):
 # Fixtures that build whole artifacts or train/export models (each costs tens of seconds to minutes on 2 cores).
 HEAVY_FIXTURES = {"cpu_build", "traced_artifact", "artifact_variants", "vit_t16_build", "served", "rtx_fp16", "rtx_no_engine",
                   "built_t16", "built", "onnx_artifact", "small_artifact", "tiny_run", "small_digits", "zoo",
-                  "exported", "onnx_cache"}
+                  "exported", "onnx_cache", "ray_cluster"}
 # Calls in a test's own body that run a whole build.
 HEAVY_CALLS = ("main([\"--model\"", "_cli([\"--model\"", "_run([\"--model\"", "build(BuildOptions", "build(BuildRequest",
                "subprocess.run([str(EXE), \"--model\"")

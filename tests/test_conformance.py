@@ -5,6 +5,9 @@ load the artifact with ``runtime.load`` and validate what it computes against Py
 then ``inspect`` it. Artifacts that run only on an NVIDIA GPU are built and inspected here, and their run is skipped
 with the reason where there is none.
 
+Tasks: every target builds each encoder task (embed, dense, tokens) at its default precision, and ``runtime.load``
+returns the outputs the manifest names, with the recorded shapes, as PyTorch computes them.
+
 Families: the example model each family registers, patched with r=0, equals the unpatched model; patched with r>0
 it matches the independent reference of ``tests/support/tome_testing/reference_tome.py``; exported, ONNX Runtime matches PyTorch.
 """
@@ -31,9 +34,9 @@ from tome_export.errors import UserError
 from tome_export.export import export_onnx
 from tome_export.images import sample_photos
 from tome_export.inspection import format_report, inspect_path
-from tome_export.models import ModelName, ModelSpec, families, model_info, patch, preprocessing
+from tome_export.models import ModelName, ModelSpec, families, model_info, patch, preprocessing, set_task
 from tome_export.pipeline import BuildRequest, PreparedBuild, PreparedModel, build_into, graph_metadata, plan_build
-from tome_export.quality.validate import Thresholds, check_thresholds, compare_logits
+from tome_export.quality.validate import Thresholds, check_thresholds, compare_logits, compare_outputs
 from tome_export.recipe import recipe_for
 from tome_export.runtime import load
 from tome_export.schedule import resolve_schedule
@@ -41,6 +44,7 @@ from tome_export.targets import targets
 
 R = 4
 CASES = [(t.name, p) for t in targets().values() for p in t.precisions]
+TASK_CASES = [(t.name, t.default_precision, task) for t in targets().values() for task in ("embed", "dense", "tokens")]
 FAMILIES = {f.name: f for f in families() if f.example is not None}
 # Few images: the contract, not the thresholds' statistics, is what is tested here (tests/targets test those).
 FEW = {"validation": {"images": 2, "compare_unprotected": False, "merge_agreement": False},
@@ -71,30 +75,32 @@ def built(tmp_path_factory):
     exports: Dict[str, Tuple[Any, PreparedModel]] = {}
     cache: Dict[Tuple[str, str], Tuple[Any, torch.nn.Module]] = {}
 
-    def get(target: str, precision: str):
-        if (target, precision) not in cache:
+    def get(target: str, precision: str, task: str = "classify"):
+        if (target, precision, task) not in cache:
             try:
-                request, target_, plan = plan_build(BuildRequest(model="vit_t16", r=R,
+                request, target_, plan = plan_build(BuildRequest(model="vit_t16", r=R, task=task,
                                                                  recipe=_recipe(root, target, precision)))
             except UserError as exc:  # the target's own check: this machine cannot build it (e.g. a CPU feature)
                 pytest.skip(f"{target} {precision} is refused here before any work: {exc}")
-            if plan.merge_impl not in exports:
+            if (plan.merge_impl, task) not in exports:
                 model = patch(_tiny_model(), R, merge_impl=plan.merge_impl)
+                resolved = set_task(model, task)
                 info = model_info(model)
                 prepared_model = PreparedModel(
                     model, ModelSpec("tiny", "vit_tiny_patch16_224", "random", 0), info,
-                    resolve_schedule(R, info.num_blocks, info.num_tokens, info.num_protected), preprocessing(model))
-                path = export_onnx(model, root / f"{plan.merge_impl}.onnx", prepared_model.preprocessing.input_size,
-                                   metadata=graph_metadata(prepared_model))
-                exports[plan.merge_impl] = (path, prepared_model)
-            path, prepared_model = exports[plan.merge_impl]
+                    resolve_schedule(R, info.num_blocks, info.num_tokens, info.num_protected), preprocessing(model),
+                    resolved)
+                path = export_onnx(model, root / f"{plan.merge_impl}-{task}.onnx",
+                                   prepared_model.preprocessing.input_size, metadata=graph_metadata(prepared_model))
+                exports[(plan.merge_impl, task)] = (path, prepared_model)
+            path, prepared_model = exports[(plan.merge_impl, task)]
             prepared = PreparedBuild(request, target_, plan, ModelName("tiny", "timm", "vit_tiny_patch16_224",
                                                                        "timm-vit"), root / "unused")
-            workdir = root / f"{target}-{precision}"
+            workdir = root / f"{target}-{precision}-{task}"
             workdir.mkdir()
             build_into(prepared, prepared_model, workdir, export_from=path)
-            cache[(target, precision)] = (workdir, prepared_model.model)
-        return cache[(target, precision)]
+            cache[(target, precision, task)] = (workdir, prepared_model.model)
+        return cache[(target, precision, task)]
 
     return get
 
@@ -124,6 +130,28 @@ def test_target_builds_loads_validates_and_inspects(built, target, precision):
         reference = model(torch.from_numpy(x)).numpy()
     thresholds = Thresholds(**manifest["validation"]["thresholds"])
     check_thresholds(compare_logits(reference, logits), thresholds, f"{target} {precision} through runtime.load")
+
+
+@pytest.mark.parametrize("target,precision,task", TASK_CASES)
+@pytest.mark.filterwarnings("ignore::tome_export.errors.UnvalidatedEngineWarning")
+def test_target_builds_every_task_and_runs_it_through_runtime_load(built, target, precision, task):
+    directory, model = built(target, precision, task)
+    report = inspect_path(directory)
+    manifest = report["manifest"]
+    assert report["checksums"]["ok"] and manifest["validation"]["passed"]
+    assert manifest["task"]["name"] == task and manifest["outputs"] == list(model.tome_task.outputs)
+    assert f"task       {task}" in format_report(report)
+    if targets()[target].device == "cuda" and not gpu_available():
+        pytest.skip(f"{target} artifacts run on an NVIDIA GPU; none here (built, validated on the CPU, inspected)")
+    with load(directory, threads=1) as runner:
+        x = runner.preprocess_batch(sample_photos(1))
+        got = runner.infer(x)
+        assert runner(x).shape == got[manifest["outputs"][0]].shape
+    assert {name: list(value.shape) for name, value in got.items()} == manifest["output_shapes"]
+    with torch.no_grad():
+        want = {name: v.numpy() for name, v in zip(manifest["outputs"], model.tome_outputs(torch.from_numpy(x)))}
+    thresholds = Thresholds(**manifest["validation"]["thresholds"])
+    check_thresholds(compare_outputs(want, got), thresholds, f"{target} {precision} {task} through runtime.load")
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -16,7 +16,7 @@ import tome_export
 ROOT = Path(tome_export.__file__).resolve().parent
 # Lowest first. A module may import modules of its own layer or of a lower one, never of a higher one.
 LAYERS: List[Tuple[str, ...]] = [
-    ("errors", "_version", "files", "onnx_files", "info", "graph_names", "schedule", "devices", "preprocess", "images", "manifest",
+    ("errors", "_version", "files", "onnx_files", "info", "graph_names", "tasks", "schedule", "devices", "preprocess", "images", "manifest",
      "manifest_schema", "ownership",
      "recipe", "flops", "resources"),
     ("runtime",),
@@ -127,3 +127,15 @@ def test_no_function_over_60_lines():
                 if lines > 60:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert long == []
+
+
+def test_only_the_ray_executor_imports_ray():
+    """Ray is an extra (``cluster``): one module imports it, and only when a cluster is asked for."""
+    importers = []
+    for path in FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                importers.append(_module_name(path))
+    assert sorted(set(importers)) == ["tome_export.bench.ray_executor"]

@@ -43,8 +43,15 @@ class _WithSource(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.model.forward_with_source(x)
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return self.model.tome_outputs(x, trace_source=True)
+
+
+def output_names(model: torch.nn.Module, trace_source: bool = False) -> List[str]:
+    """The graph's outputs: those of the model's task (``logits`` for a model without one), then ``source``."""
+    task = getattr(model, "tome_task", None)
+    names = list(task.outputs) if task is not None else [OUTPUT_NAME]
+    return names + ([SOURCE_NAME] if trace_source else [])
 
 
 def _tome_name(node: onnx.NodeProto) -> str:
@@ -109,7 +116,8 @@ def export_onnx(
     """Write ``model`` (eval mode) as an ONNX graph with input ``images`` ``(B, C, H, W)``: one self-contained
     file, or over protobuf's 2 GB limit the graph plus one data file beside it (see :mod:`.onnx_files`).
 
-    Outputs ``logits`` (and ``source`` with ``trace_source``: which input tokens each final token holds).
+    Outputs those of the model's task (:func:`output_names`: ``logits`` for ``classify``), and ``source`` with
+    ``trace_source`` (which input tokens each final token holds).
     """
     if opset < MIN_OPSET:
         raise UserError(
@@ -124,7 +132,7 @@ def export_onnx(
     example_batch = max(batch, 2) if dynamic_batch else batch
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(example_batch, *input_shape, generator=gen)
-    outputs = [OUTPUT_NAME, SOURCE_NAME] if trace_source else [OUTPUT_NAME]
+    outputs = output_names(model, trace_source)
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
     log = io.StringIO()
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(log):

@@ -33,3 +33,10 @@ def block_order(block: str) -> Tuple[Union[int, str], ...]:
 
 # What a recipe's ``keep_fp32`` names -> the node-name prefixes kept out of quantization / precision conversion.
 KEEP_FP32 = {"tome": (MATCH_PREFIX, MERGE_PREFIX), "match": (MATCH_PREFIX,), "none": ()}
+
+# The outputs of each task (tome_export.tasks): classify has OUTPUT_NAME alone.
+EMBEDDING_NAME = "embeddings"  # embed: one pooled embedding per image (B, D) ("embedding" is an exporter value name)
+FEATURES_NAME = "features"  # dense: every patch's features on the full grid (B, patches, C), or (B, C, H, W)
+TOKENS_NAME = "tokens"  # tokens: the merged tokens (B, N, C)
+TOKEN_SIZES_NAME = "token_sizes"  # tokens: how many patches each token holds (B, N) int64
+TOKEN_OWNERS_NAME = "token_owners"  # tokens: which token holds each patch (B, patches) int64

@@ -316,6 +316,21 @@ def _model_line(model: Dict[str, Any], upstream: Optional[str]) -> str:
     return text + (f"; preprocessing from {model['preprocessing_from']}" if model.get("preprocessing_from") else "")
 
 
+def _outputs(m: Manifest) -> str:
+    """The outputs with their shapes where the manifest records them."""
+    return ", ".join(f"{name} {list(m.output_shapes[name])}" if name in m.output_shapes else name
+                     for name in m.outputs)
+
+
+def _task_line(m: Manifest) -> Optional[str]:
+    """What a tokens artifact keeps: its token count against the patches it takes (a 576 -> 144 style figure)."""
+    shapes = m.output_shapes
+    if m.task.name != "tokens" or "tokens" not in shapes or "token_owners" not in shapes:
+        return None
+    kept, patches = shapes["tokens"][1], shapes["token_owners"][1]
+    return f"tokens out {kept} of {patches} patches ({patches / kept:.2f}x fewer for the model downstream)"
+
+
 def manifest_lines(m: Manifest) -> List[str]:
     """The manifest's facts as aligned text lines (model, target, input, schedule, FLOPs, validation, what the
     target added)."""
@@ -324,7 +339,11 @@ def manifest_lines(m: Manifest) -> List[str]:
     lines = [_model_line(m.model, m.upstream_name),
              f"target     {m.target} {m.precision}, merge {m.merge_impl}, opset {m.opset}, proportional attention "
              f"{'on' if m.prop_attn else 'off'}",
-             f"input      {m.input.name} {list(m.input.shape)} {m.input.dtype}; outputs {', '.join(m.outputs)}"]
+             f"input      {m.input.name} {list(m.input.shape)} {m.input.dtype}; outputs {_outputs(m)}",
+             f"task       {m.task.describe()}"]
+    kept = _task_line(m)
+    if kept:
+        lines.append(f"{'':10s} {kept}")
     if m.r_schedule:
         capped = "  (capped: requested " + _runs(list(m.r_requested)) + ")" if m.r_capped else ""
         lines.append(f"r          {_runs(list(m.r_schedule))}{capped}")
@@ -407,13 +426,20 @@ def build_summary(path: Path, m: Manifest) -> List[str]:
     from .quality.decisions import summary_line
 
     v, fl, model = m.validation, m.flops, m.model
+    agreement = (f", top-1 agreement {v['top1_agreement']:.3f}{_interval(v)}" if "top1_agreement" in v else
+                 f", mean {'patch' if m.task.name != 'embed' else 'embedding'} cosine {v['mean_vector_cosine']:.5f}"
+                 if "mean_vector_cosine" in v else "")
     lines = [f"wrote {path}",
              f"  model      {model['alias']} ({model['source']} {model['name']}, weights {model['weights']})",
+             f"  task       {m.task.describe()}; outputs {_outputs(m)}",
              f"  r          {list(m.r_schedule)}{'  (capped)' if m.r_capped else ''}",
              f"  tokens     {m.num_tokens} -> {list(m.tokens_per_block)}",
              f"  GMACs      {fl['gmacs']} vs {fl['gmacs_r0']} at r=0 ({fl['ratio']}x fewer)",
-             f"  validation {v['backend']}: max |diff| {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.5f}, "
-             f"top-1 agreement {v['top1_agreement']:.3f}{_interval(v)} on {v['images']} images"]
+             f"  validation {v['backend']}: max |diff| {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.5f}"
+             f"{agreement} on {v['images']} images"]
+    kept = _task_line(m)
+    if kept:
+        lines.append(f"  {kept}")
     if "precision_ran" in v:
         lines.append(f"  ran        {v['precision_ran']}")
     merges = summary_line(m.merge_decisions or {})

@@ -18,7 +18,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 from ._version import __version__
 from .errors import UserError
 from .files import atomic_write, sha256_file
+from .graph_names import SOURCE_NAME
 from .manifest_schema import check_schema, warn_if_newer
+from .tasks import Task
 
 MANIFEST = "manifest.json"
 FORMAT = "tome-export/1"
@@ -65,6 +67,10 @@ class Manifest:
     preprocessing: Dict[str, Any]
     model: Dict[str, Any] = field(default_factory=dict)  # alias, source, name, family, weights, seed, checkpoint
     outputs: Tuple[str, ...] = ("logits",)
+    # what the artifact computes (manifests before tasks: classify) and each output's shape (batch first, "batch"
+    # when dynamic; manifests before tasks: none recorded)
+    task: Task = Task()
+    output_shapes: Dict[str, Tuple[Any, ...]] = field(default_factory=dict)
     runtime: Dict[str, Any] = field(default_factory=dict)  # the runner ("module:Class") and its settings
     validation: Dict[str, Any] = field(default_factory=dict)
     # Where the build validated: the CPU (model, every feature flag, ISA-limiting variables), the runtime
@@ -107,16 +113,21 @@ class Manifest:
 
     @property
     def identity(self) -> Tuple[Any, ...]:
-        """(alias, source, upstream name, target, precision): what makes two builds the same build."""
+        """(alias, source, upstream name, target, precision, task): what makes two builds the same build."""
         return (self.model.get("alias"), self.model.get("source", "timm"), self.upstream_name, self.target,
-                self.precision)
+                self.precision, self.task.name)
+
+    @property
+    def task_outputs(self) -> Tuple[str, ...]:
+        """The outputs a deployment uses: the task's (``source``, where traced, is for inspection)."""
+        return tuple(name for name in self.outputs if name != SOURCE_NAME)
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON layout: core fields, the target's sections at the top level, then the build time."""
         data: Dict[str, Any] = {"tool_version": self.tool_version, "versions": dict(self.versions)}
         for name in _CORE:
             value = getattr(self, name)
-            data[name] = value.to_dict() if name == "input" else _plain(value)
+            data[name] = value.to_dict() if name in ("input", "task") else _plain(value)
         for key, value in self.sections.items():
             if key in data or key in _FIELDS:
                 raise ValueError(f"a target section may not replace the manifest's {key!r}")
@@ -136,6 +147,8 @@ class Manifest:
         known = {k: v for k, v in data.items() if k in _FIELDS}
         sections = {k: v for k, v in data.items() if k not in _FIELDS and k != SELF_DIGEST}
         known["input"] = InputSpec.from_dict(known["input"])
+        known["task"] = Task.from_dict(known.get("task"))
+        known["output_shapes"] = {k: tuple(v) for k, v in (known.get("output_shapes") or {}).items()}
         known["digest"] = data.get(SELF_DIGEST)
         for name in ("outputs", "notes", "r_requested", "r_schedule", "tokens_per_block", "patch_size"):
             if known.get(name) is not None:
@@ -151,10 +164,12 @@ _FIELDS = {f.name for f in dataclasses.fields(Manifest)} - {"sections"}
 # Written first, in this order (the layout manifests always had).
 _CORE = ("model", "target", "precision", "r", "r_requested", "r_schedule", "r_capped", "tokens_per_block",
          "num_tokens", "num_protected", "patch_size", "merge_impl", "prop_attn", "opset", "recipe", "input",
-         "outputs", "num_classes", "preprocessing", "flops")
+         "outputs", "task", "output_shapes", "num_classes", "preprocessing", "flops")
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     return list(value) if isinstance(value, tuple) else value
 
 

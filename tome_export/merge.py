@@ -25,6 +25,12 @@ score elsewhere. Mass is always conserved: every input token lands in exactly on
 Merges are "sum" merges. Size-weighting (:func:`merge_wavg`) merges ``x * size`` and ``size`` and
 divides, which is the reference's weighted average.
 
+Following patches through the blocks: a merge function applied to :class:`TokenOwners` (for each input token, the
+row of the current tokens that holds it) returns where those tokens are after the merge, by composing the index
+with the block's :meth:`MergeFn.rows` (one small integer gather per block). After the last block it says which
+final token holds each patch: "unmerging" is then one row gather of the final tokens, with static shapes, and
+costs O(patches) per block where the source map of ``--trace-source`` costs O(tokens x patches).
+
 The canonical form of a matching is :func:`destinations`: for each input token, the output row it lands
 in. It is the reference for every implementation of the matching, fused kernels included. Two lowerings
 compute identical matchings and add the tokens of each output row in the same order, ``[protected, B,
@@ -54,6 +60,38 @@ MergeImpl = Literal["gather", "onehot"]
 MERGE_IMPLS: Tuple[str, ...] = ("gather", "onehot")
 
 Merge = Callable[[torch.Tensor], torch.Tensor]
+
+
+class TokenOwners(NamedTuple):
+    """Where the input tokens are: ``index[b, j]`` is the row of the current tokens that holds input token j,
+    ``(B, T0)`` int64. Before any merge, token j is row j; a merge function maps it to the rows after the merge."""
+
+    index: torch.Tensor
+
+    @classmethod
+    def start(cls, batch: int, tokens: int, device: torch.device) -> "TokenOwners":
+        return cls(torch.arange(tokens, device=device).expand(batch, tokens))
+
+
+class MergeFn:
+    """One block's merge: ``merge(x)`` sum-merges tokens ``(B, T, C)`` into ``(B, T - r, C)``; ``merge(owners)``
+    (:class:`TokenOwners`) follows the input tokens to the rows that hold them after the merge.
+
+    :meth:`rows` is the matching's canonical form (:func:`destinations`), computed from this matching's own
+    decisions (not matched again) only when asked for.
+    """
+
+    def __init__(self, apply: Merge, rows: Callable[[], torch.Tensor]) -> None:
+        self._apply, self._rows = apply, rows
+
+    def __call__(self, x):
+        if isinstance(x, TokenOwners):
+            return TokenOwners(self.rows().gather(1, x.index))
+        return self._apply(x)
+
+    def rows(self) -> torch.Tensor:
+        """For each token, the output row it lands in, ``(B, T)`` int64 (what :func:`destinations` returns)."""
+        return self._rows()
 
 
 def split_ab(x: torch.Tensor, num_protected: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,7 +127,8 @@ def destinations(metric: torch.Tensor, r: int, num_protected: int) -> torch.Tens
 def bipartite_soft_matching(
     metric: torch.Tensor, r: int, num_protected: int = 1, impl: MergeImpl = "gather"
 ) -> Merge:
-    """Match tokens of ``metric`` ``(B, T, C)`` and return ``merge(x)``, a sum-merge of any ``(B, T, C')``.
+    """Match tokens of ``metric`` ``(B, T, C)`` and return ``merge(x)``, a sum-merge of any ``(B, T, C')`` (a
+    :class:`MergeFn`, which also follows :class:`TokenOwners`).
 
     ``r`` is capped (see :func:`cap_r`); with nothing to merge the returned function is the identity.
     """
@@ -213,12 +252,13 @@ def _sort_int_asc(idx: torch.Tensor) -> torch.Tensor:
     return torch.sort(idx, dim=-1).values
 
 
-def _gather_merge(scores: torch.Tensor, layout: _Layout) -> Merge:
+def _gather_merge(scores: torch.Tensor, layout: _Layout) -> MergeFn:
     n, n_a = scores.shape[:2]
     t, r, p = layout.num_tokens, layout.r, layout.num_protected
     best, best_b = scores.max(dim=-1)  # ties: the first (lowest) B index, in PyTorch and in ONNX ArgMax
     src, kept = _argsort_desc(best).split([r, n_a - r], dim=-1)  # A indices: merging ones best first
     src, kept = _sort_int_asc(src), _sort_int_asc(kept)  # by position: each B row adds its A tokens in order
+    merging = src
     dst = (best_b.gather(1, src) + layout.first_b_row)[..., None]  # output rows of their B tokens
     # Rows of the flattened (B*T, C) tokens. F.embedding is a row gather that exports to one ONNX Gather of
     # whole rows (GatherElements indexes every element and measured 2.5x slower).
@@ -233,13 +273,18 @@ def _gather_merge(scores: torch.Tensor, layout: _Layout) -> Merge:
         flat = x.reshape(b * t, c)
         return F.embedding(keep, flat).scatter_add(1, dst.expand(b, r, c), F.embedding(src, flat))
 
-    return merge
+    def rows() -> torch.Tensor:
+        merged = (merging[:, :, None] == torch.arange(n_a, device=scores.device)).any(dim=1)  # (B, nA)
+        a_rows = _rows_of_a(merged, best_b.to(torch.float32), layout)
+        return _rows(a_rows, layout, torch.arange(t, device=scores.device)).to(torch.int64)
+
+    return MergeFn(merge, rows)
 
 
 # --- one-hot lowering ------------------------------------------------------------------------------
 
 
-def _onehot_merge(a_rows: torch.Tensor, layout: _Layout) -> Merge:
+def _onehot_merge(a_rows: torch.Tensor, layout: _Layout) -> MergeFn:
     # Columns in the order [protected, B, A]: the product adds each B token first and its merged A tokens
     # after it by position, the order of the gather lowering's scatter-add.
     order = torch.cat([torch.arange(layout.num_protected, device=a_rows.device), layout.b_pos, layout.a_pos])
@@ -250,4 +295,8 @@ def _onehot_merge(a_rows: torch.Tensor, layout: _Layout) -> Merge:
     def merge(x: torch.Tensor) -> torch.Tensor:
         return onehot.to(x.dtype) @ x.index_select(1, order)
 
-    return merge
+    def rows_by_position() -> torch.Tensor:
+        positions = torch.arange(layout.num_tokens, device=a_rows.device)
+        return _rows(a_rows, layout, positions).to(torch.int64)
+
+    return MergeFn(merge, rows_by_position)

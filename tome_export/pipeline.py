@@ -30,7 +30,7 @@ from .info import ModelInfo
 from .manifest import Manifest, write_manifest
 from .merge import MERGE_IMPLS
 from .models import (ModelName, ModelSpec, create_model, estimated_info, family_libraries, model_info, patch,
-                     preprocessing, resolve)
+                     preprocessing, resolve, set_task)
 from .onnx_files import copy_onnx
 from .ownership import OutputDir, survey
 from .preprocess import Preprocessing
@@ -41,6 +41,7 @@ from .resources import check_img_size, check_memory, check_seed
 from .runtime import runner_class
 from .runtime.base import ArtifactIO, Runner
 from .schedule import RSpec, Schedule, cap_r, expand_schedule, r_label, r_text, resolve_schedule
+from .tasks import CLASSIFY, Task, as_task
 from .targets import BuildContext, BuildPlan, Target, TargetResult, get_target, recipe_settings
 from .targets.base import RANGES
 
@@ -78,9 +79,12 @@ class BuildRequest:
     thresholds: Mapping[str, float] = field(default_factory=dict)  # validation limits over the recipe's (by key)
     keep_failed: Optional[Path] = None  # where a build that fails validation is kept for inspection
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # architecture arguments (e.g. depth)
+    task: Any = CLASSIFY  # a task name or a tome_export.tasks.Task with its options (e.g. Task("tokens", layer=-2))
 
     def default_output(self) -> Path:
-        return Path("tome-out") / f"{_output_stem(self.model)}-{r_label(self.r)}-{self.target}-{self.precision}"
+        name = self.task.name if isinstance(self.task, Task) else self.task
+        task = "" if name == CLASSIFY else f"-{name}"
+        return Path("tome-out") / f"{_output_stem(self.model)}-{r_label(self.r)}{task}-{self.target}-{self.precision}"
 
 
 def _output_stem(model: str) -> str:
@@ -110,7 +114,8 @@ class PreparedBuild:
     @property
     def identity(self) -> Tuple[Any, ...]:
         """What :attr:`Manifest.identity` of this build will be."""
-        return (self.model.alias, self.model.source, self.model.name, self.target.name, self.plan.precision)
+        return (self.model.alias, self.model.source, self.model.name, self.target.name, self.plan.precision,
+                self.plan.task.name)
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ class PreparedModel:
     info: ModelInfo
     schedule: Schedule
     preprocessing: Preprocessing
+    task: Task = Task()  # resolved against the model (what the manifest records)
 
 
 @dataclass(frozen=True)
@@ -221,7 +227,7 @@ def plan_build(request: BuildRequest) -> Tuple[BuildRequest, Target, BuildPlan]:
         target=target.name, precision=recipe.precision, recipe=recipe, settings=settings,
         options=target.options.from_values(request.target_options, target.name), batch=request.batch,
         dynamic_batch=request.dynamic_batch, opset=opset, merge_impl=merge_impl, trace_source=request.trace_source,
-        validation_images=settings.validation.images or request.validation_images)
+        validation_images=settings.validation.images or request.validation_images, task=as_task(request.task))
     _check_validation_images(plan)
     plan.options.check()
     if target.check is not None:
@@ -306,7 +312,8 @@ def prepare_model(prepared: PreparedBuild, log: Log = lambda msg: None, warn: Lo
     if guessed:  # recorded in the manifest's model entry too; inspect shows it
         warn(f"preprocessing guessed: {guessed}")
     patch(model, list(schedule.requested), merge_impl=prepared.plan.merge_impl, prop_attn=request.prop_attn)
-    return PreparedModel(model, spec, info, schedule, preprocessing(model))
+    task = set_task(model, prepared.plan.task)
+    return PreparedModel(model, spec, info, schedule, preprocessing(model), task)
 
 
 def _model_kwargs(request: BuildRequest) -> Dict[str, Any]:
@@ -336,7 +343,8 @@ def export(prepared: PreparedBuild, model: PreparedModel, path: Path, log: Log =
 def graph_metadata(model: PreparedModel) -> List[Tuple[str, str]]:
     """What the ONNX carries for readers without the manifest: version, r schedule, preprocessing (JSON)."""
     return [("tome_export.version", __version__), ("tome_export.r_schedule", str(list(model.schedule.r))),
-            ("tome_export.preprocessing", json.dumps(model.preprocessing.describe()))]
+            ("tome_export.preprocessing", json.dumps(model.preprocessing.describe())),
+            ("tome_export.task", json.dumps(model.task.to_dict()))]
 
 
 def build_target(prepared: PreparedBuild, model: PreparedModel, workdir: Path, onnx_path: Optional[Path],
@@ -386,7 +394,8 @@ def manifest_for(prepared: PreparedBuild, model: PreparedModel, result: TargetRe
     r = request.r if not isinstance(request.r, tuple) else {"r": request.r[0], "inflect": request.r[1]}
     return Manifest(
         target=plan.target, precision=plan.precision, input=plan.input_spec(model.preprocessing.input_size),
-        preprocessing=model.preprocessing.to_dict(), model=entry, outputs=plan.outputs,
+        preprocessing=model.preprocessing.to_dict(), model=entry, outputs=plan.outputs, task=model.task,
+        output_shapes=output_shapes(model, plan),
         runtime=prepared.target.runtime_section(result.runtime), validation=dict(result.validation),
         validated_on=checked.validated_on if checked else {}, self_check=checked.self_check if checked else {},
         notes=notes, merge_decisions=result.merge_decisions, r=r, r_requested=schedule.requested,
@@ -406,6 +415,17 @@ def unused_options(prepared: PreparedBuild, result: TargetResult) -> List[str]:
     plan = prepared.plan
     return [f"--calib-data {folder} was not used: the {plan.target} {plan.precision} recipe does not calibrate "
             f"(e.g. dynamic int8 quantization, or no quantization), so no image of it was read"]
+
+
+def output_shapes(model: PreparedModel, plan: BuildPlan) -> Dict[str, Tuple[Any, ...]]:
+    """Each output's shape, read from one forward pass of the model (batch first: ``"batch"`` when dynamic)."""
+    import torch
+
+    batch: Any = "batch" if plan.dynamic_batch else plan.batch
+    x = torch.zeros(1, *model.preprocessing.input_size)
+    with torch.no_grad():
+        values = model.model.tome_outputs(x, trace_source=plan.trace_source)
+    return {name: (batch, *value.shape[1:]) for name, value in zip(plan.outputs, values)}
 
 
 def build_into(prepared: PreparedBuild, model: PreparedModel, workdir: Path, log: Log = lambda msg: None,

@@ -51,7 +51,8 @@ def test_directory_loads_its_weights_and_preprocessing(vit_dir):
     path, saved = vit_dir
     model, spec = create_model(str(path))
     assert spec.source == "transformers" and spec.name == str(path.resolve()) and spec.weights == "pretrained"
-    assert dict(spec.details) == {"architecture": "ViTForImageClassification"}
+    assert dict(spec.details) == {"architecture": "ViTForImageClassification",
+                                  "preprocessing_from": str(path / "preprocessor_config.json")}
     for (k, a), b in zip(saved.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), k
     cfg = data_config(model)

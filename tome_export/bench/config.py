@@ -11,6 +11,7 @@ Shape of a config (every key but ``models`` is optional; unknown keys are an err
         kwargs: {depth: 6}            # timm architecture arguments
         r: [13]                       # this model's schedules instead of the top-level r (r=0 is added)
         prop_attn: false              # proportional attention off (default on), e.g. MAE off the shelf
+        task: dense                   # classify (default) | embed | dense | tokens, or {name: tokens, layer: -2}
         published: {top1: 82.60, baseline_top1: 84.57, r: 13, source: ...}   # numbers to compare with (recorded)
       - model: digits_vit             # the embedded accuracy case: trained (seeded, cached) by the harness
         train: {epochs: 40, lr: 3.0e-4, seed: 0}
@@ -23,7 +24,7 @@ Shape of a config (every key but ``models`` is optional; unknown keys are an err
     timing: {warmup: 2, rounds: 5, per_round: 5, pause_s: 0.2, per_batch: {32: {rounds: 3, per_round: 2}}}
     memory: true                      # peak RSS per cell, in a subprocess
     quality: {images: 8, max_images: 2000, decision_images: 16}
-    budget: {top1_agreement: 0.99, accuracy_drop: 0.01}
+    budget: {top1_agreement: 0.99, accuracy_drop: 0.01, cosine: 0.99}   # cosine: the encoder tasks' mean cosine
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ..errors import UserError
 from ..files import sha256_file
 from ..resources import MAX_THREADS
 from ..schedule import RSpec, parse_r_text, r_label
+from ..tasks import CLASSIFY, Task, as_task
 from .matrix import backends, precisions
 
 # The embedded accuracy case (:mod:`.digits`): the only model the harness trains itself.
@@ -49,13 +51,13 @@ DIGITS_ALIAS, DIGITS_MODEL = "digits_vit", "tome_digits_vit"  # tome_export.mode
 
 _TOP = ("name", "description", "models", "r", "precisions", "backends", "batches", "threads", "build", "timing",
         "memory", "quality", "budget")
-_MODEL = ("model", "weights", "seed", "checkpoint", "kwargs", "train", "r", "prop_attn", "published")
+_MODEL = ("model", "weights", "seed", "checkpoint", "kwargs", "train", "r", "prop_attn", "published", "task")
 _TRAIN = {"epochs": int, "lr": float, "seed": int, "batch": int}
 _BUILD = {"dynamic_batch": bool, "merge_impl": ("auto", "gather", "onehot")}
 _TIMING = {"warmup": int, "rounds": int, "per_round": int, "pause_s": float, "per_batch": dict}
 _PER_BATCH = {"warmup": int, "rounds": int, "per_round": int}
 _QUALITY = {"images": int, "max_images": int, "decision_images": int}
-_BUDGET = {"top1_agreement": float, "accuracy_drop": float}
+_BUDGET = {"top1_agreement": float, "accuracy_drop": float, "cosine": float}
 # Timing settings beyond these never finish in useful time (rounds x runs of a large model at batch 64 would
 # take days).
 TIMING_LIMITS = {"warmup": (0, 1000), "rounds": (1, 1000), "per_round": (1, 1000), "pause_s": (0.0, 60.0)}
@@ -72,16 +74,21 @@ class ModelConfig:
     r: Optional[Tuple[RSpec, ...]] = None  # this model's schedules; None: the config's
     prop_attn: bool = True
     published: Tuple[Tuple[str, Any], ...] = ()  # published numbers to compare with, recorded in the results
+    task: Task = Task()  # what is built, timed and compared (tome_export.tasks)
 
     @property
     def key(self) -> str:
-        """A stable, readable id: the model name plus a short hash of everything that changes its outputs."""
+        """A stable, readable id: the model name (and its task, if not classify) plus a short hash of everything
+        that changes its outputs."""
         identity = {"weights": self.weights, "seed": self.seed, "checkpoint": _file_identity(self.checkpoint),
                     "kwargs": list(self.kwargs), "train": list(self.train or ())}
         if not self.prop_attn:  # only when off, so that keys (and resumable results) of earlier configs stay
             identity["prop_attn"] = False
+        if self.task != Task():  # likewise
+            identity["task"] = self.task.to_dict()
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
-        return f"{self.model}-{digest}"
+        task = "" if self.task.name == CLASSIFY else f"-{self.task.name}"
+        return f"{self.model}{task}-{digest}"
 
     def describe(self) -> str:
         parts = [self.model]
@@ -95,6 +102,8 @@ class ModelConfig:
             parts.append(f"{self.weights} weights" + (f" (seed {self.seed})" if self.weights == "random" else ""))
         if not self.prop_attn:
             parts.append("no proportional attention")
+        if self.task.name != CLASSIFY:
+            parts.append(f"task {self.task.describe()}")
         return "; ".join(parts)
 
 
@@ -148,6 +157,7 @@ class BenchConfig:
     decision_images: int = 16
     budget_top1_agreement: float = 0.99
     budget_accuracy_drop: float = 0.01
+    budget_cosine: float = 0.99  # the encoder tasks' mean feature cosine with fp32 r=0 (tome_export.bench.tasks)
     path: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
@@ -158,6 +168,7 @@ class BenchConfig:
                         "kwargs": dict(m.kwargs), "train": dict(m.train) if m.train is not None else None,
                         **({"r": [r_label(r) for r in m.r]} if m.r is not None else {}),
                         **({"prop_attn": False} if not m.prop_attn else {}),
+                        **({"task": m.task.to_dict()} if m.task != Task() else {}),
                         **({"published": dict(m.published)} if m.published else {})}
                        for m in self.models],
             # every schedule of the matrix (the top-level ones, then models' own), in the order reports use
@@ -168,7 +179,8 @@ class BenchConfig:
             "timing": {**self.timing.for_batch(-1), "per_batch": {b: dict(s) for b, s in self.timing.per_batch}},
             "memory": self.memory,
             "quality": {"images": self.photos, "max_images": self.max_images, "decision_images": self.decision_images},
-            "budget": {"top1_agreement": self.budget_top1_agreement, "accuracy_drop": self.budget_accuracy_drop},
+            "budget": {"top1_agreement": self.budget_top1_agreement, "accuracy_drop": self.budget_accuracy_drop,
+                       "cosine": self.budget_cosine},
         }
 
     def with_weights(self, weights: Optional[str] = None, checkpoint: Optional[Path] = None) -> "BenchConfig":
@@ -298,7 +310,25 @@ def _model(where: str, entry: Any) -> ModelConfig:
                        kwargs=tuple(sorted(kwargs.items())),
                        train=tuple(sorted(train.items())) if train is not None else None,
                        r=_r_values(f"{where}.r", entry["r"]) if "r" in entry else None, prop_attn=prop_attn,
-                       published=tuple(sorted(published.items())))
+                       published=tuple(sorted(published.items())), task=_task(f"{where}.task", entry.get("task")))
+
+
+def _task(where: str, value: Any) -> Task:
+    """A model entry's ``task``: a name, or a mapping with ``name`` and the task's options."""
+    if value is None:
+        return Task()
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise UserError(f"{where} = {value!r}: give a task name (classify, embed, dense, tokens) or "
+                        f"{{name: tokens, layer: -2}}")
+    options = {k: v for k, v in value.items() if k != "name"}
+    known = {f for f in Task.__dataclass_fields__ if f not in ("name", "blocks_run")}
+    _check_keys(where, options, tuple(sorted(known)))
+    try:
+        return as_task(value["name"], **options)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
 
 
 def parse_config(data: Mapping[str, Any], path: Optional[Path] = None) -> BenchConfig:
@@ -344,6 +374,7 @@ def parse_config(data: Mapping[str, Any], path: Optional[Path] = None) -> BenchC
         timing=timing_cfg, memory=memory, photos=max(1, quality.get("images", 8)),
         max_images=quality.get("max_images", 2000), decision_images=max(1, quality.get("decision_images", 16)),
         budget_top1_agreement=budget.get("top1_agreement", 0.99), budget_accuracy_drop=budget.get("accuracy_drop", 0.01),
+        budget_cosine=budget.get("cosine", 0.99),
         path=str(path) if path else None,
     )
 

@@ -1,23 +1,29 @@
 """The benchmark harness: ToMe r x precision x backend x batch x threads, measured side by side, with a report.
 
-For each model and backend, every (r, precision) variant is built or patched once and loaded once; then for each
-thread count and batch size the variants are timed together, interleaved (:func:`~.timing.measure_interleaved`),
-so a noisy machine slows them alike and the speedups within that group are fair ratios. Results are written
-after every group (atomically), so an interrupted run resumes where it stopped: cells already measured are kept
-(keyed by a stable cell id) unless ``force``.
+For each model and backend, every (r, precision) variant is built or patched once; then for each thread count and
+batch size the variants are loaded and timed together, interleaved (:func:`~.timing.measure_interleaved`), so a
+noisy machine slows them alike and the speedups within that group are fair ratios. Each such timing group is a job
+(:mod:`.jobs`) that an executor runs (:mod:`.executors`): one after another in this process, or spread over a Ray
+cluster with each group on a node of its own. Results are written as each group comes back (atomically), so an
+interrupted run resumes where it stopped: cells already measured are kept (keyed by a stable cell id) unless
+``force``.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
+import socket
 import sys
+import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Set
 
 import numpy as np
 import torch
@@ -31,8 +37,11 @@ from ..models import family_libraries
 from ..quality.decisions import Decisions, torch_merge_decisions
 from ..resources import check_cells, check_memory
 from ..schedule import r_text, resolve_schedule
-from . import memory, quality
-from .config import DIGITS_ALIAS, DIGITS_MODEL, BenchConfig, Cell, ModelConfig, Variant, cells
+from . import memory, quality, tasks
+from .config import DIGITS_ALIAS, DIGITS_MODEL, BenchConfig, Cell, ModelConfig, Variant, cells, variants
+from .cluster import open_executor
+from .executors import Executor, Job, Outcome, check_cluster
+from .jobs import GroupWork, node_key, plan_pair
 from .matrix import backends, skip_reason
 from .plots import write_plots
 from .report import CSV_NAME, REPORT_NAME, derive, report, to_csv
@@ -169,45 +178,28 @@ class _BackendPlan:
         return not self.to_time and not self.needs_quality and not self.needs_memory
 
 
-class _Run:
-    """One run of a benchmark matrix: previous results to resume from, the results being written, counters."""
+class _Measure:
+    """Measures the cells it is given (what can run, builds, quality, timing side by side, memory) into ``results``:
+    a timing group's job, on whichever machine runs it (:func:`measure_group`). ``prev_cells``: earlier records of
+    these cells, kept when final; ``quality_for``: the variants whose quality to measure (None: every one)."""
 
-    def __init__(self, config: BenchConfig, out: Path, cache: Path, data: Optional[Path], force: bool,
-                 progress: bool, log: Callable[[str], None]) -> None:
-        from tqdm import tqdm
-
-        self.config, self.out, self.cache, self.data, self.force = config, out, cache, data, force
-        previous = {} if force else _load_previous(out)
-        self.prev_cells: Dict[str, Dict] = previous.get("cells", {})
-        # quality records hold only while the evaluation images are the same
-        quality_key = {"data": str(data) if data else None, "images": config.photos, "max_images": config.max_images,
-                       "decision_images": config.decision_images}
-        same_images = previous.get("quality_key") == quality_key
-        self.prev_variants: Dict[str, Dict] = previous.get("variants", {}) if same_images else {}
-        self.run_id = uuid.uuid4().hex[:12]
-        self.results = self._results(previous, quality_key, same_images)
+    def __init__(self, config: BenchConfig, cache: Path, data: Optional[Path], run_id: str,
+                 prev_cells: Dict[str, Dict], quality_for: Optional[Set[str]], log: Callable[[str], None],
+                 models: Optional["_Models"] = None) -> None:
+        self.config, self.cache, self.data, self.run_id = config, cache, data, run_id
+        self.prev_cells, self.prev_variants, self.quality_for = prev_cells, {}, quality_for
+        self.results: Dict[str, Any] = {"cells": {}, "variants": {}, "models": {}}
         self.gpu = gpu_available()
         self.counts = {"measured": 0, "resumed": 0, "skipped": 0, "failed": 0}
-        self.bar = tqdm(total=len(cells(config)), unit="cell", disable=not progress or not sys.stderr.isatty(),
-                        file=sys.stderr, dynamic_ncols=True)
+        self.counters: Dict[str, str] = {}  # cell id -> how this run settled it
         self.log = log
-        self.models = _Models(config, data, self.say)
-
-    def _results(self, previous: Dict[str, Any], quality_key: Dict[str, Any], same_images: bool) -> Dict[str, Any]:
-        env = environment()
-        run = {"run_id": self.run_id, "started_at": _now(), "force": self.force, "load_average": list(os.getloadavg()),
-               "machine": env["machine"].get("cpu_model"), "gpu": env["gpu"]}
-        return {"format": FORMAT, "config": self.config.to_dict(), "data": str(self.data) if self.data else None,
-                "quality_key": quality_key, "environment": env, "runs": previous.get("runs", []) + [run],
-                "models": previous.get("models", {}) if same_images else {}, "variants": {}, "cells": {}}
+        self.models = models if models is not None else _Models(config, data, self.say)
 
     def say(self, message: str) -> None:
-        self.bar.set_description_str(message[:70])
-        if self.bar.disable:
-            self.log(message)
+        self.log(message)
 
     def save(self) -> None:
-        atomic_write(self.out / RESULTS, json.dumps(self.results, indent=1, default=str) + "\n")
+        """A job's records travel back whole; the harness writes them."""
 
     # --- records ---------------------------------------------------------------------------------------------
 
@@ -220,7 +212,7 @@ class _Run:
     def finish(self, cell: Cell, record: Dict[str, Any], counter: str) -> None:
         self.results["cells"][cell.id] = record
         self.counts[counter] += 1
-        self.bar.update(1)
+        self.counters[cell.id] = counter
 
     def static_facts(self, loaded: LoadedModel, variant: Variant) -> Dict[str, Any]:
         info = loaded.info
@@ -254,7 +246,8 @@ class _Run:
             cells=cells, live=live, final=final, groups=groups,
             to_time={g for g, members in groups.items() if any(c.id not in final for c in members)},
             needs_quality=[v for v in variants if reasons[v] is None and v not in gave_up
-                           and v.id not in self.prev_variants],
+                           and v.id not in self.prev_variants
+                           and (self.quality_for is None or v.id in self.quality_for)],
             needs_memory=self.config.memory and any(
                 final.get(c.id, {}).get("status") == "measured" and "memory" not in final[c.id] for c in live))
 
@@ -314,16 +307,23 @@ class _Run:
         self.say(f"quality {v.backend} {v.precision} {v.r_label}")
         ev, ref = self.models.eval_set(loaded), self.models.reference(loaded, self.results)
         try:
-            logits = subject.predict(ev.images)
+            outputs = subject.predict_outputs(ev.images)
         except Exception as exc:
             self.results["variants"][v.id] = {"variant": v.id, "error": _failure(exc).reason}
             return
+        task = v.model.task.name
         # which artifact (each static batch has its own): the cells of other batches carry their own status
-        record: Dict[str, Any] = {"variant": v.id, "eval_set": ev.name, "static_batch": subject.static_batch,
-                                  "fidelity": quality.fidelity(ref["logits"], logits)}
-        if ev.labels is not None:
-            record["accuracy"] = quality.accuracy(logits, ev.labels)
-            record["accuracy_drop"] = ref["accuracy"]["top1"] - record["accuracy"]["top1"]
+        record: Dict[str, Any] = {"variant": v.id, "eval_set": ev.name, "static_batch": subject.static_batch}
+        if task == "classify":
+            record["fidelity"] = quality.fidelity(ref["outputs"]["logits"], outputs["logits"])
+            accuracy = quality.accuracy(outputs["logits"], ev.labels) if ev.labels is not None else None
+        else:
+            record["fidelity"] = tasks.task_fidelity(task, ref["outputs"], outputs)
+            probe = ref.get("probe")
+            accuracy = probe.accuracy(outputs, ev.labels) if probe is not None else None
+        if accuracy is not None:
+            record["accuracy"] = accuracy
+            record["accuracy_drop"] = ref["accuracy"]["top1"] - accuracy["top1"]
         record["merge_decisions"] = self.merge_decisions(loaded, v, subject, ev.images[: self.config.decision_images])
         self.results["variants"][v.id] = record
 
@@ -334,7 +334,8 @@ class _Run:
             reference = self.models.reference_decisions(loaded, v, x)
             return quality.decision_agreement(reference, subject.model, x, subject.tensor)
         try:
-            reference_model = TorchSubject(loaded.model, v.r, "fp32", prop_attn=v.model.prop_attn).model
+            reference_model = TorchSubject(loaded.model, v.r, "fp32", prop_attn=v.model.prop_attn,
+                                           task=v.model.task).model
             return quality.artifact_decision_agreement(subject.artifact, reference_model, x)
         except Exception as exc:  # a graph the decision reader does not understand: say so, keep the rest
             return {"agreement": None, "reason": _failure(exc).reason}
@@ -424,18 +425,118 @@ class _Run:
             spec.update(kind="artifact", directory=str(directory))
         return spec
 
+
+class _Run(_Measure):
+    """One run of a benchmark matrix: previous results to resume from, the jobs still to do (:mod:`.jobs`), run by
+    an executor (in this process or on a cluster), and the results file, written as each job comes back."""
+
+    def __init__(self, config: BenchConfig, out: Path, cache: Path, data: Optional[Path], force: bool,
+                 progress: bool, log: Callable[[str], None], executor: Optional[Executor] = None) -> None:
+        from tqdm import tqdm
+
+        self.out, self.force, self.verbose = out, force, progress
+        self.bar = tqdm(total=len(cells(config)), unit="cell", disable=not progress or not sys.stderr.isatty(),
+                        file=sys.stderr, dynamic_ncols=True)
+        previous = {} if force else _load_previous(out)
+        super().__init__(config, cache, data, uuid.uuid4().hex[:12], previous.get("cells", {}), None, log)
+        # quality records hold only while the evaluation images are the same
+        quality_key = {"data": str(data) if data else None, "images": config.photos, "max_images": config.max_images,
+                       "decision_images": config.decision_images}
+        same_images = previous.get("quality_key") == quality_key
+        self.prev_variants = previous.get("variants", {}) if same_images else {}
+        self.executor = executor if executor is not None else Executor()
+        self.results = self._results(previous, quality_key, same_images)
+        self.in_flight: Dict[str, int] = {}  # job key -> its cells, while it runs
+
+    def _results(self, previous: Dict[str, Any], quality_key: Dict[str, Any], same_images: bool) -> Dict[str, Any]:
+        env = environment()
+        run = {"run_id": self.run_id, "started_at": _now(), "force": self.force, "load_average": list(os.getloadavg()),
+               "machine": env["machine"].get("cpu_model"), "gpu": env["gpu"], "executor": self.executor.describe(),
+               "jobs": {}}
+        return {"format": FORMAT, "config": self.config.to_dict(), "data": str(self.data) if self.data else None,
+                "quality_key": quality_key, "environment": env, "runs": previous.get("runs", []) + [run],
+                "models": previous.get("models", {}) if same_images else {}, "nodes": previous.get("nodes", {}),
+                "variants": {v.id: self.prev_variants[v.id] for v in variants(self.config) if v.id in self.prev_variants},
+                "cells": {}}
+
+    def say(self, message: str) -> None:
+        self.bar.set_description_str(message[:70])
+        if self.bar.disable:
+            self.log(message)
+
+    def save(self) -> None:
+        atomic_write(self.out / RESULTS, json.dumps(self.results, indent=1, default=str) + "\n")
+
+    def finish(self, cell: Cell, record: Dict[str, Any], counter: str) -> None:
+        super().finish(cell, record, counter)
+        self.bar.update(1)
+
+    def progress(self) -> str:
+        done = sum(self.counts.values())
+        return (f"{done}/{len(cells(self.config))} cells done, {sum(self.in_flight.values())} in "
+                f"{len(self.in_flight)} running or queued group(s), {self.counts['failed']} failed")
+
+    # --- jobs ------------------------------------------------------------------------------------------------
+
+    def submit_all(self, all_cells: List[Cell]) -> None:
+        """A job per timing group with work left; groups with none are kept as they are, here."""
+        for mc in self.config.models:
+            for backend in self.config.backends:
+                pair = [c for c in all_cells if c.variant.model == mc and c.variant.backend == backend]
+                plan = plan_pair(self.config, mc, backend, pair, self.prev_cells, self.prev_variants,
+                                 cache=str(self.cache.resolve()), data=str(self.data.resolve()) if self.data else None,
+                                 run_id=self.run_id, verbose=self.verbose)
+                for c in plan.settled:
+                    self.finish(c, self.prev_cells[c.id], "resumed")
+                for work in plan.works:
+                    self.executor.submit(Job(work.key, measure_group, (work,), exclusive=True,
+                                             follows=plan.follows.get(work.key), label=work.label))
+                    self.in_flight[work.key] = len(work.cells)
+
+    def absorb(self, work: GroupWork, outcome: Outcome) -> None:
+        """A job's records into the results, which are saved at once (an interrupted run keeps them)."""
+        self.in_flight.pop(work.key, None)
+        where = "?"
+        if outcome.error is not None:
+            for c in work.cells:  # a record kept from before stays; the others failed with the job
+                kept = work.previous.get(c.id)
+                self.finish(c, kept or {**self.base_record(c), "status": "failed",
+                                        "reason": f"the job of this timing group failed: {outcome.error}"},
+                            "resumed" if kept else "failed")
+        else:
+            part = outcome.value
+            node = {**part["node"], **{k: v for k, v in outcome.node.items() if k == "ray_node_id"}}
+            where = node_key(node)
+            self.results["nodes"][where] = node
+            self.results["models"].update(part["models"])
+            self.results["variants"].update(part["variants"])
+            for c in work.cells:
+                record, counter = part["cells"][c.id], part["counters"][c.id]
+                if counter in ("measured", "failed"):
+                    record["node"] = where
+                self.finish(c, record, counter)
+            self.results["runs"][-1]["jobs"][work.key] = {"node": where, "seconds": part["seconds"],
+                                                          "cells": len(work.cells)}
+        self.save()
+        if self.bar.disable:
+            self.log(f"{work.label} {'failed: ' + outcome.error if outcome.error else 'done on ' + where} "
+                     f"({self.progress()})")
+        else:
+            self.bar.set_postfix_str(self.progress(), refresh=True)
+
     # --- the whole matrix ------------------------------------------------------------------------------------
 
     def run(self) -> BenchResult:
+        global _listener
         all_cells = cells(self.config)
         self.save()  # marks the output directory as the benchmark's before any slow work
+        _listener = self.say  # jobs run in this process report here
         try:
-            for mc in self.config.models:
-                for backend in self.config.backends:
-                    group = [c for c in all_cells if c.variant.model == mc and c.variant.backend == backend]
-                    self.run_backend(mc, backend, group)
-                    self.save()
+            self.submit_all(all_cells)
+            for job, outcome in self.executor.completed():
+                self.absorb(job.args[0], outcome)
         finally:
+            _listener = None
             self.bar.close()
         self.results["cells"] = {c.id: self.results["cells"][c.id] for c in all_cells}  # matrix order
         self.results["runs"][-1].update(finished_at=_now(), load_average_at_end=list(os.getloadavg()),
@@ -443,6 +544,65 @@ class _Run:
         write_outputs(self.out, self.results)
         self.save()
         return BenchResult(self.out, self.results, **self.counts)
+
+
+# --- a timing group's job, wherever it runs ------------------------------------------------------------------
+
+_listener: Optional[Callable[[str], None]] = None  # the harness of this process, while it runs jobs here
+_worker_models: Dict[tuple, "_Models"] = {}  # a worker's models, kept for its next job of the same model
+
+
+def _quiet(message: str) -> None:
+    """Says nothing."""
+
+
+def _models_for(work: GroupWork, say: Callable[[str], None]) -> "_Models":
+    """The models this process loaded for an earlier job with the same evaluation images; only ``work``'s is
+    kept (jobs come model by model, and a worker should not hold a whole zoo)."""
+    key = (work.data, work.config.photos, work.config.max_images, work.config.decision_images)
+    models = _worker_models.get(key)
+    if models is None:
+        _worker_models.clear()
+        models = _worker_models[key] = _Models(work.config, Path(work.data) if work.data else None, say)
+    models.say = say
+    models.keep_only(work.model.key)
+    return models
+
+
+@contextmanager
+def _every_core() -> Iterator[None]:
+    """A job holds its node: builds and quality passes may use every core (a cluster's worker starts with one
+    thread); timing sets the cell's own thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=1)
+def node_facts() -> Dict[str, Any]:
+    """The machine a job ran on: host, CPU model, logical cores and flags, GPU, library versions."""
+    env = environment()
+    return {"host": socket.gethostname(), **env["machine"], "gpu": env["gpu"], "versions": env["versions"],
+            "tool_version": env["tool_version"]}
+
+
+def measure_group(work: GroupWork) -> Dict[str, Any]:
+    """A timing group's job (see :mod:`.jobs`): its records, the variants' quality it was asked for, its model's
+    reference, the node it ran on and how long it took."""
+    started = time.perf_counter()
+    say = _listener or ((lambda m: print(f"bench [{work.label}]: {m}", file=sys.stderr, flush=True))
+                        if work.verbose else _quiet)
+    engine = _Measure(work.config, Path(work.cache), Path(work.data) if work.data else None, work.run_id,
+                      dict(work.previous), set(work.quality_for), say)
+    engine.models = _models_for(work, engine.say)
+    with _every_core():
+        engine.run_backend(work.model, work.backend, list(work.cells))
+    return {"cells": engine.results["cells"], "counters": engine.counters, "variants": engine.results["variants"],
+            "models": engine.results["models"], "node": node_facts(),
+            "seconds": round(time.perf_counter() - started, 3)}
 
 
 class _Models:
@@ -454,6 +614,13 @@ class _Models:
         self.eval_sets: Dict[str, quality.EvalSet] = {}
         self.references: Dict[str, Dict[str, Any]] = {}
         self.decisions: Dict[tuple, Decisions] = {}
+
+    def keep_only(self, key: str) -> None:
+        """Forget every model but ``key`` (and what was computed from them)."""
+        self.loaded = {k: v for k, v in self.loaded.items() if k == key}
+        self.eval_sets = {k: v for k, v in self.eval_sets.items() if k == key}
+        self.references = {k: v for k, v in self.references.items() if k == key}
+        self.decisions = {k: v for k, v in self.decisions.items() if k[0] == key}
 
     def get(self, mc: ModelConfig, schedules: tuple) -> LoadedModel:
         if mc.key not in self.loaded:
@@ -478,13 +645,23 @@ class _Models:
         return self.eval_sets[key]
 
     def reference(self, loaded: LoadedModel, results: Dict[str, Any]) -> Dict[str, Any]:
-        """fp32 r=0 eager PyTorch on the evaluation images: what every variant's fidelity is measured against."""
+        """fp32 r=0 eager PyTorch on the evaluation images: what every variant's fidelity is measured against
+        (and, for a task with a real task figure on labelled images, the probe it is measured with)."""
         key = loaded.config.key
         if key not in self.references:
             ev = self.eval_set(loaded)
-            logits = TorchSubject(loaded.model, 0, "fp32").predict(ev.images)
-            acc = quality.accuracy(logits, ev.labels) if ev.labels is not None else None
-            self.references[key] = {"logits": logits, "accuracy": acc}
+            reference = TorchSubject(loaded.model, 0, "fp32", task=loaded.config.task)
+            outputs = reference.predict_outputs(ev.images)
+            probe = self.probe(loaded, reference) if ev.labels is not None else None
+            if ev.labels is None:
+                acc = None
+            elif probe is not None:
+                acc = probe.accuracy(outputs, ev.labels)
+            elif loaded.config.task.name == "classify":
+                acc = quality.accuracy(outputs["logits"], ev.labels)
+            else:
+                acc = None
+            self.references[key] = {"outputs": outputs, "accuracy": acc, "probe": probe}
             info = loaded.info
             results["models"][key] = {
                 "model": loaded.config.model, "description": loaded.config.describe(),
@@ -492,15 +669,30 @@ class _Models:
                 "eval_set": ev.name, "reference": "eager PyTorch, fp32, r=0", "reference_accuracy": acc,
                 "tokens": info.num_tokens, "blocks": info.num_blocks, "embed_dim": info.embed_dim,
                 "num_classes": info.num_classes, "input_size": list(loaded.preprocessing.input_size),
+                "task": reference.task.to_dict(),
                 **({"published": dict(loaded.config.published)} if loaded.config.published else {}),
             }
         return self.references[key]
+
+    def probe(self, loaded: LoadedModel, reference: TorchSubject) -> Optional[tasks.TaskProbe]:
+        """The digits case's real task figure for ``embed`` and ``dense``, fitted on fp32 r=0 outputs of the
+        training split (None for other tasks and data)."""
+        task = tasks.probe_for(loaded.config.task.name)
+        digits = loaded.training is not None or loaded.create_args["name"] in (DIGITS_ALIAS, DIGITS_MODEL)
+        if task is None or self.data is not None or not digits:
+            return None
+        from .digits import load_digits_split
+
+        split = load_digits_split(dict(loaded.config.train or ()).get("seed", 0))
+        self.say(f"fitting the {task} probe on fp32 r=0 train outputs")
+        return tasks.TaskProbe(task, reference.predict_outputs(split.train_x), split.train_y)
 
     def reference_decisions(self, loaded: LoadedModel, variant: Variant, x: np.ndarray) -> Decisions:
         """The merge decisions of fp32 PyTorch at the variant's r (what every backend's are compared with)."""
         key = (loaded.config.key, variant.r_label)
         if key not in self.decisions:
-            ref = TorchSubject(loaded.model, variant.r, "fp32", prop_attn=variant.model.prop_attn)
+            ref = TorchSubject(loaded.model, variant.r, "fp32", prop_attn=variant.model.prop_attn,
+                               task=variant.model.task)
             self.decisions[key] = torch_merge_decisions(ref.model, [x], ref.tensor)
         return self.decisions[key]
 
@@ -544,7 +736,7 @@ class _Subjects:
             self.say(f"preparing torch {v.precision} {v.r_label}")
             spec = backends()[self.backend]
             self.torch[v] = TorchSubject(self.loaded.model, v.r, v.precision, spec.device,
-                                         prop_attn=v.model.prop_attn, graph=spec.cuda_graph)
+                                         prop_attn=v.model.prop_attn, graph=spec.cuda_graph, task=v.model.task)
         return self.torch[v]
 
     def _artifact(self, v: Variant, batch: int, threads: int) -> ArtifactSubject:
@@ -568,16 +760,20 @@ class _Subjects:
 
 def run_bench(config: BenchConfig, out_dir: os.PathLike, data: Optional[os.PathLike] = None, force: bool = False,
               cache: Optional[os.PathLike] = None, progress: bool = False,
-              log: Callable[[str], None] = lambda msg: None, allow_large: bool = False) -> BenchResult:
+              log: Callable[[str], None] = lambda msg: None, allow_large: bool = False,
+              cluster: Optional[str] = None) -> BenchResult:
     """Run (or resume) a benchmark matrix; writes results.json/.csv, report.md and plots/ into ``out_dir``.
 
     ``data``: an ImageFolder of labelled images for top-1/top-5 accuracy (needs real weights). ``cache``: where
     built artifacts live (default ``out_dir/artifacts``); they are reused between cells and between runs.
+    ``cluster``: run the timing groups on Ray (:data:`~.executors.CLUSTER_HELP`); each node builds into ``cache``
+    on its own disk.
     """
     out = Path(out_dir)
     _check_out(out)
     check_cells(len(cells(config)), allow_large)
     _check_requirements(config)
+    check_cluster(cluster)
     _check_models(config, allow_large)
     if data is not None:
         if not Path(data).is_dir():
@@ -586,9 +782,10 @@ def run_bench(config: BenchConfig, out_dir: os.PathLike, data: Optional[os.PathL
         if random:
             raise UserError(f"--data measures accuracy, which random weights do not have ({', '.join(random)}): "
                             f"pass --weights pretrained or --checkpoint PATH")
-    out.mkdir(parents=True, exist_ok=True)
-    return _Run(config, out, Path(cache) if cache else out / "artifacts", Path(data) if data else None, force,
-                progress, log).run()
+    with open_executor(cluster, log) as executor:
+        out.mkdir(parents=True, exist_ok=True)
+        return _Run(config, out, Path(cache) if cache else out / "artifacts", Path(data) if data else None, force,
+                    progress, log, executor).run()
 
 
 def write_outputs(out: Path, results: Dict[str, Any]) -> List[Path]:

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from ..files import atomic_write
-from .report import ordered
+from .quality import headline
+from .report import by_node_kind, ordered
 
 PLOTS_DIR = "plots"
 
@@ -104,7 +105,7 @@ def pareto(cells: List[Dict], variants: Dict[str, Dict], cfg: Dict, title: str, 
         points = []
         for c in (c for c in cells if c["batch"] == batch):
             q = variants[c["variant"]]
-            y = q["accuracy"]["top1"] if use_accuracy else q["fidelity"]["top1_agreement"]
+            y = q["accuracy"]["top1"] if use_accuracy else headline(q["fidelity"])[0]
             points.append((c["throughput_ips"], y))
             ax.scatter(c["throughput_ips"], y, color=f"C{cfg['backends'].index(c['backend']) % 10}",
                        marker=markers[cfg["precisions"].index(c["precision"]) % len(markers)],
@@ -122,7 +123,8 @@ def pareto(cells: List[Dict], variants: Dict[str, Dict], cfg: Dict, title: str, 
         unique = dict(zip(labels, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=7)
         ax.set_xlabel("images / s")
-        ax.set_ylabel("top-1 accuracy" if use_accuracy else "top-1 agreement with fp32 r0 PyTorch")
+        name = headline(variants[cells[0]["variant"]]["fidelity"])[1] if cells else "top-1 agreement"
+        ax.set_ylabel("top-1 accuracy" if use_accuracy else f"{name} with fp32 r0 PyTorch")
         ax.set_title(f"batch {batch}", fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{title}: quality vs throughput ({threads} thread(s); labels: r)")
@@ -130,16 +132,17 @@ def pareto(cells: List[Dict], variants: Dict[str, Dict], cfg: Dict, title: str, 
 
 
 def write_plots(out: Path, results: Dict[str, Any]) -> List[Path]:
-    """The three plots for every model with measured cells; returns their paths."""
+    """The three plots for every model with measured cells (per kind of node that timed them, when the cells come
+    from more than one: ``-node1``, ``-node2``, ...); returns their paths."""
     cfg = results["config"]
     written = []
     for key, info in results["models"].items():
-        cells = [c for c in results["cells"].values() if c["model"] == key and c["status"] == "measured"]
-        if not cells:
-            continue
-        title = info["model"]
-        base = Path(out) / PLOTS_DIR
-        written.append(throughput_vs_batch(cells, cfg, title, base / f"{key}-throughput-vs-batch.png"))
-        written.append(speedup_bars(cells, cfg, title, base / f"{key}-speedup-bars.png"))
-        written.append(pareto(cells, results["variants"], cfg, title, base / f"{key}-pareto.png"))
+        measured = [c for c in results["cells"].values() if c["model"] == key and c["status"] == "measured"]
+        parts = by_node_kind(results, measured) if measured else []
+        for i, (kind, cells) in enumerate(parts):
+            title = info["model"] + (f" on {kind}" if kind else "")
+            base = Path(out) / PLOTS_DIR / (f"{key}-node{i + 1}" if len(parts) > 1 else key)
+            written.append(throughput_vs_batch(cells, cfg, title, base.with_name(base.name + "-throughput-vs-batch.png")))
+            written.append(speedup_bars(cells, cfg, title, base.with_name(base.name + "-speedup-bars.png")))
+            written.append(pareto(cells, results["variants"], cfg, title, base.with_name(base.name + "-pareto.png")))
     return written

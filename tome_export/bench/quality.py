@@ -86,6 +86,26 @@ def fidelity(reference: np.ndarray, logits: np.ndarray) -> Dict[str, float]:
             "min_cosine": metrics["min_cosine"], "max_abs_diff": metrics["max_abs_diff"], "images": metrics["images"]}
 
 
+def headline(fid: Dict[str, Any]) -> Tuple[Optional[float], str]:
+    """The fidelity figure a budget is set on, and its name: top-1 agreement of a classifier, the mean feature
+    cosine of the other tasks (:mod:`.tasks`)."""
+    if "task" in fid:
+        what = {"embed": "embedding", "dense": "patch", "tokens": "pooled-token"}.get(fid["task"], fid["task"])
+        return fid.get("cosine"), f"mean {what} cosine"
+    return fid.get("top1_agreement"), "top-1 agreement"
+
+
+def task_figure(fid: Dict[str, Any]) -> str:
+    """What a task reports beside its cosine: nearest-neighbour agreement (embed), tokens kept (tokens)."""
+    if "nn_agreement" in fid:
+        return f"nearest neighbour {fid['nn_agreement']:.3f}"
+    if "kept" in fid:
+        return f"{fid['kept']} tokens ({fid['patches']} patches)"
+    if "min_patch_cosine" in fid:
+        return f"worst patch {fid['min_patch_cosine']:.4f}"
+    return "–"
+
+
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
     top5 = np.argsort(-logits, axis=1, kind="stable")[:, :5]
     return {"top1": float((top5[:, 0] == labels).mean()), "top5": float((top5 == labels[:, None]).any(1).mean()),

@@ -12,6 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .quality import headline, task_figure
+
 
 CSV_NAME = "results.csv"
 REPORT_NAME = "report.md"
@@ -39,8 +41,8 @@ def derive(cells: Dict[str, Dict[str, Any]]) -> None:
         prec = measured.get((model, backend, batch, threads, precision, "r0"))
 
         def ratio(num: Optional[Dict], den: Optional[Dict]) -> Optional[float]:
-            if num is None or den is None or num.get("group") != den.get("group"):
-                return None  # only ratios of throughputs timed side by side
+            if num is None or den is None or num.get("group") != den.get("group") or num.get("node") != den.get("node"):
+                return None  # only ratios of throughputs timed side by side, on one node
             return num["throughput_ips"] / den["throughput_ips"]
 
         derived: Dict[str, Any] = {"baseline": base["id"] if base else None, "speedup": ratio(cell, base),
@@ -61,7 +63,7 @@ CSV_COLUMNS = (
     "median_ms", "p90_ms", "p99_ms", "min_ms", "throughput_ips", "runs", "speedup", "speedup_tome",
     "speedup_precision", "stacking_efficiency", "gmacs", "flop_ratio", "peak_rss_mb", "artifact_mb", "build_seconds",
     "top1_agreement", "mean_cosine", "min_cosine", "accuracy_top1", "accuracy_top5", "accuracy_drop",
-    "merge_decision_agreement", "group", "measured_at", "reason",
+    "merge_decision_agreement", "group", "node", "measured_at", "reason", "task", "task_cosine", "task_figure",
 )
 
 
@@ -76,7 +78,9 @@ def flat_row(cell: Dict[str, Any], variants: Dict[str, Dict[str, Any]]) -> Dict[
                build_seconds=art.get("build_seconds"), top1_agreement=fid.get("top1_agreement"),
                mean_cosine=fid.get("mean_cosine"), min_cosine=fid.get("min_cosine"), accuracy_top1=acc.get("top1"),
                accuracy_top5=acc.get("top5"), accuracy_drop=q.get("accuracy_drop"),
-               merge_decision_agreement=(q.get("merge_decisions") or {}).get("agreement"))
+               merge_decision_agreement=(q.get("merge_decisions") or {}).get("agreement"),
+               task=fid.get("task", "classify"), task_cosine=fid.get("cosine"),
+               task_figure=task_figure(fid) if "task" in fid else None)
     return row
 
 
@@ -116,22 +120,25 @@ def ordered(values: Iterable[Any], order: Sequence[Any]) -> List[Any]:
     return [v for v in order if v in values]
 
 
-def best_within_budget(results: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Per (model, batch, threads): the highest-throughput measured cell that stays within the accuracy budget.
+def best_within_budget(results: Dict[str, Any], cells: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+    """Per (model, batch, threads): the highest-throughput measured cell that stays within the accuracy budget
+    (among ``cells``, default all: throughputs are compared only among cells timed on one kind of node).
 
-    Budget: accuracy drop vs fp32 r=0 PyTorch where accuracy was measured, else top-1 agreement with it.
+    Budget: accuracy drop vs fp32 r=0 PyTorch where accuracy was measured, else top-1 agreement with it (for the
+    encoder tasks: their mean feature cosine with it, against the budget's ``cosine``).
     """
     budget = results["config"]["budget"]
     best: Dict[Tuple, Dict[str, Any]] = {}
-    for cell in results["cells"].values():
+    for cell in (results["cells"].values() if cells is None else cells):
         q = results["variants"].get(cell.get("variant")) or {}
         if cell["status"] != "measured" or "fidelity" not in q:
             continue
         if q.get("accuracy_drop") is not None:
             ok, metric = q["accuracy_drop"] <= budget["accuracy_drop"], f"accuracy drop {100 * q['accuracy_drop']:.2f} pts"
         else:
-            agreement = q["fidelity"]["top1_agreement"]
-            ok, metric = agreement >= budget["top1_agreement"], f"top-1 agreement {agreement:.3f}"
+            agreement, name = headline(q["fidelity"])
+            limit = budget["top1_agreement"] if name == "top-1 agreement" else budget.get("cosine", 0.99)
+            ok, metric = agreement is not None and agreement >= limit, f"{name} {agreement:.3f}"
         key = (cell["model"], cell["batch"], cell["threads"])
         if ok and (key not in best or cell["throughput_ips"] > best[key]["cell"]["throughput_ips"]):
             best[key] = {"cell": cell, "metric": metric}
@@ -175,11 +182,20 @@ def _header(results: Dict[str, Any], measured: List[Dict[str, Any]]) -> List[str
     return lines + (["No cell was measured.", ""] if not measured else [])
 
 
+def _reference_accuracy(acc: Optional[Dict[str, Any]]) -> str:
+    """fp32 r=0 accuracy: top-1 and top-5 of a classifier, top-1 of a task's probe (named by its method)."""
+    if not acc:
+        return ""
+    top5 = f", top-5 {_pct(acc['top5'])}" if acc.get("top5") is not None else ""
+    method = f" ({acc['method']})" if acc.get("method") else ""
+    return f"; fp32 r=0 PyTorch accuracy{method} top-1 {_pct(acc['top1'])}{top5}"
+
+
 def _models(results: Dict[str, Any]) -> List[str]:
     lines = []
     for key, info in results["models"].items():
         acc = info.get("reference_accuracy")
-        extra = f"; fp32 r=0 PyTorch accuracy top-1 {_pct(acc['top1'])}, top-5 {_pct(acc['top5'])}" if acc else ""
+        extra = _reference_accuracy(acc)
         train = info.get("training")
         trained = f"; trained here, fp32 test accuracy {_pct(train['test_accuracy'])}" if train else ""
         pub = info.get("published")
@@ -189,15 +205,16 @@ def _models(results: Dict[str, Any]) -> List[str]:
     return lines + [""]
 
 
-def _best(results: Dict[str, Any]) -> List[str]:
-    best = best_within_budget(results)
+def _best(results: Dict[str, Any], cells: Optional[List[Dict[str, Any]]] = None) -> List[str]:
+    best = best_within_budget(results, cells)
     if not best:
         return []
     b = results["config"]["budget"]
     lines = ["## Best stack within the accuracy budget", "",
              f"Highest throughput whose accuracy drop vs fp32 r=0 PyTorch is at most {100 * b['accuracy_drop']:.1f} "
              f"points (where accuracy was measured), else whose top-1 agreement with it is at least "
-             f"{b['top1_agreement']:.2f}.", ""]
+             f"{b['top1_agreement']:.2f} (encoder tasks: whose mean feature cosine with it is at least "
+             f"{b.get('cosine', 0.99):.3f}).", ""]
     return lines + _table(
         ["model", "batch", "threads", "backend", "precision", "r", "images/s", "speedup vs its fp32 r=0", "quality"],
         [(e["cell"]["model_name"], e["cell"]["batch"], e["cell"]["threads"], e["cell"]["backend"],
@@ -297,18 +314,22 @@ def _fidelity(results: Dict[str, Any], cells: List[Dict[str, Any]], measured: Li
         rows.append((cell["model_name"], cell["backend"], cell["precision"], cell["r"],
                      f"batch {batch}" if batch else ("dynamic" if "static_batch" in q else "–"),
                      f"{fl.get('gmacs', '–')} ({_x(fl.get('ratio'))} fewer)" if fl else "–",
-                     _f(fid.get("top1_agreement"), 3), _f(fid.get("mean_cosine"), 5), _f(fid.get("min_cosine"), 5),
+                     _f(fid.get("top1_agreement"), 3), _f(fid.get("mean_cosine", fid.get("cosine")), 5),
+                     _f(fid.get("min_cosine", fid.get("min_image_cosine")), 5), task_figure(fid),
                      _pct(acc.get("top1")) if acc else "–", _pct(acc.get("top5")) if acc else "–",
                      f"{100 * q['accuracy_drop']:+.2f} pts" if q.get("accuracy_drop") is not None else "–",
                      _decisions(dec, q)))
-    return ["## Fidelity and accuracy (vs fp32 r=0 eager PyTorch)", ""] + _table(
-        ["model", "backend", "precision", "r", "measured on", "GMACs/image", "top-1 agreement", "mean cosine", "min cosine", "top-1",
-         "top-5", "accuracy drop", "merge decisions identical (merged groups kept)"], rows)
+    return ["## Fidelity and accuracy (vs fp32 r=0 eager PyTorch)", "",
+            "Encoder tasks: mean cosine of each embedding, patch or pooled token set with fp32 r=0's; top-1 is their "
+            "real task figure where measured (digits: k-NN of embed, a linear probe on dense).", ""] + _table(
+        ["model", "backend", "precision", "r", "measured on", "GMACs/image", "top-1 agreement", "mean cosine", "min cosine",
+         "task figure", "top-1", "top-5", "accuracy drop", "merge decisions identical (merged groups kept)"], rows)
 
 
 def _all_cells(measured: List[Dict[str, Any]]) -> List[str]:
     if not measured:
         return []
+    several = len({c.get("node") for c in measured}) > 1  # which node timed each group, when it was not one
     rows = []
     for c in measured:
         art, mem = c.get("artifact") or {}, c.get("memory") or {}
@@ -317,10 +338,10 @@ def _all_cells(measured: List[Dict[str, Any]]) -> List[str]:
                      _x((c.get("derived") or {}).get("speedup")), _f(mem.get("peak_rss_mb"), 0),
                      _f(art["artifact_bytes"] / 2**20, 1) if art.get("artifact_bytes") else "–",
                      _f(art.get("build_seconds"), 1) + (" (cached)" if art.get("cached") else ""),
-                     c["runs"], _loads(c.get("load_average", {}).get("before"))))
+                     c["runs"], _loads(c.get("load_average", {}).get("before"))) + ((c.get("node", "?"),) if several else ()))
     return ["## All measured cells", ""] + _table(
         ["backend", "precision", "r", "batch", "threads", "median ms", "p90 ms", "p99 ms", "images/s", "speedup",
-         "peak RSS MiB", "artifact MiB", "build s", "runs", "load avg before"], rows)
+         "peak RSS MiB", "artifact MiB", "build s", "runs", "load avg before"] + (["node"] if several else []), rows)
 
 
 def _not_run(cells: List[Dict[str, Any]]) -> List[str]:
@@ -337,17 +358,80 @@ def _not_run(cells: List[Dict[str, Any]]) -> List[str]:
         [(status, ", ".join(labels), reason) for (status, reason), labels in by_reason.items()])
 
 
-def report(results: Dict[str, Any], plots: Sequence[str] = ()) -> str:
-    """report.md: what was measured, how, and the tables a reader needs."""
+def node_kind(node: Optional[Dict[str, Any]]) -> Tuple[Any, ...]:
+    """What makes two nodes' timings comparable: CPU model, logical cores and flags, GPUs, library versions."""
+    if not node:
+        return ()
+    gpu = node.get("gpu") or {}
+    return (node.get("cpu_model"), node.get("cpus"), tuple(node.get("cpu_flags") or ()), tuple(gpu.get("devices") or ()),
+            tuple(sorted((node.get("versions") or {}).items())))
+
+
+def _node_text(node: Dict[str, Any]) -> str:
+    gpu = ", ".join((node.get("gpu") or {}).get("devices") or []) or "none"
+    return (f"{node.get('cpu_model', '?')}, {node.get('cpus')} logical CPUs (flags: {', '.join(node.get('cpu_flags') or [])}); "
+            f"GPU: {gpu}")
+
+
+def _nodes(results: Dict[str, Any], measured: List[Dict[str, Any]]) -> List[str]:
+    """Where the groups were timed, when that was not only the machine that wrote the report."""
+    run, nodes = results["runs"][-1], results.get("nodes") or {}
+    used = list(dict.fromkeys(c["node"] for c in measured if c.get("node") in nodes))
+    executor = run.get("executor") or {}
+    if executor.get("kind", "in-process") == "in-process" and len(used) <= 1:
+        return []
+    lines = []
+    if executor.get("kind") == "ray":
+        lines.append(f"- Executor: Ray {executor.get('ray_version', '')} at `{executor.get('cluster')}`, "
+                     f"{len(executor.get('nodes') or [])} node(s); each timing group ran on one node, alone")
+    for key in used:
+        groups = len({c["group"] for c in measured if c.get("node") == key})
+        versions = ", ".join(f"{k} {v}" for k, v in (nodes[key].get("versions") or {}).items())
+        lines.append(f"- Node `{key}` ({groups} timing group(s)): {_node_text(nodes[key])}; versions: {versions}")
+    return lines + [""]
+
+
+def by_node_kind(results: Dict[str, Any], measured: List[Dict[str, Any]]) -> List[Tuple[str, List[Dict[str, Any]]]]:
+    """Measured cells by the kind of node that timed them (one untitled part when every node was alike)."""
+    env = results.get("environment") or {}
+    here = {**(env.get("machine") or {}), "gpu": env.get("gpu"), "versions": env.get("versions") or {}}
+    nodes = results.get("nodes") or {}
+    kinds: Dict[Tuple, List[Dict[str, Any]]] = defaultdict(list)
+    for c in measured:  # a cell that names no node was timed in this process, before nodes were recorded
+        kinds[node_kind(nodes.get(c.get("node")) or here)].append(c)
+    if len(kinds) <= 1:
+        return [("", measured)]
+    return [(_node_text(nodes.get(members[0].get("node")) or here), members) for members in kinds.values()]
+
+
+def _demoted(lines: List[str]) -> List[str]:
+    return ["#" + line if line.startswith("## ") else line for line in lines]
+
+
+def _timed_tables(results: Dict[str, Any], measured: List[Dict[str, Any]]) -> List[str]:
     cfg = results["config"]
-    cells = list(results["cells"].values())
-    measured = [c for c in cells if c["status"] == "measured"]
     groups: Dict[Tuple, List[Dict]] = defaultdict(list)
     for c in measured:
         groups[(c["model"], c["backend"], c["threads"])].append(c)
-    lines = (_header(results, measured) + _models(results) + _best(results) + _losses(measured) + _stacked(groups, cfg)
-             + _throughput(groups, cfg) + _fidelity(results, cells, measured) + _all_cells(measured)
-             + _not_run(cells))
+    return (_best(results, measured) + _losses(measured) + _stacked(groups, cfg) + _throughput(groups, cfg))
+
+
+def report(results: Dict[str, Any], plots: Sequence[str] = ()) -> str:
+    """report.md: what was measured, how, and the tables a reader needs. Timings from different kinds of node are
+    never compared: each kind gets its own sections."""
+    cells = list(results["cells"].values())
+    measured = [c for c in cells if c["status"] == "measured"]
+    parts = by_node_kind(results, measured)
+    lines = _header(results, measured) + _nodes(results, measured) + _models(results)
+    if len(parts) == 1:
+        lines += _timed_tables(results, measured) + _fidelity(results, cells, measured) + _all_cells(measured)
+    else:
+        lines += ["Timings come from more than one kind of node: each kind has its own sections, and no number of one "
+                  "is compared with a number of another.", ""]
+        for title, members in parts:
+            lines += [f"## Timed on {title}", ""] + _demoted(_timed_tables(results, members) + _all_cells(members))
+        lines += _fidelity(results, cells, measured)
+    lines += _not_run(cells)
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     return "\n".join(lines)

@@ -9,19 +9,21 @@ from __future__ import annotations
 import copy
 import io
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 import torch
 
 from ..errors import UserError
 from ..info import ModelInfo
-from ..models import create_model, model_info, patch, preprocessing
+from ..models import create_model, model_info, patch, preprocessing, set_task
 from ..pipeline import BuildRequest, build
 from ..preprocess import Preprocessing
 from ..schedule import RSpec, r_label
+from ..tasks import Task
 from .config import ModelConfig
 from .config import Variant
 from .matrix import backends
@@ -76,21 +78,28 @@ class Subject:
     details: Dict[str, Any]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Logits of any number of images, in chunks (padded for a static-batch artifact)."""
+        """The first output (logits of a classifier) of any number of images."""
+        return next(iter(self.predict_outputs(x).values()))
+
+    def predict_outputs(self, x: np.ndarray) -> Dict[str, np.ndarray]:
+        """Every output of the task, by name, for any number of images, in chunks (padded for a static-batch
+        artifact)."""
         size = self.static_batch or PREDICT_BATCH
-        out = []
+        out: Dict[str, list] = {}
         for i in range(0, len(x), size):
             chunk = x[i:i + size]
             n = len(chunk)
             if self.static_batch and n < size:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - n, axis=0)])
-            out.append(np.asarray(self._run(np.ascontiguousarray(chunk)), dtype=np.float32)[:n])
-        return np.concatenate(out)
+            for name, value in self._run_all(np.ascontiguousarray(chunk)).items():
+                value = np.asarray(value)
+                out.setdefault(name, []).append((value.astype(np.float32) if value.dtype.kind == "f" else value)[:n])
+        return {name: np.concatenate(parts) for name, parts in out.items()}
 
     def timed(self, x: np.ndarray) -> Callable[[], object]:
         raise NotImplementedError
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
+    def _run_all(self, x: np.ndarray) -> Dict[str, np.ndarray]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -104,9 +113,10 @@ class TorchSubject(Subject):
     """Eager PyTorch: a patched copy of the fp32 model, converted to the variant's precision."""
 
     def __init__(self, base: torch.nn.Module, r: RSpec, precision: str, device: str = "cpu",
-                 prop_attn: bool = True, graph: bool = False) -> None:
+                 prop_attn: bool = True, graph: bool = False, task: Task = Task()) -> None:
         started = time.perf_counter()
         model = patch(copy.deepcopy(base), r, prop_attn=prop_attn)
+        self.task = set_task(model, task)
         self.dtype = _DTYPES.get(precision, torch.float32)
         if precision in _DTYPES:
             model = model.to(self.dtype)
@@ -134,9 +144,11 @@ class TorchSubject(Subject):
     def tensor(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x).to(self.device, self.dtype)
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
+    def _run_all(self, x: np.ndarray) -> Dict[str, np.ndarray]:
         with torch.inference_mode():
-            return self.model(self.tensor(x)).float().cpu().numpy()
+            values = self.model.tome_outputs(self.tensor(x))
+        return {name: (v.float() if v.is_floating_point() else v).cpu().numpy()
+                for name, v in zip(self.task.outputs, values)}
 
     def timed(self, x: np.ndarray) -> Callable[[], object]:
         xt = self.tensor(x)
@@ -170,8 +182,8 @@ class ArtifactSubject(Subject):
                                  if k in validation},
         }
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        return self.runner(x)
+    def _run_all(self, x: np.ndarray) -> Dict[str, np.ndarray]:
+        return self.runner.infer(x, list(self.artifact.manifest.task_outputs))
 
     def timed(self, x: np.ndarray) -> Callable[[], object]:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -187,13 +199,39 @@ def artifact_dir(cache: Path, variant: Variant, dynamic_batch: bool, batch: int)
     return cache / f"{variant.model.key}-{variant.r_label}-{backends()[variant.backend].target}-{variant.precision}-{shape}"
 
 
+@contextmanager
+def waiting_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing), waiting for it: two jobs that build the same artifact
+    on one disk (two nodes of a cluster on one machine, or a shared cache) take turns, and the second finds the
+    first's build."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one job at a time there anyway
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_artifact(prepared: LoadedModel, variant: Variant, cache: Path, dynamic_batch: bool, batch: int,
                     merge_impl: str, log: Callable[[str], None]) -> tuple:
     """Build the variant's artifact once (through the same pipeline as ``tome-export``); returns (dir, cached)."""
     out = artifact_dir(cache, variant, dynamic_batch, batch)
-    if (out / "manifest.json").is_file():
-        return out, True
-    cache.mkdir(parents=True, exist_ok=True)
+    with waiting_lock(cache / f".{out.name}.wait"):
+        if (out / "manifest.json").is_file():
+            return out, True
+        _build_variant(prepared, variant, out, dynamic_batch, batch, merge_impl, log)
+    return out, False
+
+
+def _build_variant(prepared: LoadedModel, variant: Variant, out: Path, dynamic_batch: bool, batch: int,
+                   merge_impl: str, log: Callable[[str], None]) -> None:
+    cache = out.parent
     if not (cache / ".gitignore").exists():  # built models are large: keep them out of a results commit
         (cache / ".gitignore").write_text("*\n")
     args = prepared.create_args
@@ -203,7 +241,6 @@ def ensure_artifact(prepared: LoadedModel, variant: Variant, cache: Path, dynami
         model=args["name"], r=variant.r, target=backends()[variant.backend].target, precision=variant.precision,
         batch=batch, dynamic_batch=dynamic_batch, output=out, weights=weights, checkpoint=args["checkpoint"],
         seed=args["seed"], merge_impl=merge_impl, model_kwargs=dict(args["kwargs"]), force=True,
-        prop_attn=variant.model.prop_attn,
+        prop_attn=variant.model.prop_attn, task=variant.model.task,
     ), log=lambda msg: log(f"{variant.backend} {variant.precision} {r_label(variant.r)}: {msg}"),
         warn=lambda msg: log(f"warning: {msg}"))
-    return out, False

@@ -7,14 +7,18 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..bench.executors import CLUSTER_HELP
 from .common import Command, Parser
 
 BENCH_EXAMPLES = """examples:
   tome-export bench --config benchmarks/vit_b16_cpu.yaml --out benchmarks/results/vit_b16_cpu
   tome-export bench --config benchmarks/digits_accuracy.yaml
   tome-export bench --config my.yaml --weights pretrained --data imagenet/val   # top-1/top-5 accuracy
+  tome-export bench --config benchmarks/core_onnxruntime.yaml --cluster ray://head:10001   # on a Ray cluster
 
 A re-run into the same --out resumes: measured cells are kept, the rest are measured (--force: all again).
+With --cluster, each timing group (the variants of one model, backend, batch and thread count) runs on a node
+that it has to itself, builds its artifacts there (under --cache, on that node's disk) and sends back its records.
 --data is an ImageFolder: one folder per class; sorted folder names give the class indices (ImageNet's
 n01440764 ... order), or folders named 0, 1, ... give them directly.
 """
@@ -33,6 +37,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="measure every cell again instead of resuming")
     p.add_argument("--allow-large", action="store_true", help="run a matrix over the cell limit, or batches whose "
                    "memory estimate exceeds half of this machine's memory")
+    p.add_argument("--cluster", metavar="ADDRESS", help=CLUSTER_HELP + " (needs tome-export[cluster])")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return p
 
@@ -48,7 +53,7 @@ def run(argv: Sequence[str]) -> int:
         # a progress bar on a terminal; one line per step in logs (long runs), nothing with --quiet
         log = (lambda msg: None) if args.quiet else (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
         result = run_bench(config, out, data=args.data, force=args.force, cache=args.cache, progress=not args.quiet,
-                           log=log, allow_large=args.allow_large)
+                           log=log, allow_large=args.allow_large, cluster=args.cluster)
     except KeyboardInterrupt:
         print(f"tome-export bench: interrupted; finished groups are saved in {out} (re-run to resume)", file=sys.stderr)
         return 130

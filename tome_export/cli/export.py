@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from .._version import __version__
 from ..errors import UserError, ValidationError
@@ -21,6 +21,8 @@ EXAMPLES = """examples:
   tome-export --model vit_b16 --r 16 --target openvino --precision int8 --dynamic-batch --serve triton
   tome-export --model hf:google/vit-base-patch16-224 --r 16 --target openvino --precision int8
   tome-export --model ./my-finetuned-vit --r 8          # a save_pretrained directory (transformers)
+  tome-export --model vit_s16 --r 8 --task dense --target openvino --weights random
+  tome-export --model ./clip-vision-tower --r 12 --task tokens --layer -2 --target openvino --precision int8
   tome-export --list-models
 
 --r takes an int (same r in every block), r:inflect (r varying linearly over the blocks,
@@ -44,6 +46,32 @@ def _target_arguments(p: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action="store_true", help=text)
         else:
             group.add_argument(flag, metavar=fld.metadata.get("metavar"), help=text)
+
+
+def task_arguments(p: argparse.ArgumentParser) -> None:
+    """--task and each task option (from the fields of tome_export.tasks.Task), saying which tasks take it."""
+    from ..tasks import DESCRIPTIONS, TASKS, option_fields
+
+    group = p.add_argument_group("task", "what the artifact outputs: " + "; ".join(
+        f"{name}: {text}" for name, text in DESCRIPTIONS.items()))
+    group.add_argument("--task", choices=TASKS, default="classify", help="(default classify)")
+    for fld in option_fields():
+        flag = "--" + fld.name.replace("_", "-")
+        text = f"{fld.metadata['help']} ({', '.join(fld.metadata['tasks'])})"
+        if fld.default is False:
+            group.add_argument(flag, action="store_true", help=text)
+        elif fld.type in ("Optional[bool]", Optional[bool]):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            group.add_argument(flag, type=int, metavar=fld.metadata.get("metavar"), help=text)
+
+
+def task_of(args: argparse.Namespace) -> Any:
+    """The task the command line asks for (checked: an option of another task is a UserError)."""
+    from ..tasks import as_task, option_fields
+
+    options = {f.name: getattr(args, f.name) for f in option_fields() if getattr(args, f.name) != f.default}
+    return as_task(args.task, **options)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -100,6 +128,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (the build's directory "
                    "and manifest, or the --list-models listing)")
     p.add_argument("--version", "-V", action="version", version=f"tome-export {__version__}")
+    task_arguments(p)
     _target_arguments(p)
     add_build_arguments(p)
     return p
@@ -173,7 +202,7 @@ def run(argv: Sequence[str]) -> int:
         weights=args.weights, checkpoint=args.checkpoint, seed=args.seed, merge_impl=args.merge_impl,
         prop_attn=not args.no_prop_attn, img_size=args.img_size, force=args.force, recipe=args.recipe,
         allow_large=args.allow_large,
-        target_options=_target_options(args), trace_source=args.trace_source,
+        target_options=_target_options(args), trace_source=args.trace_source, task=task_of(args),
         thresholds={key: getattr(args, key) for key in THRESHOLD_FLAGS if getattr(args, key) is not None},
         keep_failed=args.keep_failed,
     )

@@ -7,17 +7,23 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..bench.executors import CLUSTER_HELP
 from .common import Command, Parser
+from .export import task_arguments, task_of
 
 EXAMPLES = """examples:
   tome-export tune --model digits_vit --target openvino --max-accuracy-drop 1.0 --data digits --output out/
   tome-export tune --model vit_b16 --target openvino --batch 8 --min-agreement 0.95 --output tuned/
+  tome-export tune --model vit_b16 --target openvino --min-agreement 0.95 --cluster ray://head:10001 --output tuned/
   tome-export tune --model vit_b16 --target onnxruntime --precisions fp32,int8 --max-accuracy-drop 0.5 \\
       --data imagenet/val --max-latency-ms 40 --time-budget 60 --output tuned/
+  tome-export tune --model dinov2_s14_reg --task dense --target openvino --min-cosine 0.95 --output tuned-dense/
 
 Budgets: --max-accuracy-drop PTS counts the images of --data (an ImageFolder, or 'digits' for the embedded
 digits model) that fp32 r=0 classifies correctly and a candidate does not; --min-agreement A is the top-1
-agreement with fp32 r=0 on calibration-style photos (--calib-data, else the bundled ones). The output is a normal
+agreement with fp32 r=0 on calibration-style photos (--calib-data, else the bundled ones); --min-cosine C (--task
+embed, dense, tokens) is the task's mean feature cosine with fp32 r=0 on those photos (embeddings, patches, or
+each image's pooled tokens). The output is a normal
 build (runtime.load reads it) with tune.md, tune-pareto.png and a 'tune' section in manifest.json. Exit 0 when
 the winner meets the budget, 1 when the budget could not be met (the best that does, or fp32 r=0, is written
 and the reason printed), 2 for bad input.
@@ -40,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     budget = p.add_argument_group("budget (give one)")
     budget.add_argument("--max-accuracy-drop", type=float, metavar="PTS", help="top-1 points that may be lost (needs --data)")
     budget.add_argument("--min-agreement", type=float, metavar="A", help="top-1 agreement with fp32 r=0, in [0, 1]")
+    budget.add_argument("--min-cosine", type=float, metavar="C",
+                        help="--task embed, dense, tokens: mean feature cosine with fp32 r=0, e.g. 0.99")
     p.add_argument("--data", help="ImageFolder of labelled images, or 'digits' (the embedded digits model's test split)")
     p.add_argument("--precisions", help="comma-separated (default: every precision the target can run here)")
     p.add_argument("--max-latency-ms", type=float, metavar="MS", help="median latency limit per batch")
@@ -53,7 +61,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, help="where candidates are built and kept (default ~/.cache/tome-export/tune)")
     p.add_argument("--output", "-o", type=Path, required=True, help="directory for the winning artifact and report")
     p.add_argument("--force", action="store_true", help="replace an output directory holding another build")
+    p.add_argument("--cluster", metavar="ADDRESS", help=CLUSTER_HELP + "; candidates are built on any node, timed "
+                   "together on one, and the winner is written here (rebuilt and checked by sha256, or copied from a "
+                   "--cache every node shares). Needs tome-export[cluster]")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    task_arguments(p)
     return p
 
 
@@ -65,12 +77,12 @@ def run(argv: Sequence[str]) -> int:
     request = TuneRequest(
         model=args.model, target=args.target, output=args.output, data=args.data, weights=args.weights,
         checkpoint=args.checkpoint, seed=args.seed, batch=args.batch, threads=args.threads,
-        budget=Budget(args.max_accuracy_drop, args.min_agreement, args.max_latency_ms),
+        budget=Budget(args.max_accuracy_drop, args.min_agreement, args.max_latency_ms, args.min_cosine),
         precisions=parse_precisions(args.precisions), time_budget_min=args.time_budget, eval_images=args.eval_images,
         max_images=args.max_images, calib_data=args.calib_data, cache=args.cache, tie_tolerance=args.tie_tolerance,
-        timing=TimingSettings(rounds=args.rounds), force=args.force)
+        timing=TimingSettings(rounds=args.rounds), force=args.force, task=task_of(args))
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"tune: {msg}", file=sys.stderr, flush=True))
-    result = tune(request, log=log)
+    result = tune(request, log=log, cluster=args.cluster)
     s = result.section
     w = s["winner"]
     print(f"wrote {result.path} ({w['candidate']}, r {w['r']}: {w['reason']})")

@@ -6,6 +6,7 @@ implementations and the reference the Triton kernels are tested against.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -33,13 +34,16 @@ class Plan(NamedTuple):
     ``rows`` ``(B, T)``: the output row of every input token. ``own`` ``(B, T_out)``: the input token that each
     output row keeps (protected, kept A or B token). ``merged_src``/``merged_dst`` ``(B, r)``: the merged A tokens
     in position order and the rows they join. ``size_out`` ``(B, T_out)`` fp32: patches per output token;
-    ``log_size`` ``(B, padded(T_out))`` its log in the attention dtype (padding columns unset).
+    ``log_size`` ``(B, padded(T_out))`` its log in the attention dtype (padding columns unset);
+    ``channels`` ``(B, T_out, 2)`` the same bias for padded attention heads: ``log(size) * sqrt(head_dim)``
+    split into a high part and the remainder in the attention dtype (see :func:`split_log_size`).
     """
 
     rows: torch.Tensor
     own: torch.Tensor
     size_out: torch.Tensor
     log_size: torch.Tensor
+    channels: torch.Tensor
     merged_src: torch.Tensor
     merged_dst: torch.Tensor
 
@@ -49,12 +53,24 @@ class Plan(NamedTuple):
         return cls(torch.empty(batch, tokens, **i32), torch.empty(batch, t_out, **i32),
                    torch.empty(batch, t_out, device=device, dtype=torch.float32),
                    torch.empty(batch, padded(t_out), device=device, dtype=dtype),
+                   torch.empty(batch, t_out, 2, device=device, dtype=dtype),
                    torch.empty(batch, r, **i32), torch.empty(batch, r, **i32))
+
+
+def split_log_size(log_size: torch.Tensor, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """``log(size) / scale`` (scale = head_dim ** -0.5) as ``(..., 2)`` hi and lo parts in ``dtype``.
+
+    With the query's two extra channels at 1, ``scale * (q.k + hi + lo)`` adds the log size to the logit; the
+    split carries it in 16-bit keys about as exactly as an fp32 mask would. ``log_size`` is fp32.
+    """
+    term = log_size * math.sqrt(head_dim)
+    hi = term.to(dtype)
+    return torch.stack([hi, (term - hi.float()).to(dtype)], dim=-1)
 
 
 def portable_plan(keys: torch.Tensor, size: Optional[torch.Tensor], r: int, num_protected: int,
                   dtype: torch.dtype) -> Plan:
-    """The plan from :func:`tome_export.merge.destinations` on the head-mean keys (fp32)."""
+    """The plan from :func:`tome_export.merge.destinations` on the head-mean keys ``(B, H, T, D)`` (fp32)."""
     batch, _, tokens, _ = keys.shape
     rows = destinations(keys.float().mean(dim=1), r, num_protected)  # (B, T)
     t_out = tokens - cap_r(r, tokens, num_protected)
@@ -72,7 +88,9 @@ def portable_plan(keys: torch.Tensor, size: Optional[torch.Tensor], r: int, num_
     merged_src = torch.where(merged, pos, tokens + pos).sort(dim=-1).values[:, :r]
     log_size = torch.zeros(batch, padded(t_out), device=keys.device, dtype=dtype)
     log_size[:, :t_out] = size_out.log()
-    return Plan(rows.int(), own.int(), size_out, log_size, merged_src.int(), rows.gather(1, merged_src).int())
+    channels = split_log_size(size_out.log(), keys.shape[-1], dtype)
+    return Plan(rows.int(), own.int(), size_out, log_size, channels, merged_src.int(),
+                rows.gather(1, merged_src).int())
 
 
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""Triton kernels behind :mod:`tome_export.kernels.fused_merge` (imported on first CUDA use).
+"""Triton kernels behind :mod:`tome_export.kernels.fused_merge` (imported on first use).
 
-Three kernels per merging block, then one more in the backward:
+Three kernels per merging block (or the one of ``_block_kernel``), then one more in the backward:
 
 * ``_best_b_kernel``, one program per (image, tile of A tokens): head-mean and normalise the keys, score the
   tile against every B token, keep each A token's best score and the lowest B index reaching it;
@@ -9,7 +9,12 @@ Three kernels per merging block, then one more in the backward:
 * ``_merge_kernel``, one program per (image, tile of output rows, tile of channels): each output row is its own
   token plus the merged tokens landing in it, size-weighted, summed in fp32 in a fixed order (no atomics; the
   merged tokens come in as one small fp32 product, so no loop waits on scalar loads);
-* ``_merge_backward_kernel``: each input token's gradient is its output row's, times its weight.
+* ``_merge_backward_kernel``: each input token's gradient is its output row's, times its weight;
+* ``_block_kernel``, one program per (image, tile of channels): the three above in one launch. Every program
+  of an image computes the whole matching and plan and writes the same values (a program reads only what it
+  wrote itself before a barrier, so it never depends on another's progress), then merges its channels. The
+  repeated matching is cheap at small batches, where the saved launches matter; which of the two a GPU runs
+  at which batch is measured (:mod:`tome_export.kernels.designs`).
 
 Memory traffic of the merge is one read and one write of the tokens, which is what a merge must cost.
 Software pipelining is off (``num_stages=1``): Triton 3.6 staged the twelve unrolled head loads of the score
@@ -18,13 +23,29 @@ loop in shared memory, 0.4-0.8 MB, over the limit; the loops here run once or tw
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Any, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .plan import Plan, padded, split_sizes
+
+
+def launch(kernel: Any) -> Any:
+    """``kernel`` through ``torch.library.wrap_triton``, so that export and ``torch.compile`` trace the launch.
+
+    Under ``TRITON_INTERPRET=1`` kernels are interpreted functions, which torch 2.14 passes through and
+    older versions refuse: those are launched directly (the interpreter runs only in tests).
+    """
+    wrap = getattr(torch.library, "wrap_triton", None)
+    if wrap is None:
+        return kernel
+    try:
+        return wrap(kernel)
+    except RuntimeError:
+        return kernel
 
 
 @triton.jit
@@ -42,11 +63,10 @@ def _metric_tile(keys, b, t, T, sk_b, sk_h, sk_t, sk_d, D,
 
 
 @triton.jit
-def _best_b_kernel(keys, best, dst, sk_b, sk_h, sk_t, sk_d, T, D, n_a, n_b, a0, b0,
-                   H: tl.constexpr, IEEE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
-    b = tl.program_id(0)
-    i = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+def _best_b_tile(keys, best, dst, b, i, sk_b, sk_h, sk_t, sk_d, T, D, n_a, n_b, a0, b0,
+                 H: tl.constexpr, IEEE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """Best score and lowest best B index of the A tokens ``i`` of image ``b``."""
     a = _metric_tile(keys, b, a0 + 2 * i, T, sk_b, sk_h, sk_t, sk_d, D, H, BLOCK_A, BLOCK_D)
     top = tl.full((BLOCK_A,), float("-inf"), tl.float32)
     arg = tl.zeros((BLOCK_A,), tl.int32)
@@ -64,6 +84,15 @@ def _best_b_kernel(keys, best, dst, sk_b, sk_h, sk_t, sk_d, T, D, n_a, n_b, a0, 
         top = tl.where(better, tile_top, top)
     tl.store(best + b * n_a + i, top, mask=i < n_a)
     tl.store(dst + b * n_a + i, arg, mask=i < n_a)
+
+
+@triton.jit
+def _best_b_kernel(keys, best, dst, sk_b, sk_h, sk_t, sk_d, T, D, n_a, n_b, a0, b0,
+                   H: tl.constexpr, IEEE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    i = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+    _best_b_tile(keys, best, dst, tl.program_id(0), i, sk_b, sk_h, sk_t, sk_d, T, D, n_a, n_b, a0, b0,
+                 H, IEEE, BLOCK_A, BLOCK_B, BLOCK_D)
 
 
 @triton.jit
@@ -92,8 +121,20 @@ def _size_of(size, b, t, T, HAS_SIZE: tl.constexpr):
 
 
 @triton.jit
-def _plan_a_tokens(rank, dst, size, rows, own, size_out, log_size, m_src, m_dst, b, T, T_out, T_pad, P, n_a, a0,
-                   r, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+def _store_log_size(log_size, channels, b, row, s, T_out, T_pad, root_d, mask):
+    """The bias of output rows ``row`` of size ``s``: its log, and ``log * sqrt(head_dim)`` as hi + lo."""
+    log = tl.log(s)
+    tl.store(log_size + b * T_pad + row, log.to(log_size.dtype.element_ty), mask=mask)
+    term = log * root_d
+    hi = term.to(channels.dtype.element_ty)
+    tl.store(channels + (b * T_out + row) * 2, hi, mask=mask)
+    tl.store(channels + (b * T_out + row) * 2 + 1, (term - hi.to(tl.float32)).to(channels.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _plan_a_tokens(rank, dst, size, rows, own, size_out, log_size, channels, m_src, m_dst, b, T, T_out, T_pad, P,
+                   n_a, a0, r, root_d, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr):
     """Rows of the A tokens: merged ones join their B token's row, kept ones fill rows P.. by position."""
     for i0 in range(0, n_a, BLOCK):
         i = i0 + tl.arange(0, BLOCK)
@@ -112,14 +153,14 @@ def _plan_a_tokens(rank, dst, size, rows, own, size_out, log_size, m_src, m_dst,
         s = _size_of(size, b, pos, T, HAS_SIZE)
         tl.store(own + b * T_out + row, pos, mask=kept)
         tl.store(size_out + b * T_out + row, s, mask=kept)
-        tl.store(log_size + b * T_pad + row, tl.log(s).to(log_size.dtype.element_ty), mask=kept)
+        _store_log_size(log_size, channels, b, row, s, T_out, T_pad, root_d, kept)
         tl.store(m_src + b * r + merged_before, pos, mask=live & merged)
         tl.store(m_dst + b * r + merged_before, row, mask=live & merged)
 
 
 @triton.jit
-def _plan_b_tokens(rank, dst, size, rows, own, size_out, log_size, b, T, T_out, T_pad, P, n_a, n_b, a0, b0, r,
-                   HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+def _plan_b_tokens(rank, dst, size, rows, own, size_out, log_size, channels, b, T, T_out, T_pad, P, n_a, n_b, a0,
+                   b0, r, root_d, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr):
     """Rows of the B tokens (after the kept A tokens) and of the protected tokens; B rows sum their merged sizes."""
     for j0 in range(0, n_b, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
@@ -136,35 +177,40 @@ def _plan_b_tokens(rank, dst, size, rows, own, size_out, log_size, b, T, T_out, 
         tl.store(rows + b * T + pos, row, mask=live)
         tl.store(own + b * T_out + row, pos, mask=live)
         tl.store(size_out + b * T_out + row, total, mask=live)
-        tl.store(log_size + b * T_pad + row, tl.log(total).to(log_size.dtype.element_ty), mask=live)
+        _store_log_size(log_size, channels, b, row, total, T_out, T_pad, root_d, live)
     for t0 in range(0, P, BLOCK):
         t = t0 + tl.arange(0, BLOCK)
         s = _size_of(size, b, t, T, HAS_SIZE)
         tl.store(rows + b * T + t, t, mask=t < P)
         tl.store(own + b * T_out + t, t, mask=t < P)
         tl.store(size_out + b * T_out + t, s, mask=t < P)
-        tl.store(log_size + b * T_pad + t, tl.log(s).to(log_size.dtype.element_ty), mask=t < P)
+        _store_log_size(log_size, channels, b, t, s, T_out, T_pad, root_d, t < P)
 
 
 @triton.jit
-def _plan_kernel(best, dst, rank, size, rows, own, size_out, log_size, m_src, m_dst,
-                 T, T_out, T_pad, P, n_a, n_b, a0, b0, r, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
+def _plan_image(best, dst, rank, size, rows, own, size_out, log_size, channels, m_src, m_dst, b,
+                T, T_out, T_pad, P, n_a, n_b, a0, b0, r, root_d, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """Image ``b``'s plan from every A token's best score and best B index."""
     _ranks(best, rank, b, n_a, BLOCK)
     tl.debug_barrier()  # the plan reads every A token's rank
-    _plan_a_tokens(rank, dst, size, rows, own, size_out, log_size, m_src, m_dst, b, T, T_out, T_pad, P, n_a, a0, r,
-                   HAS_SIZE, BLOCK)
-    _plan_b_tokens(rank, dst, size, rows, own, size_out, log_size, b, T, T_out, T_pad, P, n_a, n_b, a0, b0, r,
-                   HAS_SIZE, BLOCK)
+    _plan_a_tokens(rank, dst, size, rows, own, size_out, log_size, channels, m_src, m_dst, b, T, T_out, T_pad, P,
+                   n_a, a0, r, root_d, HAS_SIZE, BLOCK)
+    _plan_b_tokens(rank, dst, size, rows, own, size_out, log_size, channels, b, T, T_out, T_pad, P, n_a, n_b, a0,
+                   b0, r, root_d, HAS_SIZE, BLOCK)
 
 
 @triton.jit
-def _merge_kernel(x, size, own, size_out, m_src, m_dst, out, T, T_out, C, r, HAS_SIZE: tl.constexpr,
-                  BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    b = tl.program_id(0)
-    q0 = tl.program_id(1) * BLOCK_Q
+def _plan_kernel(best, dst, rank, size, rows, own, size_out, log_size, channels, m_src, m_dst,
+                 T, T_out, T_pad, P, n_a, n_b, a0, b0, r, root_d, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    _plan_image(best, dst, rank, size, rows, own, size_out, log_size, channels, m_src, m_dst, tl.program_id(0),
+                T, T_out, T_pad, P, n_a, n_b, a0, b0, r, root_d, HAS_SIZE, BLOCK)
+
+
+@triton.jit
+def _merge_tile(x, size, own, size_out, m_src, m_dst, out, b, q0, c, T, T_out, C, r, HAS_SIZE: tl.constexpr,
+                BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Output rows ``q0..q0+BLOCK_Q`` of image ``b`` in channels ``c``."""
     q = q0 + tl.arange(0, BLOCK_Q)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     live = q < T_out
     src = tl.load(own + b * T_out + q, mask=live, other=0)
     ok = live[:, None] & (c < C)[None, :]
@@ -185,6 +231,33 @@ def _merge_kernel(x, size, own, size_out, m_src, m_dst, out, T, T_out, C, r, HAS
 
 
 @triton.jit
+def _merge_kernel(x, size, own, size_out, m_src, m_dst, out, T, T_out, C, r, HAS_SIZE: tl.constexpr,
+                  BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    _merge_tile(x, size, own, size_out, m_src, m_dst, out, tl.program_id(0), tl.program_id(1) * BLOCK_Q, c,
+                T, T_out, C, r, HAS_SIZE, BLOCK_Q, BLOCK_R)
+
+
+@triton.jit
+def _block_kernel(keys, x, size, best, dst, rank, rows, own, size_out, log_size, channels, m_src, m_dst, out,
+                  sk_b, sk_h, sk_t, sk_d, T, T_out, T_pad, C, D, P, n_a, n_b, a0, b0, r, root_d,
+                  H: tl.constexpr, IEEE: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK_A: tl.constexpr,
+                  BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_Q: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    b = tl.program_id(0)
+    for i0 in range(0, n_a, BLOCK_A):  # the whole matching of the image, as every program of it does
+        _best_b_tile(keys, best, dst, b, i0 + tl.arange(0, BLOCK_A), sk_b, sk_h, sk_t, sk_d, T, D, n_a, n_b, a0,
+                     b0, H, IEEE, BLOCK_A, BLOCK_B, BLOCK_D)
+    tl.debug_barrier()  # the plan reads every A token's best score
+    _plan_image(best, dst, rank, size, rows, own, size_out, log_size, channels, m_src, m_dst, b,
+                T, T_out, T_pad, P, n_a, n_b, a0, b0, r, root_d, HAS_SIZE, BLOCK)
+    tl.debug_barrier()  # the merge reads the plan
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    for q0 in range(0, T_out, BLOCK_Q):
+        _merge_tile(x, size, own, size_out, m_src, m_dst, out, b, q0, c, T, T_out, C, r, HAS_SIZE, BLOCK_Q, BLOCK_R)
+
+
+@triton.jit
 def _merge_backward_kernel(grad, size, rows, size_out, grad_x, T, T_out, C,
                            HAS_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0)
@@ -198,27 +271,36 @@ def _merge_backward_kernel(grad, size, rows, size_out, grad_x, T, T_out, C,
     tl.store(grad_x + (b * T + t[:, None]) * C + c[None, :], (g * weight[:, None]).to(grad_x.dtype.element_ty), mask=ok)
 
 
+def _scratch(batch: int, n_a: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each A token's best score, best B index and rank."""
+    i32 = dict(device=device, dtype=torch.int32)
+    return torch.empty(batch, n_a, device=device, dtype=torch.float32), torch.empty(batch, n_a, **i32), \
+        torch.empty(batch, n_a, **i32)
+
+
+def _plan_args(tokens: int, r: int, num_protected: int, head_dim: int) -> Tuple[Any, ...]:
+    """The plan's shape arguments: ``T, T_out, T_pad, P, n_a, n_b, a0, b0, r, sqrt(head_dim)``."""
+    n_a, n_b, a0, b0 = split_sizes(tokens, num_protected)
+    return tokens, tokens - r, padded(tokens - r), num_protected, n_a, n_b, a0, b0, r, math.sqrt(head_dim)
+
+
 def plan(keys: torch.Tensor, size: Optional[torch.Tensor], r: int, num_protected: int, dtype: torch.dtype) -> Plan:
     """Match on ``keys`` ``(B, H, T, D)`` and plan the merge (see :class:`Plan`); ``size`` ``(B, T)`` fp32 or None."""
     batch, heads, tokens, head_dim = keys.shape
     n_a, n_b, a0, b0 = split_sizes(tokens, num_protected)
-    t_out = tokens - r
-    dev = keys.device
-    block_a = 16 if batch * n_a <= 4096 else (64 if n_a <= 64 else 128)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    best = torch.empty(batch, n_a, device=dev, dtype=torch.float32)
-    dst, rank = torch.empty(batch, n_a, device=dev, dtype=torch.int32), torch.empty(batch, n_a, device=dev, dtype=torch.int32)
-    _best_b_kernel[(batch, triton.cdiv(n_a, block_a))](
+    small = isinstance(batch, int) and batch * n_a <= 4096  # a symbolic (exported) batch takes the large tiles
+    block_a = 16 if small else (64 if n_a <= 64 else 128)
+    best, dst, rank = _scratch(batch, n_a, keys.device)
+    launch(_best_b_kernel)[(batch, triton.cdiv(n_a, block_a))](
         keys, best, dst, *keys.stride(), tokens, head_dim, n_a, n_b, a0, b0,
         H=heads, IEEE=keys.dtype == torch.float32, BLOCK_A=block_a, BLOCK_B=128 if n_b <= 128 else 64,
-        BLOCK_D=block_d,
-        num_warps=4 if block_a <= 64 else 8, num_stages=1)
-    out = Plan.empty(batch, tokens, t_out, r, dev, dtype)
-    has_size = size is not None
-    _plan_kernel[(batch,)](
-        best, dst, rank, size if has_size else best, out.rows, out.own, out.size_out, out.log_size, out.merged_src,
-        out.merged_dst, tokens, t_out, padded(t_out), num_protected, n_a, n_b, a0, b0, r,
-        HAS_SIZE=has_size, BLOCK=128 if n_a <= 128 else 64, num_warps=8 if n_a <= 128 else 4, num_stages=1)
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=4 if block_a <= 64 else 8, num_stages=1)
+    out = Plan.empty(batch, tokens, tokens - r, r, keys.device, dtype)
+    launch(_plan_kernel)[(batch,)](
+        best, dst, rank, size if size is not None else best, out.rows, out.own, out.size_out, out.log_size,
+        out.channels, out.merged_src, out.merged_dst, *_plan_args(tokens, r, num_protected, head_dim),
+        HAS_SIZE=size is not None, BLOCK=128 if n_a <= 128 else 64, num_warps=8 if n_a <= 128 else 4,
+        num_stages=1)
     return out
 
 
@@ -229,10 +311,30 @@ def merge(x: torch.Tensor, size: Optional[torch.Tensor], own: torch.Tensor, size
     t_out, r = own.shape[1], merged_src.shape[1]
     out = torch.empty(batch, t_out, channels, device=x.device, dtype=x.dtype)
     grid = (batch, triton.cdiv(t_out, 32), triton.cdiv(channels, 128))
-    _merge_kernel[grid](x, size if size is not None else size_out, own, size_out, merged_src, merged_dst, out,
-                        tokens, t_out, channels, r, HAS_SIZE=size is not None, BLOCK_Q=32, BLOCK_C=128,
-                        BLOCK_R=16 if r <= 16 else 32, num_warps=4, num_stages=1)
+    launch(_merge_kernel)[grid](x, size if size is not None else size_out, own, size_out, merged_src, merged_dst,
+                                out, tokens, t_out, channels, r, HAS_SIZE=size is not None, BLOCK_Q=32, BLOCK_C=128,
+                                BLOCK_R=16 if r <= 16 else 32, num_warps=4, num_stages=1)
     return out
+
+
+def block(x: torch.Tensor, keys: torch.Tensor, size: Optional[torch.Tensor], r: int, num_protected: int,
+          dtype: torch.dtype) -> Tuple[torch.Tensor, Plan]:
+    """:func:`plan` then :func:`merge` in one launch: ``(merged x, plan)``; ``x`` contiguous ``(B, T, C)``."""
+    batch, heads, tokens, head_dim = keys.shape
+    channels = x.shape[2]
+    n_a, n_b, _, _ = split_sizes(tokens, num_protected)
+    best, dst, rank = _scratch(batch, n_a, keys.device)
+    out = Plan.empty(batch, tokens, tokens - r, r, keys.device, dtype)
+    merged = torch.empty(batch, tokens - r, channels, device=x.device, dtype=x.dtype)
+    shape = _plan_args(tokens, r, num_protected, head_dim)
+    launch(_block_kernel)[(batch, triton.cdiv(channels, 128))](
+        keys, x, size if size is not None else best, best, dst, rank, out.rows, out.own, out.size_out,
+        out.log_size, out.channels, out.merged_src, out.merged_dst, merged, *keys.stride(),
+        *shape[:3], channels, head_dim, *shape[3:],
+        H=heads, IEEE=keys.dtype == torch.float32, HAS_SIZE=size is not None, BLOCK_A=64 if n_a > 32 else 32,
+        BLOCK_B=64, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK=128 if n_a <= 128 else 64,
+        BLOCK_Q=32, BLOCK_C=128, BLOCK_R=16 if r <= 16 else 32, num_warps=8, num_stages=1)
+    return merged, out
 
 
 def merge_backward(grad: torch.Tensor, size: Optional[torch.Tensor], rows: torch.Tensor,
@@ -242,7 +344,7 @@ def merge_backward(grad: torch.Tensor, size: Optional[torch.Tensor], rows: torch
     tokens = rows.shape[1]
     grad_x = torch.empty(batch, tokens, channels, device=grad.device, dtype=dtype)
     grid = (batch, triton.cdiv(tokens, 32), triton.cdiv(channels, 128))
-    _merge_backward_kernel[grid](grad, size if size is not None else size_out, rows, size_out, grad_x, tokens, t_out,
-                                 channels, HAS_SIZE=size is not None, BLOCK_T=32, BLOCK_C=128, num_warps=4,
-                                 num_stages=1)
+    launch(_merge_backward_kernel)[grid](grad, size if size is not None else size_out, rows, size_out, grad_x,
+                                         tokens, t_out, channels, HAS_SIZE=size is not None, BLOCK_T=32,
+                                         BLOCK_C=128, num_warps=4, num_stages=1)
     return grad_x

@@ -23,7 +23,8 @@ from ..info import ModelInfo
 from ..preprocess import Preprocessing
 from ..resources import check_seed
 from ..schedule import RSpec, expand_schedule
-from .base import ToMeConfig
+from ..tasks import DENSE, Task, as_task
+from .base import TaskPlan, ToMeConfig
 from .checkpoint import load_checked
 from .family import Family
 
@@ -282,9 +283,10 @@ def patch(
     fine-tuning with ToMe (and for MAE models off the shelf). Deploy a model with the ``prop_attn`` it
     was trained with (CLI: ``--no-prop-attn``).
 
-    ``fused``: on CUDA tensors, run each block's matching and merge as one Triton kernel and one batched
-    matmul (same decisions as ``merge_impl``; see :mod:`tome_export.kernels.fused_merge`). Exports and CPU runs
-    always use ``merge_impl``.
+    ``fused``: on CUDA tensors, run each block's matching and merge as Triton kernels (same decisions as
+    ``merge_impl``; see :mod:`tome_export.kernels.fused_merge`). On CUDA, proportional attention runs in the
+    formulation measured fastest on that GPU either way (:mod:`tome_export.kernels.designs`). Exports and CPU
+    runs always use ``merge_impl`` and the additive mask.
     """
     family = family_of(model)
     info = family.model_info(model)
@@ -295,6 +297,36 @@ def patch(
     requested = expand_schedule(r, info.num_blocks)  # blocks cap r at run time, as the reference does
     return family.patch(model, ToMeConfig(r=tuple(requested), merge_impl=merge_impl, prop_attn=prop_attn,
                                           fused=fused))
+
+
+def set_task(model: torch.nn.Module, task: Any = "classify", **options: Any) -> Task:
+    """Make ``model``'s ToMe forward return what ``task`` asks for (:mod:`tome_export.tasks`: ``classify``,
+    ``embed``, ``dense``, ``tokens``, with their options, e.g. ``set_task(model, "tokens", layer=-2)``); returns the
+    task resolved against the model (blocks run, final norm), as manifests record it.
+
+    Works before or after :func:`patch` (patching again keeps the task); an unpatched model's own forward is
+    unchanged. A task or option the model cannot answer is a UserError saying why.
+    """
+    family = family_of(model)
+    task = as_task(task, **options)
+    reason = family.task_reason(model, task.name)
+    if reason is not None:
+        raise UserError(f"--task {task.name} does not apply to {type(model).__name__}: {reason}")
+    info = family.model_info(model)
+    resolved = task.resolved(info.num_blocks)
+    grid = _grid(info, family.preprocessing(model).input_size) if task.nchw else None
+    model.tome_task = TaskPlan(task.name, resolved.blocks_run, bool(resolved.final_norm), info.num_protected,
+                               task.keep_prefix, task.normalize, grid)
+    return resolved
+
+
+def _grid(info: ModelInfo, input_size: Tuple[int, ...]) -> Tuple[int, int]:
+    """The patch grid ``(rows, columns)`` of ``input_size`` ``(C, H, W)``."""
+    grid = (input_size[1] // info.patch_size[0], input_size[2] // info.patch_size[1])
+    if grid[0] * grid[1] != info.num_patches:
+        raise UserError(f"the model's {info.num_patches} patches do not form the {grid[0]} x {grid[1]} grid of its "
+                        f"{input_size[1]} x {input_size[2]} input: --nchw cannot lay them out")
+    return grid
 
 
 class ListedModel(NamedTuple):

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..info import ModelInfo  # noqa: F401  (what every family hands to the rest of the package)
-from ..kernels import fused_merge
-from ..merge import MERGE_IMPLS, Merge, bipartite_soft_matching, cap_r, merge_wavg
+from ..kernels import attention as gpu_attention
+from ..kernels import designs, fused_merge
+from ..merge import MERGE_IMPLS, Merge, TokenOwners, bipartite_soft_matching, cap_r, merge_wavg
+from ..tasks import CLASSIFY, DENSE, EMBED, OUTPUTS, TOKENS
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class ToMeConfig:
     r: Tuple[int, ...]  # requested r per block (the per-block cap applies at run time)
     merge_impl: str = "gather"  # the lowering traced into exports and run on the CPU
     prop_attn: bool = True
-    fused: bool = True  # on CUDA: matching and merge as one Triton kernel + a batched matmul (same decisions)
+    fused: bool = True  # on CUDA: matching and merge as Triton kernels (same decisions as merge_impl)
 
     def __post_init__(self) -> None:
         if self.merge_impl not in MERGE_IMPLS:
@@ -47,6 +49,20 @@ class TokenMatch(torch.nn.Module):
         return f"r={self.r}, num_protected={self.num_protected}, merge_impl={self.merge_impl!r}"
 
 
+class SizeBias(NamedTuple):
+    """Proportional attention's bias for the next block: a token standing for s patches gets log(s) added to its
+    attention logits. ``log`` ``(B, 1, 1, T)``; ``channels`` ``(B, T, 2)``: the same for padded heads, as the
+    fused merge writes it (None: made where needed)."""
+
+    log: torch.Tensor
+    channels: Optional[torch.Tensor] = None
+
+    @classmethod
+    def of(cls, size: torch.Tensor) -> "SizeBias":
+        """From token sizes ``(B, T, 1)``."""
+        return cls(size.log()[:, None, None, :, 0])
+
+
 class TokenMerge(torch.nn.Module):
     """One block's ToMe step: match, size-weighted merge, source tracking, next attention's log-size bias.
 
@@ -65,64 +81,45 @@ class TokenMerge(torch.nn.Module):
 
     def forward(
         self, x: torch.Tensor, keys: torch.Tensor, size: Optional[torch.Tensor], source: Optional[torch.Tensor]
-    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[SizeBias]]:
         if self.fused and source is None and fused_merge.available(x):
-            x, size, bias = fused_merge.merge_weighted(x, keys, size, self.match.r, self.match.num_protected)
-            return x, size, None, bias if self.prop_attn else None
+            one_kernel = designs.design(x).merge == "one"
+            x, size, log, channels = fused_merge.merge_weighted(x, keys, size, self.match.r, self.match.num_protected,
+                                                                one_kernel)
+            return x, size, None, SizeBias(log, channels) if self.prop_attn else None
         merge = self.match(keys)
         x, size = merge_wavg(merge, x, size)
         if source is not None:
             source = merge(source)
-        # Proportional attention: a token standing for s patches gets log(s) added to its attention logits.
-        bias = size.log()[:, None, None, :, 0] if self.prop_attn else None
-        return x, size, source, bias
+        return x, size, source, SizeBias.of(size) if self.prop_attn else None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[SizeBias],
               dropout_p: float = 0.0) -> torch.Tensor:
     """Self-attention of ``(B, heads, T, head_dim)`` q/k/v with ToMe's proportional-attention bias.
 
-    ``bias`` is the log-size of each key, ``(B, 1, 1, T)`` (None before the first merge). Every family calls
-    this, so the lowering of proportional attention is chosen in one place: an additive mask, or on a GPU the
-    extra channel of :func:`channel_attention` from ``CHANNEL_MIN_TOKENS`` query tokens per call on.
+    ``bias``: the keys' sizes (None before the first merge). Every family calls this, so the formulation of
+    proportional attention is chosen in one place: the additive mask on the CPU and in exports, on a GPU the one
+    measured fastest there at this batch (:mod:`tome_export.kernels.designs`) among those that take q, k, v as
+    they are (padded heads start at the projection: see :func:`uses_padded_heads`).
     """
-    if bias is not None and CHANNEL_MIN_TOKENS is not None and q.is_cuda \
-            and q.shape[0] * q.shape[2] >= CHANNEL_MIN_TOKENS and not torch.compiler.is_exporting():
-        return channel_attention(q, k, v, bias, dropout_p)
-    mask = None if bias is None else bias.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    if bias is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=dropout_p)
+    formulation = designs.design(q).attention_without("padded")
+    return gpu_attention.FORMULATIONS[formulation](q, k, v, bias.log, dropout_p)
 
 
-# None: always the mask. On an H200 the mask measured faster than the extra channel at every batch size from 1 to
-# 256 (benchmarks/results/gpu_speedup.md): copying q and k into wider tensors costs more than the mask does.
-CHANNEL_MIN_TOKENS: Optional[int] = None
-
-
-def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                      dropout_p: float = 0.0) -> torch.Tensor:
-    """Proportional attention with the bias folded into q and k: ``scale·[q, 1, 1]·[k, hi, lo] = scale·q·k + log s``.
-
-    Flash attention takes no additive bias; with the bias in q and k it can run. ``log s / scale`` is split into
-    a high part and the remainder so that 16-bit q/k carry it as exactly as an fp32 mask would; the padding
-    keeps the head dim a multiple of 8.
-    """
-    b, h, t, d = q.shape
-    scale = d ** -0.5
-    pad = 8
-    term = (bias.transpose(-1, -2).float() / scale).expand(b, h, t, 1)  # (B, H, T, 1)
-    hi = term.to(k.dtype)
-    lo = (term - hi.float()).to(k.dtype)
-    ones = q.new_ones(1, 1, 1, 1).expand(b, h, t, 2)
-    zeros = q.new_zeros(1, 1, 1, 1).expand(b, h, t, pad - 2)
-    q = torch.cat([q, ones, zeros], dim=-1)
-    k = torch.cat([k, hi, lo, zeros], dim=-1)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+def uses_padded_heads(x: torch.Tensor, bias: Optional[SizeBias]) -> bool:
+    """Whether a block's attention on ``x`` ``(B, T, C)`` runs with padded heads
+    (:func:`tome_export.kernels.attention.padded_heads_attention`): where its GPU design puts them first and
+    there is a bias to carry. A family that can pad its projections asks this before projecting."""
+    return bias is not None and designs.design(x).attention[0] == "padded"
 
 
 # A block's ToMe state between blocks: tokens, sizes, sources, the next attention's log-size bias.
-State = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
+State = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[SizeBias]]
 BlockForward = Callable[[torch.nn.Module, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
-                         Optional[torch.Tensor]], State]
+                         Optional[SizeBias]], State]
 
 
 def identity_source(batch: int, tokens: int, like: torch.Tensor) -> torch.Tensor:
@@ -130,11 +127,24 @@ def identity_source(batch: int, tokens: int, like: torch.Tensor) -> torch.Tensor
     return torch.eye(tokens, dtype=like.dtype, device=like.device)[None].expand(batch, -1, -1)
 
 
+# What the state's source slot tracks: nothing (False), the source map (True), or where each input token is.
+OWNERS = "owners"
+Track = Union[bool, str]
+
+
 def run_blocks(blocks: Iterable[torch.nn.Module], block_forward: BlockForward, x: torch.Tensor,
-               trace_source: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Tokens ``x`` through ``blocks`` with ToMe's state, starting unmerged: ``(tokens, size, source)``."""
+               trace_source: Track = False) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Tokens ``x`` through ``blocks`` with ToMe's state, starting unmerged: ``(tokens, size, source)``.
+
+    ``trace_source``: True tracks the source map ``(B, T, T0)``; :data:`OWNERS` tracks
+    :class:`~tome_export.merge.TokenOwners` (which token holds each input token) in its place.
+    """
     size = bias = None
-    source = identity_source(x.shape[0], x.shape[1], x) if trace_source else None
+    source: Any = None
+    if trace_source == OWNERS:
+        source = TokenOwners.start(x.shape[0], x.shape[1], x.device)
+    elif trace_source:
+        source = identity_source(x.shape[0], x.shape[1], x)
     for block in blocks:
         x, size, source, bias = block_forward(block, x, size, source, bias)
     return x, size, source
@@ -171,14 +181,82 @@ def merge_destinations(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, np.
     return found
 
 
+@dataclass(frozen=True)
+class TaskPlan:
+    """What a patched model's forward returns (:func:`tome_export.models.set_task` resolves it against the model).
+
+    ``blocks``: how many blocks run (None: all); ``final_norm``: the family's per-token final norm after them;
+    ``prefix``: the leading protected tokens (never part of ``dense``; in ``tokens`` only with ``keep_prefix``);
+    ``grid``: ``(grid_h, grid_w)`` when ``dense`` is returned as ``(B, C, grid_h, grid_w)``.
+    """
+
+    name: str = CLASSIFY
+    blocks: Optional[int] = None
+    final_norm: bool = True
+    prefix: int = 0
+    keep_prefix: bool = False
+    normalize: bool = False
+    grid: Optional[Tuple[int, int]] = None
+
+    @property
+    def outputs(self) -> Tuple[str, ...]:
+        return OUTPUTS[self.name]
+
+
+def token_owners(tracked: Any) -> torch.Tensor:
+    """Which final token holds each input token ``(B, T0)`` int64, from :class:`TokenOwners` or a source map."""
+    if isinstance(tracked, TokenOwners):
+        return tracked.index
+    return tracked.argmax(dim=1)  # a source map (B, T, T0): each input token is in exactly one final token
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``out[b, j] = x[b, index[b, j]]`` for tokens ``x`` ``(B, T, C)``: one Gather of whole rows in an export."""
+    b, t, c = x.shape
+    offsets = torch.arange(b, device=x.device)[:, None] * t
+    return F.embedding(index + offsets, x.reshape(b * t, c))
+
+
+def _sizes(x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+    return size if size is not None else torch.ones_like(x[..., :1])
+
+
+# The outputs of each task from (model, final tokens, their sizes, tracked owners or source map, plan).
+def _classify(model: "ToMeModel", x, size, tracked, plan: TaskPlan) -> Tuple[torch.Tensor, ...]:
+    return (model.tome_head(x, size),)
+
+
+def _embed(model: "ToMeModel", x, size, tracked, plan: TaskPlan) -> Tuple[torch.Tensor, ...]:
+    pooled = model.tome_pooled(x, size)
+    return (F.normalize(pooled, dim=-1) if plan.normalize else pooled,)
+
+
+def _dense(model: "ToMeModel", x, size, tracked, plan: TaskPlan) -> Tuple[torch.Tensor, ...]:
+    features = gather_tokens(x, token_owners(tracked)[:, plan.prefix:])  # (B, patches, C)
+    if plan.grid is not None:
+        features = features.transpose(1, 2).reshape(x.shape[0], x.shape[2], *plan.grid)
+    return (features,)
+
+
+def _tokens(model: "ToMeModel", x, size, tracked, plan: TaskPlan) -> Tuple[torch.Tensor, ...]:
+    start = 0 if plan.keep_prefix else plan.prefix
+    sizes = _sizes(x, size)[:, start:, 0].round().to(torch.int64)
+    return x[:, start:], sizes, token_owners(tracked)[:, plan.prefix:] - start
+
+
+TASK_HEADS = {CLASSIFY: _classify, EMBED: _embed, DENSE: _dense, TOKENS: _tokens}
+
+
 class ToMeModel:
     """What every patched model class mixes in before its own class.
 
-    A family implements ``tome_features(x, trace_source) -> (tokens, size, source)`` and
-    ``tome_head(tokens, size)``; the forward passes are the same for all families.
+    A family implements ``tome_features(x, trace_source, blocks, final_norm) -> (tokens, size, source)``,
+    ``tome_head(tokens, size)`` and ``tome_pooled(tokens, size)`` (its embedding); the forward passes are the same
+    for all families and return what the model's :class:`TaskPlan` asks for.
     """
 
     tome: ToMeConfig
+    tome_task: TaskPlan = TaskPlan()
 
     @property
     def r(self) -> Tuple[int, ...]:
@@ -191,14 +269,24 @@ class ToMeModel:
         raise AttributeError(f"model.r is fixed when the model is patched: call tome_export.patch(model, {value!r}) "
                              f"again to re-configure (it keeps the weights)")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, size, _ = self.tome_features(x)
-        return self.tome_head(x, size)
+    def forward(self, x: torch.Tensor) -> Any:
+        """The task's output: one tensor, or a tuple for a task with several outputs (``tome_task.outputs``)."""
+        outputs = self.tome_outputs(x)
+        return outputs[0] if len(outputs) == 1 else outputs
 
-    def forward_with_source(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Logits and the source map: ``source[b, t, j] = 1`` when input token j is merged into token t."""
-        x, size, source = self.tome_features(x, trace_source=True)
-        return self.tome_head(x, size), source
+    def forward_with_source(self, x: torch.Tensor) -> Tuple[Any, torch.Tensor]:
+        """The forward's output and the source map: ``source[b, t, j] = 1`` when input token j is merged into
+        token t."""
+        *outputs, source = self.tome_outputs(x, trace_source=True)
+        return (outputs[0] if len(outputs) == 1 else tuple(outputs)), source
+
+    def tome_outputs(self, x: torch.Tensor, trace_source: bool = False) -> Tuple[torch.Tensor, ...]:
+        """The task's outputs in the order of their names, then (``trace_source``) the source map."""
+        plan = self.tome_task
+        track: Track = True if trace_source else (OWNERS if plan.name in (DENSE, TOKENS) else False)
+        x, size, tracked = self.tome_features(x, track, plan.blocks, plan.final_norm)
+        outputs = TASK_HEADS[plan.name](self, x, size, tracked, plan)
+        return outputs + ((tracked,) if trace_source else ())
 
 
 _PATCHED_CLASSES: dict = {}

@@ -48,3 +48,5 @@ class Family:
     # A small randomly initialised model of the family (few blocks, small images): what the registry's
     # conformance tests patch, export and compare, so a family is tested by registering it.
     example: Optional[Callable[[], Any]] = None
+    # Why a task (tome_export.tasks: embed, dense, tokens) does not apply to a model, or None when it does.
+    task_reason: Callable[[Any, str], Optional[str]] = lambda model, task: None

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..info import ModelInfo
 from ..preprocess import Preprocessing
-from .base import State, ToMeConfig, ToMeModel, attention, patch_model, run_blocks
+from .base import SizeBias, State, ToMeConfig, ToMeModel, Track, attention, patch_model, run_blocks
 from .family import Family
 from .hf_architectures import ARCHITECTURES, KINDS, VISION_TOWERS, Arch, Kind, Layout, unmergeable_reason
 from .hf_hub import build, pair, preprocessing, quiet_transformers, resolve
@@ -191,7 +191,7 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
 # --- forward ---------------------------------------------------------------------------------------------------
 
 
-def _self_attention(attn: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor],
+def _self_attention(attn: torch.nn.Module, x: torch.Tensor, bias: Optional[SizeBias],
                     layout: Layout) -> Tuple[torch.Tensor, torch.Tensor]:
     """A transformers attention module with the log-size bias, through ``attention``; also returns the keys."""
     b, n, _ = x.shape
@@ -246,7 +246,7 @@ def _attention_pool(head: torch.nn.Module, x: torch.Tensor, size: Optional[torch
         return out.view(b, -1, mha.num_heads, d).transpose(1, 2)
 
     q, k, v = project(head.probe.expand(b, -1, -1), 0), project(x, 1), project(x, 2)
-    bias = size.log()[:, None, None, :, 0] if size is not None else None
+    bias = SizeBias.of(size) if size is not None else None
     out = attention(q, k, v, bias, dropout_p=mha.dropout if mha.training else 0.0)
     out = mha.out_proj(out.transpose(1, 2).reshape(b, -1, c))
     out = out + head.mlp(head.layernorm(out))
@@ -271,20 +271,31 @@ _HEADS: Dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+# head name -> the input of its classifier, for the heads that classify (the others return an embedding already)
+_POOLED: Dict[str, Callable[..., torch.Tensor]] = {
+    "class_token": lambda m, bb, x, s, p: x[:, 0],
+    "distilled": lambda m, bb, x, s, p: (x[:, 0] + x[:, 1]) / 2,  # the class and distillation tokens, as timm's DeiT
+    "token_and_mean": lambda m, bb, x, s, p: torch.cat([x[:, 0], _weighted_mean(*_tail(x, s, p))], dim=1),
+    "patch_mean": lambda m, bb, x, s, p: _weighted_mean(*_tail(x, s, p)),
+}
+
+
 class ToMeTransformersMixin(ToMeModel):
     """Forward of a ToMe-patched transformers vision model (mixed in before the model's own class)."""
 
     tome: ToMeConfig
 
     def tome_features(
-        self, x: torch.Tensor, trace_source: bool = False
+        self, x: torch.Tensor, trace_source: Track = False, blocks: Optional[int] = None, final_norm: bool = True
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Tokens as the backbone's last_hidden_state, their sizes ``(B, T, 1)`` and optionally their sources."""
+        """Tokens as the backbone's last_hidden_state (``blocks``: as ``hidden_states[blocks]``, with the final norm
+        where ``final_norm`` and the backbone has one), their sizes ``(B, T, 1)`` and optionally their sources."""
         arch = _arch(self)
         backbone, kind = _backbone(self, arch), KINDS[arch.kind]
         x = _embed(backbone, kind, x.to(next(backbone.embeddings.parameters()).dtype))  # as transformers casts
-        x, size, source = run_blocks(_layers(backbone, kind), functools.partial(_layer, kind.layout), x, trace_source)
-        if kind.final_norm:
+        layers = list(_layers(backbone, kind))[:blocks]
+        x, size, source = run_blocks(layers, functools.partial(_layer, kind.layout), x, trace_source)
+        if kind.final_norm and final_norm:
             x = getattr(backbone, kind.final_norm)(x)
         return x, size, source
 
@@ -293,6 +304,14 @@ class ToMeTransformersMixin(ToMeModel):
         arch = _arch(self)
         backbone = _backbone(self, arch)
         return _HEADS[arch.head](self, backbone, x, size, _num_protected(backbone, arch))
+
+    def tome_pooled(self, x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+        """The embedding: what a bare model's head returns (pooler, class token, CLIP's pooled or projected
+        embedding, SigLIP's attention pool), or the input of a classifier head."""
+        arch = _arch(self)
+        backbone = _backbone(self, arch)
+        pooled = _POOLED.get(arch.head, _HEADS[arch.head])
+        return pooled(self, backbone, x, size, _num_protected(backbone, arch))
 
 
 def patch(model: torch.nn.Module, cfg: ToMeConfig) -> torch.nn.Module:

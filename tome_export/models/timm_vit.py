@@ -19,7 +19,9 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..info import ModelInfo
 from ..preprocess import Preprocessing
-from .base import State, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
+from ..kernels.attention import padded_heads_attention
+from .base import (SizeBias, State, Track, attention, ToMeConfig, ToMeModel, patch_model, run_blocks,
+                   uses_padded_heads)
 from . import digits_vit
 from .checkpoint import hub_reachable, read_state_dict
 from .family import Family
@@ -119,14 +121,20 @@ def model_info(model: VisionTransformer, img_size: Optional[Tuple[int, int]] = N
     )
 
 
-def _attention(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _attention(attn: Attention, x: torch.Tensor, bias: Optional[SizeBias]) -> Tuple[torch.Tensor, torch.Tensor]:
     """timm Attention with an additive logit bias (proportional attention); also returns the keys."""
     b, n, _ = x.shape
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+    if attn.gate is None and isinstance(attn.norm, torch.nn.Identity) and uses_padded_heads(x, bias):
+        out, k = padded_heads_attention(x, (attn.qkv.weight, attn.qkv.bias), (attn.proj.weight, attn.proj.bias),
+                                        attn.num_heads, bias.log, bias.channels, (attn.q_norm, attn.k_norm),
+                                        dropout_p)
+        return attn.proj_drop(out), k
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
     qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    x = attention(q, k, v, bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    x = attention(q, k, v, bias, dropout_p=dropout_p)
     x = x.transpose(1, 2).reshape(b, n, attn.attn_dim)
     x = attn.norm(x)
     if gate is not None:
@@ -151,15 +159,16 @@ class ToMeVisionTransformerMixin(ToMeModel):
     tome: ToMeConfig
 
     def tome_features(
-        self, x: torch.Tensor, trace_source: bool = False
+        self, x: torch.Tensor, trace_source: Track = False, blocks: Optional[int] = None, final_norm: bool = True
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Tokens after the final norm, their sizes ``(B, T, 1)`` and optionally their sources ``(B, T, T0)``."""
+        """Tokens after the first ``blocks`` blocks (None: all) and the final norm, their sizes ``(B, T, 1)`` and
+        optionally what :func:`run_blocks` tracks (the sources ``(B, T, T0)``)."""
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        x, size, source = run_blocks(self.blocks, _block, x, trace_source)
-        return self.norm(x), size, source
+        x, size, source = run_blocks(list(self.blocks)[:blocks], _block, x, trace_source)
+        return (self.norm(x) if final_norm else x), size, source
 
     def tome_head(self, x: torch.Tensor, size: Optional[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
         """The model's head; pooling weighs each token by its size (as if its patches were all still there)."""
@@ -177,8 +186,29 @@ class ToMeVisionTransformerMixin(ToMeModel):
         pooled = self.head_drop(self.fc_norm(pooled))
         return pooled if pre_logits else self.head(pooled)
 
+    def tome_pooled(self, x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+        """The embedding: the pooled tokens before the classifier, or a CLIP tower's image projection (timm keeps it
+        as the head)."""
+        pooled = self.tome_head(x, size, pre_logits=True)
+        return self.head(pooled) if clip_projection(self) else pooled
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.tome_features(x)[0]
+
+
+def clip_projection(model: VisionTransformer) -> bool:
+    """Whether the head is a CLIP tower's image projection (timm loads it as the head of the image-text weights,
+    e.g. ``.openai``, ``.laion2b``), not a classifier fine-tuned on top (tags with ``ft``)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return "_clip_" in cfg.get("architecture", "") and "ft" not in (cfg.get("tag") or "ft").split("_") \
+        and isinstance(model.head, torch.nn.Linear)
+
+
+def task_reason(model: VisionTransformer, task: str) -> Optional[str]:
+    """Why ``task`` does not apply to this model (None when it does)."""
+    if task == "embed" and model.global_pool == "":
+        return "it has no pooling (global_pool=''): there is no pooled embedding; use --task tokens or dense"
+    return None
 
 
 def patch(model: VisionTransformer, cfg: ToMeConfig) -> VisionTransformer:
@@ -293,5 +323,5 @@ FAMILY = Family(
     load_checkpoint=load_checkpoint, claims=claims, unsupported_reason=unsupported_reason,
     model_info=model_info, preprocessing=lambda model: Preprocessing.from_config(data_config(model)), patch=patch,
     aliases=ALIASES, names=names, verified=VERIFIED, libraries=("timm",),
-    manifest_fields=manifest_fields, example=example,
+    manifest_fields=manifest_fields, example=example, task_reason=task_reason,
 )

@@ -25,7 +25,9 @@ from torchvision.transforms._presets import ImageClassification
 from ..errors import UserError
 from ..info import ModelInfo
 from ..preprocess import Preprocessing
-from .base import State, attention, ToMeConfig, ToMeModel, patch_model, run_blocks
+from ..kernels.attention import padded_heads_attention
+from .base import (SizeBias, State, Track, attention, ToMeConfig, ToMeModel, patch_model, run_blocks,
+                   uses_padded_heads)
 from .checkpoint import read_state_dict, url_reachable
 from .family import Family
 
@@ -216,9 +218,13 @@ def data_config(model: VisionTransformer) -> Dict[str, Any]:
     return transforms_config(weights, model.image_size)
 
 
-def _attention(mha: torch.nn.MultiheadAttention, x: torch.Tensor, bias: Optional[torch.Tensor]):
+def _attention(mha: torch.nn.MultiheadAttention, x: torch.Tensor, bias: Optional[SizeBias]):
     """``nn.MultiheadAttention`` self-attention with an additive logit bias; also returns the keys."""
     b, n, c = x.shape
+    if uses_padded_heads(x, bias):
+        return padded_heads_attention(x, (mha.in_proj_weight, mha.in_proj_bias),
+                                      (mha.out_proj.weight, mha.out_proj.bias), mha.num_heads, bias.log,
+                                      bias.channels, dropout_p=mha.dropout if mha.training else 0.0)
     qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
     q, k, v = qkv.reshape(b, n, 3, mha.num_heads, mha.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     out = attention(q, k, v, bias, dropout_p=mha.dropout if mha.training else 0.0)
@@ -241,19 +247,24 @@ class ToMeVisionTransformerMixin(ToMeModel):
     tome: ToMeConfig
 
     def tome_features(
-        self, x: torch.Tensor, trace_source: bool = False
+        self, x: torch.Tensor, trace_source: Track = False, blocks: Optional[int] = None, final_norm: bool = True
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Tokens after the final norm, their sizes ``(B, T, 1)`` and optionally their sources ``(B, T, T0)``."""
+        """Tokens after the first ``blocks`` encoder layers (None: all) and the final norm, their sizes
+        ``(B, T, 1)`` and optionally what :func:`run_blocks` tracks (the sources ``(B, T, T0)``)."""
         x = self._process_input(x)
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.encoder.dropout(x + self.encoder.pos_embedding)
-        x, size, source = run_blocks(self.encoder.layers, _block, x, trace_source)
-        return self.encoder.ln(x), size, source
+        x, size, source = run_blocks(list(self.encoder.layers)[:blocks], _block, x, trace_source)
+        return (self.encoder.ln(x) if final_norm else x), size, source
 
     def tome_head(self, x: torch.Tensor, size: Optional[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
         """The class-token head (sizes do not matter for it)."""
         x = x[:, 0]
         return self.heads[:-1](x) if pre_logits else self.heads(x)
+
+    def tome_pooled(self, x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+        """The embedding: the class token after the final norm (and the pre-logits layer, where there is one)."""
+        return self.tome_head(x, size, pre_logits=True)
 
 
 def patch(model: VisionTransformer, cfg: ToMeConfig) -> VisionTransformer:

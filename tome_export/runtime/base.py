@@ -63,7 +63,8 @@ def _close_open_runners() -> None:
 
 
 class Runner:
-    """Runs one artifact. ``runner(batch) -> logits``; ``runner.infer(batch) -> {output name: array}``.
+    """Runs one artifact. ``runner(batch) -> its first output`` (logits, embeddings, features or tokens, as its task
+    says); ``runner.infer(batch) -> {output name: array}``.
 
     ``extra_outputs``: names of intermediate tensors to return as well (where the backend can expose them),
     e.g. the merge-decision tensors. Use as a context manager, or call :meth:`close`, to free the backend's
@@ -93,6 +94,7 @@ class Runner:
         self.dtype = np.dtype(io.input.dtype)
         self.preprocessing = io.preprocessing
         self.output_names: List[str] = list(io.outputs) + [n for n in extra_outputs if n not in io.outputs]
+        self.primary = io.outputs[0] if io.outputs else OUTPUT_NAME  # what ``runner(batch)`` returns
         self.closed = False
         self._serial = threading.Lock()
         self._calls = 0  # calls inside the backend now
@@ -124,8 +126,9 @@ class Runner:
         return np.ascontiguousarray(batch)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """Logits ``(N, classes)`` of a preprocessed batch ``(N, C, H, W)``."""
-        return self._run(self.check(batch), [OUTPUT_NAME])[OUTPUT_NAME]
+        """The first output of a preprocessed batch ``(N, C, H, W)``: logits ``(N, classes)`` for a classifier,
+        else its task's first output (``embeddings``, ``features``, ``tokens``)."""
+        return self._run(self.check(batch), [self.primary])[self.primary]
 
     def infer(self, batch: np.ndarray, outputs: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
         """Named outputs of a preprocessed batch: ``outputs`` (default: every output, extra outputs included)."""
@@ -138,7 +141,7 @@ class Runner:
         return self._run(self.check(batch), names)
 
     def run_many(self, batches: Sequence[np.ndarray]) -> List[np.ndarray]:
-        """Logits of several batches; in throughput mode backends overlap them (batch serving)."""
+        """The first output of several batches; in throughput mode backends overlap them (batch serving)."""
         checked = [self.check(b) for b in batches]
         with self._call(), (contextlib.nullcontext() if self.concurrent else self._serial):
             return self._infer_many(checked)
@@ -175,7 +178,7 @@ class Runner:
         raise NotImplementedError
 
     def _infer_many(self, batches: Sequence[np.ndarray]) -> List[np.ndarray]:  # backends may overlap requests
-        return [self._infer(b, [OUTPUT_NAME])[OUTPUT_NAME] for b in batches]
+        return [self._infer(b, [self.primary])[self.primary] for b in batches]
 
     def environment(self) -> Dict[str, Any]:
         """What this runner's results depend on beyond the artifact: the runner, the CPU (model, feature flags,

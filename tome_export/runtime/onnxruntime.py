@@ -17,7 +17,6 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from ..errors import UserError
-from ..graph_names import OUTPUT_NAME
 from ..onnx_files import external_locations, needs_external_data, refuse_outside_data, save_onnx
 from .base import ArtifactIO, Runner
 
@@ -124,7 +123,7 @@ class OnnxRuntimeRunner(Runner):
         if self.streams == 1:
             return super()._infer_many(batches)
         with ThreadPoolExecutor(self.streams) as pool:  # ORT releases the GIL while it runs
-            return list(pool.map(lambda b: self._infer(b, [OUTPUT_NAME])[OUTPUT_NAME], batches))
+            return list(pool.map(lambda b: self._infer(b, [self.primary])[self.primary], batches))
 
     def profile(self, batch: np.ndarray) -> List[Dict[str, Any]]:
         """ONNX Runtime's profiler events of one run of ``batch`` in a fresh session with the same settings."""

@@ -11,7 +11,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ..errors import UserError
-from ..graph_names import OUTPUT_NAME
 from .base import ArtifactIO, Runner
 from .machine import cpu_description, describe_cpu
 
@@ -68,7 +67,7 @@ class OpenVINORunner(Runner):
                             f"CPU ({describe_cpu(cpu_description())}): {_last_line(exc)}; run it on a CPU like the "
                             f"one it was validated on (tome-export inspect shows it)") from None
         self.output_index = {name: i for i, port in enumerate(self.compiled.outputs) for name in port.get_names()}
-        self.output_index.setdefault(OUTPUT_NAME, 0)
+        self.output_index.setdefault(self.primary, 0)
         self.ports = {name: self.compiled.output(i) for name, i in self.output_index.items()}
         self.output_names = [n for n in self.output_names if n in self.ports]
         self.request = self.compiled.create_infer_request()
@@ -83,11 +82,11 @@ class OpenVINORunner(Runner):
         import openvino as ov
 
         results: List[Optional[np.ndarray]] = [None] * len(batches)
-        logits = self.output_index[OUTPUT_NAME]
+        first = self.output_index[self.primary]
         requests = ov.AsyncInferQueue(self.compiled, self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         requests.set_callback(_store_output)
         for i, batch in enumerate(batches):
-            requests.start_async({0: batch}, userdata=(results, i, logits))
+            requests.start_async({0: batch}, userdata=(results, i, first))
         requests.wait_all()
         return results  # type: ignore[return-value]
 

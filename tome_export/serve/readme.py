@@ -18,16 +18,28 @@ TESTED = ("tome-export's tests serve Python-backend repositories on a real `trit
           "wheel and were not run: their configurations are checked against Triton's ModelConfig schema and against "
           "the graph's names and dimensions, and their parameters follow the backends' source.")
 
+# What each task's outputs are, for the README's reader.
+OUTPUT_MEANING = {
+    "classify": "the output is raw logits (apply a softmax for probabilities)",
+    "embed": "the output is one pooled embedding per image (compare them by cosine similarity)",
+    "dense": "the output holds every patch's features on the input grid, row-major (each patch gets the features "
+             "of the merged token that holds it)",
+    "tokens": "the outputs are the merged tokens, each token's size (patches it holds) and, per patch, the index of "
+              "the token holding it (row-major over the grid)",
+}
+
+
 def validation_line(manifest: Manifest) -> str:
     v = manifest.validation
     if not v:
         return "no validation recorded"
+    agreement = (f"top-1 agreement {v['top1_agreement']:.3f}" if "top1_agreement" in v else
+                 f"mean vector cosine {v.get('mean_vector_cosine', float('nan')):.5f}")
     return (f"{v.get('backend')}: max |diff| {v.get('max_abs_diff', float('nan')):.2e}, min cosine "
-            f"{v.get('min_cosine', float('nan')):.5f}, top-1 agreement {v.get('top1_agreement', float('nan')):.3f} "
-            f"vs PyTorch ToMe on {v.get('images')} photos")
+            f"{v.get('min_cosine', float('nan')):.5f}, {agreement} vs PyTorch ToMe on {v.get('images')} photos")
 
 
-def _io_lines(plan: ModelPlan) -> List[str]:
+def _io_lines(plan: ModelPlan, task: str = "classify") -> List[str]:
     batched = plan.batching.max_batch_size > 0
     lines = []
     for kind, specs in (("input", plan.inputs), ("output", plan.outputs)):
@@ -37,7 +49,7 @@ def _io_lines(plan: ModelPlan) -> List[str]:
                          (" (plus the batch dimension)" if batched else ""))
     lines.append(f"- batching: max_batch_size {plan.batching.max_batch_size}; {plan.batching.reason}" +
                  (f"; dynamic batching waits up to {plan.queue_delay_us} µs to fill a batch" if plan.batching.dynamic else ""))
-    lines.append("- the output is raw logits (apply a softmax for probabilities)")
+    lines.append(f"- {OUTPUT_MEANING.get(task, OUTPUT_MEANING['classify'])}")
     return lines
 
 
@@ -50,6 +62,14 @@ def _preprocessing_lines(manifest: Manifest) -> List[str]:
 
 
 def _client_lines(plan: ModelPlan) -> List[str]:
+    first = plan.outputs[0].name
+    if first == "logits":
+        use = [f"logits = client.infer(\"{plan.name}\", [request]).as_numpy(\"{first}\")",
+               "print(np.argsort(-logits, axis=1)[:, :5])  # top-5 class indices per image"]
+    else:
+        use = [f"result = client.infer(\"{plan.name}\", [request])",
+               *[f"{o.name} = result.as_numpy(\"{o.name}\")  # {o.dtype}, dims {list(o.shape[1:])} per image"
+                 for o in plan.outputs]]
     return ["```python",
             "import numpy as np, tritonclient.http as triton_http",
             "from tome_export.serve.triton import preprocessing_from_parameters",
@@ -61,8 +81,7 @@ def _client_lines(plan: ModelPlan) -> List[str]:
                                                       f"  # exactly {plan.inputs[0].shape[0]} image(s) per request"),
             f"request = triton_http.InferInput(\"{plan.inputs[0].name}\", list(batch.shape), \"FP32\")",
             "request.set_data_from_numpy(batch)",
-            f"logits = client.infer(\"{plan.name}\", [request]).as_numpy(\"{plan.outputs[0].name}\")",
-            "print(np.argsort(-logits, axis=1)[:, :5])  # top-5 class indices per image",
+            *use,
             "```",
             "",
             f"or, from the tome-export source tree: `python examples/triton_client.py --model {plan.name} photo.jpg`"]
@@ -105,7 +124,8 @@ LIMITS = [
 
 def render_readme(plan: ModelPlan, manifest: Manifest, artifact: Path, repository: Path) -> str:
     model = manifest.model
-    title = (f"{model.get('alias')} ToMe r {list(manifest.r_schedule)}, {manifest.target} {manifest.precision}, "
+    task = "" if manifest.task.name == "classify" else f", task {manifest.task.describe()}"
+    title = (f"{model.get('alias')} ToMe r {list(manifest.r_schedule)}, {manifest.target} {manifest.precision}{task}, "
              f"Triton {plan.backend} backend")
     settings = ", ".join([f"{k}={v}" for k, v in plan.parameters.items()
                           if not k.startswith(("preprocessing.", "tome_export."))]
@@ -114,7 +134,7 @@ def render_readme(plan: ModelPlan, manifest: Manifest, artifact: Path, repositor
              f"Written by tome-export {__version__} from `{os.path.abspath(artifact)}` ({model.get('source', 'timm')} "
              f"{manifest.upstream_name}, weights {model.get('weights')}). Validated when built: {validation_line(manifest)}.",
              "", "## Serve", "", *_server_lines(plan, manifest, repository),
-             "", "## Inputs and outputs", "", *_io_lines(plan),
+             "", "## Inputs and outputs", "", *_io_lines(plan, manifest.task.name),
              "", "## Preprocessing (the client's job)", "", *_preprocessing_lines(manifest),
              "", "## Client", "", *_client_lines(plan),
              "", "## Settings", "",

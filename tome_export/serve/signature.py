@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import UserError
 from ..manifest import Manifest
 from ..targets import get_target
+from ..tasks import output_dtype
 
 
 @dataclass(frozen=True)
@@ -118,14 +119,16 @@ def openvino_signature(path: Path) -> Signature:
 
 def manifest_signature(manifest: Manifest, graph_file: str) -> Signature:
     """Inputs and outputs of a compiled package that no tool here reads without running it (an AOTInductor
-    ``.pt2``): what its build exported and validated, from the manifest. fp32 images in; fp32 logits
-    ``(batch, classes)`` and, where traced, the source map ``(batch, final tokens, tokens)`` out."""
+    ``.pt2``): what its build exported and validated, from the manifest. fp32 images in; the outputs with the shapes
+    the manifest records (manifests before tasks: fp32 logits ``(batch, classes)`` and, where traced, the source map
+    ``(batch, final tokens, tokens)``)."""
     batch = -1 if manifest.input.dynamic_batch else int(manifest.input.shape[0])
     shapes = {"logits": (batch, int(manifest.num_classes or -1)),
               "source": (batch, int((manifest.tokens_per_block or (-1,))[-1]), int(manifest.num_tokens or -1))}
+    shapes.update({name: (batch, *(int(d) for d in shape[1:])) for name, shape in manifest.output_shapes.items()})
     images = TensorSpec(manifest.input.name, manifest.input.dtype, (batch, *manifest.input.image_shape))
-    return Signature((images,), tuple(TensorSpec(n, "float32", shapes.get(n, (batch, -1))) for n in manifest.outputs),
-                     graph_file)
+    return Signature((images,), tuple(TensorSpec(n, output_dtype(n), shapes.get(n, (batch, -1)))
+                                      for n in manifest.outputs), graph_file)
 
 
 def artifact_signature(directory: Path, manifest: Manifest) -> Signature:

@@ -232,7 +232,7 @@ def plan_model(directory: Path, manifest: Manifest, options: TritonOptions) -> M
         raise UserError(f"--variant {options.variant!r}: choose {' or '.join(VARIANTS)}")
     check_options(options)
     signature = artifact_signature(directory, manifest)
-    outputs = tuple(signature.output(name) for name in manifest.outputs[:1])
+    outputs = tuple(signature.output(name) for name in manifest.task_outputs)
     batch = batching(manifest, signature, options)
     if options.variant == "python":
         chosen = _python_plan(directory, manifest, options)
@@ -250,8 +250,8 @@ def plan_model(directory: Path, manifest: Manifest, options: TritonOptions) -> M
                                 f"the load",)
     unserved = [o.name for o in signature.outputs if o.name not in {spec.name for spec in outputs}]
     if unserved:
-        chosen["notes"] += (f"only {outputs[0].name} is served; the graph's other outputs ({', '.join(unserved)}) "
-                            f"are for local inspection (tome-export visualize --artifact)",)
+        chosen["notes"] += (f"only {', '.join(o.name for o in outputs)} served; the graph's other outputs "
+                            f"({', '.join(unserved)}) are for local inspection (tome-export visualize --artifact)",)
     chosen["parameters"] = {**chosen["parameters"], **_common_parameters(manifest)}
     return ModelPlan(name=model_name(directory, options.name), variant=options.variant, inputs=signature.inputs,
                      outputs=outputs, batching=batch, queue_delay_us=options.queue_delay_us, **chosen)

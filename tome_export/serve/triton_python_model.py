@@ -47,7 +47,7 @@ class TritonPythonModel:
         threads = int(parameters["threads"]) if parameters.get("threads") else None
         self.runner = runtime.load(ARTIFACT, threads=threads)
         self.input_name = config["input"][0]["name"]
-        self.output_name = config["output"][0]["name"]
+        self.output_names = [output["name"] for output in config["output"]]
         self.batched = int(config.get("max_batch_size", 0)) > 0
         self.largest_batch = int(config["max_batch_size"]) if self.batched else (self.runner.batch_size or 1)
 
@@ -80,16 +80,18 @@ class TritonPythonModel:
                 responses[i] = _error(f"the model failed ({type(exc).__name__}: {exc})", "INTERNAL")
             return responses
         for (i, _), part in zip(checked, parts):
-            output = pb_utils.Tensor.from_dlpack(self.output_name, np.ascontiguousarray(part))
-            responses[i] = pb_utils.InferenceResponse(output_tensors=[output])
+            tensors = [pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(part[name])) for name in self.output_names]
+            responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
         return responses
 
     def _run(self, batches):
-        """Logits of each request's batch; one batch for all of them where the model batches requests."""
+        """Each request's outputs by name; one batch for all of them where the model batches requests."""
         if self.batched and len(batches) > 1:
-            logits = self.runner(np.concatenate(batches))
-            return np.split(logits, np.cumsum([len(batch) for batch in batches])[:-1])
-        return [self.runner(batch) for batch in batches]
+            outputs = self.runner.infer(np.concatenate(batches), self.output_names)
+            ends = np.cumsum([len(batch) for batch in batches])[:-1]
+            split = {name: np.split(value, ends) for name, value in outputs.items()}
+            return [{name: split[name][j] for name in self.output_names} for j in range(len(batches))]
+        return [self.runner.infer(batch, self.output_names) for batch in batches]
 
 
 def _error(message, code):

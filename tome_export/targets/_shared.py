@@ -7,7 +7,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..graph_names import OUTPUT_NAME
 from ..quality.calibration import calibrate
 from ..quality.decisions import Decisions, merge_decision_report, torch_merge_decisions
 from ..quality.validate import validate_against_torch
@@ -18,9 +17,10 @@ SAME_GRAPH = "same graph: this precision step never touches the ToMe nodes"
 
 
 def validate(ctx: BuildContext, runner: Runner, what: str) -> Dict[str, Any]:
-    """Logits of the artifact's runner vs the PyTorch ToMe model on the photos, against the recipe's thresholds
-    (images whose merge decisions rest on a near-tie reported apart)."""
-    return validate_against_torch(ctx.model, lambda x: runner.infer(x, [OUTPUT_NAME]), ctx.validation_batches(),
+    """The task's outputs of the artifact's runner vs the PyTorch ToMe model on the photos, against the recipe's
+    thresholds (images whose merge decisions rest on a near-tie reported apart)."""
+    outputs = list(ctx.plan.task.outputs)
+    return validate_against_torch(ctx.model, lambda x: runner.infer(x, outputs), ctx.validation_batches(),
                                   ctx.settings.validation.thresholds(), what)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 from ..errors import UserError
-from ..graph_names import INPUT_NAME, OUTPUT_NAME, SOURCE_NAME
+from ..graph_names import INPUT_NAME, SOURCE_NAME
 from ..info import ModelInfo
 from ..manifest import InputSpec
 from ..preprocess import Preprocessing
@@ -30,6 +30,7 @@ from ..quality.validate import DEFAULT_IMAGES, Thresholds, validation_batches
 from ..recipe import Recipe
 from ..runtime.base import ArtifactIO
 from ..schedule import Schedule
+from ..tasks import Task
 
 if TYPE_CHECKING:  # the build's model objects; this module stays importable without torch
     import numpy as np
@@ -194,10 +195,12 @@ class BuildPlan:
     merge_impl: str = "gather"  # resolved: option, else the recipe's, else the target's default
     trace_source: bool = False
     validation_images: int = DEFAULT_IMAGES
+    task: Task = Task()  # what the artifact outputs (checked; resolved against the model in the manifest)
 
     @property
     def outputs(self) -> Tuple[str, ...]:
-        return (OUTPUT_NAME, SOURCE_NAME) if self.trace_source else (OUTPUT_NAME,)
+        """The artifact's outputs: the task's, then ``source`` where traced."""
+        return self.task.outputs + ((SOURCE_NAME,) if self.trace_source else ())
 
     def input_spec(self, image_shape: Sequence[int]) -> InputSpec:
         """The artifact's input for images of ``image_shape`` (C, H, W)."""

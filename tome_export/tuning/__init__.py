@@ -38,7 +38,8 @@ def _request(request: Optional[TuneRequest], fields: Dict[str, Any]) -> TuneRequ
     if request is not None:
         return dataclasses.replace(request, **fields) if fields else request
     budget = fields.pop("budget", None) or Budget(**{k: fields.pop(k) for k in
-                                                     ("max_accuracy_drop", "min_agreement", "max_latency_ms")
+                                                     ("max_accuracy_drop", "min_agreement", "max_latency_ms",
+                                                      "min_cosine")
                                                      if k in fields})
     if isinstance(fields.get("timing"), dict):
         fields["timing"] = TimingSettings(**fields["timing"])
@@ -46,44 +47,68 @@ def _request(request: Optional[TuneRequest], fields: Dict[str, Any]) -> TuneRequ
         fields["precisions"] = tuple(fields["precisions"])
     if fields.get("output") is not None:
         fields["output"] = Path(fields["output"])
+    if isinstance(fields.get("task"), str):
+        from ..tasks import as_task
+
+        fields["task"] = as_task(fields["task"])
     return TuneRequest(budget=budget, **fields)
 
 
-def tune(request: Optional[TuneRequest] = None, log: Log = lambda msg: None, **fields: Any) -> TuneResult:
+def tune(request: Optional[TuneRequest] = None, log: Log = lambda msg: None, cluster: Optional[str] = None,
+         **fields: Any) -> TuneResult:
     """Search r schedules x precisions for the fastest artifact within the budget on this machine, and write it.
 
     Give a :class:`TuneRequest`, or its fields as keywords, e.g.
     ``tune(model="digits_vit", target="openvino", max_accuracy_drop=1.0, data="digits", output="out")``.
-    ``log`` receives one line per step. Bad input raises :class:`~tome_export.errors.UserError` before any
-    model is loaded; when nothing can be built at all, :class:`~tome_export.errors.ValidationError`.
+    ``log`` receives one line per step. ``cluster``: build and evaluate the candidates on Ray, and time them on
+    one of its nodes (:data:`~tome_export.bench.executors.CLUSTER_HELP`); the winner is written here. Bad input
+    raises :class:`~tome_export.errors.UserError` before any model is loaded; when nothing can be built at all,
+    :class:`~tome_export.errors.ValidationError`.
     """
+    from ..bench.cluster import open_executor
+    from ..bench.executors import check_cluster
     from ..bench.harness import modules
     from ..bench.timing import machine, versions
+
+    started = time.perf_counter()
+    checked: CheckedRequest = check_request(_request(request, fields))
+    check_cluster(cluster)
+    environment = {"machine": machine(), "versions": versions(modules()), "load_start": list(os.getloadavg())}
+    with open_executor(cluster, log) as executor:
+        return _search_and_write(checked, log, started, executor, environment)
+
+
+def _search_and_write(checked: CheckedRequest, log: Log, started: float, executor: Any,
+                      environment: Dict[str, Any]) -> TuneResult:
+    from .candidates import listening
     from .measure import Workbench
     from .report import tune_section
     from .search import Candidate, constant_family, run_search
     from .select import choose
 
-    started = time.perf_counter()
-    checked: CheckedRequest = check_request(_request(request, fields))
     request = checked.request
-    environment = {"machine": machine(), "versions": versions(modules()), "load_start": list(os.getloadavg())}
-    bench = Workbench(checked, log, started=started)
-    baseline = Candidate("fp32", constant_family(bench.shape)[0])
-    bench.probe(baseline, force=True)  # always: the reference for speed-ups and the fallback to ship
-    search = run_search(bench.shape, precision_order(checked.precisions), bench.screen, bench.probe)
-    if search.stopped:
-        bench.say(f"search stopped early: {search.stopped}")
-    timing = bench.time_built()
-    evaluations = list(bench.evaluations.values())
-    decision = choose(evaluations, request.budget, checked.precisions,
-                      bench.evaluations[("fp32", baseline.schedule.blocks)], request.tie_tolerance)
-    if decision.winner.status != "evaluated":
-        raise ValidationError(f"nothing could be built: fp32 r=0 failed ({decision.winner.reason})")
-    section = tune_section(request=request, checked=checked, bench=bench, decision=decision, search=search,
-                           timing=timing, environment=environment)
-    bench.say(f"winner {decision.winner.candidate.key}: {decision.reason}")
-    path = write_output(request.output, decision.winner.directory, section, request.model)
+    bench = Workbench(checked, log, started=started, executor=executor)
+    with listening(bench.setting, bench.eval, bench.say):
+        baseline = Candidate("fp32", constant_family(bench.shape)[0])
+        bench.probe(baseline, force=True)  # always: the reference for speed-ups and the fallback to ship
+        search = run_search(bench.shape, precision_order(checked.precisions), bench.screen, bench.probe,
+                            bench.look_ahead)
+        if search.stopped:
+            bench.say(f"search stopped early: {search.stopped}")
+        timing = bench.time_built()
+        decision = choose(list(bench.evaluations.values()), request.budget, checked.precisions,
+                          bench.evaluations[("fp32", baseline.schedule.blocks)], request.tie_tolerance)
+        if decision.winner.status != "evaluated":
+            raise ValidationError(f"nothing could be built: fp32 r=0 failed ({decision.winner.reason})")
+        if executor.kind != "in-process":
+            environment = {**environment, "cluster": executor.describe()}
+        section = tune_section(request=request, checked=checked, bench=bench, decision=decision, search=search,
+                               timing=timing, environment=environment)
+        bench.say(f"winner {decision.winner.candidate.key}: {decision.reason}")
+        files, again = bench.winner_files(decision.winner)
+        section["winner"]["files"] = ("built again on this machine; the same sha256 as the build that was measured"
+                                      if again else "the build that was measured")
+        path = write_output(request.output, files, section, request.model)
     return TuneResult(path, section, decision.met_budget)
 
 

@@ -1,31 +1,32 @@
 """What the search's probes measure: the model and its fp32 r=0 reference, the evaluation images, eager fp32
 screens, candidates built (once, cached) and evaluated through their own runners, and the final side-by-side
-timing of every built candidate. The time budget is enforced here: a probe that would not leave room for the
-final timing and the output raises :class:`~.search.OutOfTime`.
+timing of every built candidate. Builds, quality passes and the timing are jobs (:mod:`.candidates`) that an
+executor runs: in this process, or on a cluster, where builds run on any node, the search's next probes may
+start before they are asked for (:meth:`Workbench.look_ahead`), and the timing has a node to itself. The time
+budget is enforced here: a probe that would not leave room for the final timing and the output raises
+:class:`~.search.OutOfTime`.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import UserError, ValidationError
-from ..manifest import MANIFEST, read_manifest
-from ..pipeline import BuildRequest, build
-from ..bench import quality as bench_quality
 from ..bench.config import DIGITS_ALIAS, DIGITS_MODEL, ModelConfig
-from ..bench.subjects import ArtifactSubject, LoadedModel, TorchSubject, load_model
-from ..bench.timing import measure_interleaved
-from ..quality.calibration import BUNDLED, calibration_batches
-from .request import DIGITS_DATA, CheckedRequest, TuneRequest
+from ..bench.executors import Executor, Job, Outcome
+from ..bench.subjects import TorchSubject, load_model
+from .candidates import (ProbeWork, Setting, TimingWork, default_cache, eval_set, evaluate_candidate, failure_reason,
+                         local_artifact, quality_figures, request_r_label, task_figures,
+                         time_candidates)
+from .request import CheckedRequest, TuneRequest
 from .search import Candidate, OutOfTime, Schedule, Shape
+
+__all__ = ["Evaluation", "Workbench", "default_cache", "eval_set", "model_config", "quality_figures",
+           "request_r_label"]
 
 Log = Callable[[str], None]
 # The embedded digits case's training when no checkpoint is given (the benchmark's settings).
@@ -45,10 +46,12 @@ class Evaluation:
     seconds: float  # build (unless cached) and quality pass
     status: str = "evaluated"  # evaluated | failed
     reason: Optional[str] = None
-    directory: Optional[Path] = None
+    directory: Optional[Path] = None  # on the machine that built it
     cached: bool = False
     batch_ms_hint: float = 0.0  # from the quality pass: sizes the time reserve, never reported as a measurement
     timing: Dict[str, Any] = field(default_factory=dict)
+    identity: Dict[str, str] = field(default_factory=dict)  # sha256 of its files (how it is found again elsewhere)
+    built_on: Optional[str] = None  # the machine that built it
 
 
 def model_config(request: TuneRequest) -> ModelConfig:
@@ -64,54 +67,15 @@ def model_config(request: TuneRequest) -> ModelConfig:
                        kwargs=tuple(sorted(request.model_kwargs.items())), train=train)
 
 
-def default_cache() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return root / "tome-export" / "tune"
-
-
-def eval_set(request: TuneRequest, loaded: LoadedModel, digits_seed: int) -> bench_quality.EvalSet:
-    """Labelled images for an accuracy budget; calibration-style images for an agreement budget (augmented with
-    another seed than int8 calibration uses, so they are not the very images a quantizer saw)."""
-    if request.data == DIGITS_DATA:
-        return bench_quality.digits_set(digits_seed)
-    if request.data is not None:
-        return bench_quality.imagefolder_set(Path(request.data), loaded.preprocessing, loaded.info.num_classes,
-                                             request.max_images)
-    batches = calibration_batches(loaded.preprocessing, request.eval_images, 1, data_dir=request.calib_data,
-                                  augment=True, seed=request.seed + 1)
-    source = str(request.calib_data) if request.calib_data is not None else BUNDLED
-    return bench_quality.EvalSet(f"{request.eval_images} calibration-style images from {source} (augmented, "
-                                 f"seed {request.seed + 1}; unlabelled)", np.concatenate(batches))
-
-
-def quality_figures(reference: np.ndarray, logits: np.ndarray, labels: Optional[np.ndarray]) -> Dict[str, Any]:
-    """Fidelity to fp32 r=0 (top-1 agreement, logit cosine) and, with labels, accuracy: the net drop in points
-    and the images fp32 r=0 classifies correctly that the candidate does not (``lost``)."""
-    fid = bench_quality.fidelity(reference, logits)
-    figures: Dict[str, Any] = {k: fid[k] for k in ("top1_agreement", "top1_interval_95", "mean_cosine", "min_cosine",
-                                                   "images")}
-    if labels is not None:
-        ref_ok, ok = reference.argmax(1) == labels, logits.argmax(1) == labels
-        lost = int((ref_ok & ~ok).sum())
-        figures.update(accuracy=float(ok.mean()), accuracy_drop_pts=100.0 * float(ref_ok.mean() - ok.mean()),
-                       lost_images=lost, lost_pts=100.0 * lost / len(labels))
-    return figures
-
-
-def _failure_reason(exc: BaseException) -> str:
-    if isinstance(exc, ValidationError):
-        return f"validation failed: {exc}"
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return first if isinstance(exc, UserError) else f"{type(exc).__name__}: {first}".rstrip(": ")
-
-
 class Workbench:
     """The model, its reference and every measurement of one tuning run."""
 
     def __init__(self, checked: CheckedRequest, log: Log, clock: Callable[[], float] = time.perf_counter,
-                 started: Optional[float] = None) -> None:
-        """``started``: when the run began on ``clock`` (the time budget counts from there; default now)."""
+                 started: Optional[float] = None, executor: Optional[Executor] = None) -> None:
+        """``started``: when the run began on ``clock`` (the time budget counts from there; default now).
+        ``executor``: where builds, quality passes and the timing run (default: this process)."""
         self.request, self.clock, self.log = checked.request, clock, log
+        self.executor = executor if executor is not None else Executor()
         self.started = clock() if started is None else started
         self.deadline = self.started + 60.0 * self.request.time_budget_min
         self.config = model_config(self.request)
@@ -119,10 +83,14 @@ class Workbench:
         self.loaded = load_model(self.config, log=self.say)
         info = self.loaded.info
         self.shape = Shape(info.num_blocks, info.num_tokens, info.num_protected)
-        self.eval = eval_set(self.request, self.loaded, dict(self.config.train or ()).get("seed", 0))
+        digits_seed = dict(self.config.train or ()).get("seed", 0)
+        self.eval = eval_set(self.request, self.loaded.preprocessing, info.num_classes, digits_seed)
         self.say(f"reference: fp32 r=0 PyTorch on {self.eval.name}")
-        self.reference = TorchSubject(self.loaded.model, 0, "fp32").predict(self.eval.images)
-        self.cache = Path(self.request.cache) if self.request.cache is not None else default_cache()
+        self.task = self.request.task
+        self.reference = self._eager(0).predict_outputs(self.eval.images)
+        self.setting = Setting(self.request, dict(self.loaded.create_args), self.config.key, self.loaded.preprocessing,
+                               info.num_classes, digits_seed, verbose=self.executor.kind != Executor.kind)
+        self.cache = self.setting.cache()
         self.screens: Dict[Tuple[int, ...], Evaluation] = {}
         self.evaluations: Dict[Tuple[str, Tuple[int, ...]], Evaluation] = {}
         self.probes = 0
@@ -160,8 +128,11 @@ class Workbench:
 
     # --- probes ---------------------------------------------------------------------------------------------
 
-    def _figures(self, logits: np.ndarray) -> Tuple[Dict[str, Any], bool]:
-        figures = quality_figures(self.reference, logits, self.eval.labels)
+    def _eager(self, r: Any) -> TorchSubject:
+        return TorchSubject(self.loaded.model, r, "fp32", task=self.task)
+
+    def _figures(self, outputs: Dict[str, np.ndarray]) -> Tuple[Dict[str, Any], bool]:
+        figures = task_figures(self.task.name, self.reference, outputs, self.eval.labels)
         return figures, self.request.budget.within_quality(figures)
 
     def screen(self, schedule: Schedule) -> bool:
@@ -170,8 +141,8 @@ class Workbench:
             last = max((e.seconds for e in self.screens.values()), default=0.0)
             self._make_room(last, f"screening {schedule.label}")
             started = self.clock()
-            logits = TorchSubject(self.loaded.model, list(schedule.blocks), "fp32").predict(self.eval.images)
-            figures, within = self._figures(logits)
+            outputs = self._eager(list(schedule.blocks)).predict_outputs(self.eval.images)
+            figures, within = self._figures(outputs)
             self.probes += 1
             self.screens[schedule.blocks] = Evaluation(Candidate("fp32", schedule), figures, within, self.probes,
                                                        self.clock() - started)
@@ -179,103 +150,88 @@ class Workbench:
                      f"{'within' if within else 'outside'} the budget")
         return self.screens[schedule.blocks].within
 
+    def _job(self, candidate: Candidate) -> Job:
+        work = ProbeWork(self.setting, candidate, self.reference)
+        blocks = ",".join(map(str, candidate.schedule.blocks))
+        return Job(f"probe {candidate.precision}/{blocks}", evaluate_candidate, (work,), label=f"probe {candidate.key}")
+
+    def look_ahead(self, candidates: Sequence[Candidate]) -> None:
+        """Start the builds of candidates the search may probe next, while an executor has room (a cluster's
+        spare nodes); the search still asks for them in its own order, and the ones it never asks for are
+        dropped before the final timing."""
+        for candidate in candidates:
+            if self.executor.spare() <= 0:
+                return
+            job = self._job(candidate)
+            if (candidate.precision, candidate.schedule.blocks) not in self.evaluations \
+                    and not self.executor.submitted(job.key):
+                self.executor.submit(job)
+
     def probe(self, candidate: Candidate, force: bool = False) -> bool:
         """Build ``candidate`` (or take it from the cache) and measure its quality through its runner."""
         key = (candidate.precision, candidate.schedule.blocks)
         if key not in self.evaluations:
-            if not force:
+            job = self._job(candidate)
+            if not force and not self.executor.submitted(job.key):
                 self._make_room(self._estimate(candidate.precision), f"building {candidate.key}")
-            self.evaluations[key] = self._evaluate(candidate)
+            self.probes += 1
+            order, started = self.probes, self.clock()
+            outcome = self.executor.result(job)
+            self.evaluations[key] = self._evaluation(candidate, order, outcome, self.clock() - started)
         return self.evaluations[key].within
 
-    def _evaluate(self, candidate: Candidate) -> Evaluation:
-        started = self.clock()
-        self.probes += 1
-        try:
-            directory, cached = self._build(candidate)
-            subject = ArtifactSubject(directory, self.request.resolved_threads, cached=cached)
-            try:
-                predicted = self.clock()
-                logits = subject.predict(self.eval.images)
-                batches = math.ceil(len(self.eval.images) / (subject.static_batch or 64))
-                batch_ms = 1000.0 * (self.clock() - predicted) / batches
-            finally:
-                subject.close()
-        except Exception as exc:  # a candidate that cannot be built or run loses; the search goes on
-            reason = _failure_reason(exc)
-            self.say(f"{candidate.key}: failed ({reason})")
-            return Evaluation(candidate, {}, False, self.probes, self.clock() - started, "failed", reason)
-        figures, within = self._figures(logits)
-        self.say(f"{candidate.key}{' (cached)' if cached else ''}: {self.describe(figures)} -> "
+    def _evaluation(self, candidate: Candidate, order: int, outcome: Outcome, waited: float) -> Evaluation:
+        found = outcome.value if outcome.error is None else {"status": "failed", "seconds": waited,
+                                                             "reason": f"its job failed: {outcome.error}"}
+        if found["status"] == "failed":
+            self.say(f"{candidate.key}: failed ({found['reason']})")
+            return Evaluation(candidate, {}, False, order, found["seconds"], "failed", found["reason"])
+        figures = found["quality"]
+        within = self.request.budget.within_quality(figures)
+        self.say(f"{candidate.key}{' (cached)' if found['cached'] else ''}: {self.describe(figures)} -> "
                  f"{'within' if within else 'outside'} the budget")
-        return Evaluation(candidate, figures, within, self.probes, self.clock() - started, directory=directory,
-                          cached=cached, batch_ms_hint=batch_ms)
+        return Evaluation(candidate, figures, within, order, found["seconds"], directory=Path(found["directory"]),
+                          cached=found["cached"], batch_ms_hint=found["batch_ms_hint"], identity=found["identity"],
+                          built_on=found["node"]["host"])
 
     def describe(self, figures: Dict[str, Any]) -> str:
+        if "top1_agreement" not in figures and "cosine" in figures:
+            return f"mean {self.task.name} cosine {figures['cosine']:.4f}"
         if "lost_images" in figures:
             return (f"accuracy {100 * figures['accuracy']:.2f}% (lost {figures['lost_images']} images = "
                     f"{figures['lost_pts']:.2f} pts, net drop {figures['accuracy_drop_pts']:+.2f})")
         return f"top-1 agreement {figures['top1_agreement']:.3f}, mean cosine {figures['mean_cosine']:.4f}"
 
-    def artifact_dir(self, candidate: Candidate) -> Path:
-        r = request_r_label(candidate.schedule)
-        return self.cache / f"{self.config.key}-{self.request.target}-{candidate.precision}-{r}-b{self.request.batch}"
-
-    def _build(self, candidate: Candidate) -> Tuple[Path, bool]:
-        """The candidate's artifact directory in the cache, built through the normal pipeline when missing."""
-        out = self.artifact_dir(candidate)
-        if (out / MANIFEST).is_file():
-            try:
-                read_manifest(out, verify=True)
-                return out, True
-            except UserError:  # an edited or damaged cache entry is built again
-                shutil.rmtree(out, ignore_errors=True)
-        args, request = self.loaded.create_args, self.request
-        self.say(f"building {candidate.key}")
-        options = {"calib_data": str(request.calib_data)} if request.calib_data is not None else {}
-        build(BuildRequest(
-            model=args["name"], r=candidate.schedule.r, target=request.target, precision=candidate.precision,
-            batch=request.batch, output=out, weights="random" if args["checkpoint"] else args["weights"],
-            checkpoint=args["checkpoint"], seed=args["seed"], model_kwargs=dict(args["kwargs"]),
-            target_options=options, force=True),
-            log=lambda msg: None, warn=lambda msg: self.say(f"{candidate.key}: warning: {msg}"))
-        return out, False
-
-    # --- timing ---------------------------------------------------------------------------------------------
-
     def time_built(self) -> Dict[str, Any]:
-        """Every built candidate timed side by side, interleaved (fills each evaluation's ``timing``); returns
-        what the measurement shares (settings, load averages, how many ran)."""
+        """Every built candidate timed side by side, interleaved, on one machine (fills each evaluation's
+        ``timing``); returns what the measurement shares (settings, load averages, how many ran, where)."""
+        self.executor.cancel_pending()  # look-ahead the search did not need
         built = [e for e in self.evaluations.values() if e.status == "evaluated"]
         request = self.request
-        x = np.ascontiguousarray(self.eval.images[np.arange(request.batch) % len(self.eval.images)])
-        subjects: Dict[str, ArtifactSubject] = {}
-        runs = {}
-        try:
-            for e in built:
-                try:
-                    subject = ArtifactSubject(e.directory, request.resolved_threads, cached=True)
-                    subjects[e.candidate.key] = subject
-                    runs[e.candidate.key] = subject.timed(x)
-                    runs[e.candidate.key]()  # one that cannot run this batch fails alone, before the clock starts
-                except Exception as exc:
-                    runs.pop(e.candidate.key, None)
-                    e.timing = {"error": _failure_reason(exc)}
-            self.say(f"timing {len(runs)} candidates side by side at batch {request.batch}, "
-                     f"{request.resolved_threads} thread(s)")
-            load_before = list(os.getloadavg())
-            timings = measure_interleaved(runs, **request.timing.for_batch(request.batch))
-            load_after = list(os.getloadavg())
-        finally:
-            for subject in subjects.values():
-                subject.close()
+        self.say(f"timing {len(built)} candidates side by side at batch {request.batch}, "
+                 f"{request.resolved_threads} thread(s)")
+        work = TimingWork(self.setting, tuple((e.candidate, str(e.directory), e.identity) for e in built))
+        outcome = self.executor.result(Job("timing", time_candidates, (work,), exclusive=True,
+                                           label="timing candidates"))
+        if outcome.error is not None:
+            found: Dict[str, Any] = {"timings": {}, "errors": {e.candidate.key: f"the timing job failed: "
+                                                              f"{outcome.error}" for e in built}}
+        else:
+            found = outcome.value
         for e in built:
-            if e.candidate.key in timings:
-                e.timing = timings[e.candidate.key].summary(request.batch)
-        return {**request.timing.for_batch(request.batch), "interleaved": len(runs), "batch": request.batch,
-                "threads": request.resolved_threads, "load_average": {"before": load_before, "after": load_after}}
+            key = e.candidate.key
+            e.timing = found["timings"].get(key) or {"error": found["errors"].get(key, "not timed")}
+        shared = {**request.timing.for_batch(request.batch), "interleaved": len(found["timings"]),
+                  "batch": request.batch, "threads": found.get("threads", request.resolved_threads),
+                  "load_average": found.get("load_average", {})}
+        if self.executor.kind != Executor.kind:
+            shared.update(node=found.get("node"), rebuilt_for_timing=found.get("rebuilt", []))
+        return shared
 
-
-def request_r_label(schedule: Schedule) -> str:
-    """The directory label of a schedule (r=0 of every family is one build)."""
-    return "r0" if not schedule.merges else schedule.label
+    def winner_files(self, winner: Evaluation) -> Tuple[Path, bool]:
+        """The winner's directory on this machine: the measured files themselves where they are here (this machine,
+        or a shared --cache), else built again here with the same sha256; and whether it was built again."""
+        directory, again = local_artifact(self.setting, winner.candidate, winner.identity, winner.directory, self.say)
+        if again:
+            self.say(f"{winner.candidate.key}: built again here; its files match the measured build's sha256")
+        return directory, again

@@ -27,6 +27,8 @@ def candidate_entry(e: Evaluation, info: ModelInfo, decision: Decision) -> Dict[
     }
     if e.reason:
         entry["reason"] = e.reason
+    if e.built_on is not None:
+        entry["built_on"] = e.built_on
     return entry
 
 
@@ -38,16 +40,19 @@ def tune_section(*, request: Any, checked: Any, bench: Any, decision: Decision, 
     evaluations = sorted(bench.evaluations.values(), key=lambda e: e.order)
     reference = {"model": "fp32 r=0 eager PyTorch", "eval_set": bench.eval.name,
                  "random_weights": request.weights == "random" and request.checkpoint is None}
-    if bench.eval.labels is not None:
-        reference["accuracy"] = float((bench.reference.argmax(1) == bench.eval.labels).mean())
+    if bench.eval.labels is not None and "logits" in bench.reference:
+        reference["accuracy"] = float((bench.reference["logits"].argmax(1) == bench.eval.labels).mean())
+    if request.task.name != "classify":
+        reference["task"] = request.task.to_dict()
     return {
-        "objective": f"highest throughput (images/s) at batch {request.batch} with {request.resolved_threads} "
-                     f"thread(s) on this machine, within the budget",
+        "objective": f"highest throughput (images/s) at batch {request.batch} with "
+                     f"{timing.get('threads', request.resolved_threads)} thread(s) on "
+                     f"{'one node of the cluster' if timing.get('node') else 'this machine'}, within the budget",
         "budget": request.budget.to_dict(), "met_budget": decision.met_budget,
         "winner": {**candidate_entry(w, info, decision), "reason": decision.reason},
         "tome_paid": decision.tome_paid, "tome_verdict": decision.tome_verdict,
         "tome_by_precision": decision.per_precision, "reference": reference,
-        "target": request.target, "batch": request.batch, "threads": request.resolved_threads,
+        "target": request.target, "batch": request.batch, "threads": timing.get("threads", request.resolved_threads),
         "precisions": list(checked.precisions), "precisions_left_out": dict(checked.left_out),
         "search": {
             "method": "fp32 eager screen, then per precision r=0 and bisection for the last schedule within the "
@@ -74,6 +79,9 @@ def _quality_text(q: Dict[str, Any]) -> str:
         return "-"
     if "lost_images" in q:
         return f"{100 * q['accuracy']:.2f}% ({q['lost_images']} lost, net {q['accuracy_drop_pts']:+.2f} pts)"
+    if "top1_agreement" not in q:
+        kept = f", {q['kept']} tokens" if "kept" in q else ""
+        return f"cosine {q['cosine']:.4f}{kept}"
     return f"{q['top1_agreement']:.3f} / {q['mean_cosine']:.4f}"
 
 
@@ -98,7 +106,7 @@ def _loads(values: Optional[Sequence[float]]) -> str:
 
 def _context(section: Dict[str, Any], model: str) -> List[str]:
     env, timing = section["environment"], section["timing"]
-    m = env.get("machine", {})
+    m = timing.get("node") or env.get("machine", {})  # the machine that timed the candidates
     return [
         f"- Model: `{model}`; target `{section['target']}`, batch {section['batch']}, {section['threads']} thread(s)",
         f"- Budget: {section['budget']['description']}",
@@ -113,7 +121,10 @@ def _context(section: Dict[str, Any], model: str) -> List[str]:
         f"- Time: {section['elapsed_s'] / 60:.1f} of {section['time_budget_min']:g} minutes; {section['search']['probes']} "
         f"probes" + (f"; **stopped early** ({section['search']['stopped']})" if section["search"]["stopped"] else ""),
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
-    ] + (["- **Random weights:** an untrained model's outputs barely depend on which tokens merge, so agreement with "
+    ] + ([f"- Cluster: Ray at `{env['cluster'].get('cluster')}`, {len(env['cluster'].get('nodes', []))} node(s); "
+          f"candidates built and evaluated on any node, all timed together on `{m.get('host', '?')}`"
+          + (f" (built again there, same sha256: {', '.join(timing['rebuilt_for_timing'])})"
+             if timing.get("rebuilt_for_timing") else "")] if env.get("cluster") else []) + (["- **Random weights:** an untrained model's outputs barely depend on which tokens merge, so agreement with "
           "r=0 stays high even at extreme r: the r chosen here says nothing about a trained model (use its weights)."]
          if section["reference"].get("random_weights") else [])
 
@@ -169,7 +180,7 @@ def pareto_plot(section: Dict[str, Any], model: str, path: Path) -> Path:
         if "throughput_ips" not in c["timing"]:
             continue
         x = c["timing"]["throughput_ips"]
-        y = -c["quality"]["lost_pts"] if accuracy else c["quality"]["top1_agreement"]
+        y = -c["quality"]["lost_pts"] if accuracy else c["quality"].get("top1_agreement", c["quality"].get("cosine"))
         points.append((x, y))
         ax.scatter(x, y, color=f"C{precisions.index(c['precision']) % 10}", marker="o" if c["within_budget"] else "x",
                    label=c["precision"], zorder=3)
@@ -186,13 +197,15 @@ def pareto_plot(section: Dict[str, Any], model: str, path: Path) -> Path:
         front.sort()
         ax.plot([p[0] for p in front], [p[1] for p in front], color="k", lw=0.8, alpha=0.5, label="Pareto front")
     b = section["budget"]
-    ax.axhline(-b["max_accuracy_drop_pts"] if accuracy else b["min_top1_agreement"], color="C3", ls="--", lw=0.9,
+    limit = b["min_cosine"] if b["kind"] == "cosine" else b["min_top1_agreement"]
+    ax.axhline(-b["max_accuracy_drop_pts"] if accuracy else limit, color="C3", ls="--", lw=0.9,
                label="budget")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys(), fontsize=7)
     ax.set_xlabel(f"images / s (batch {section['batch']}, {section['threads']} thread(s))")
-    ax.set_ylabel("accuracy lost vs fp32 r=0 (points, negated)" if accuracy else "top-1 agreement with fp32 r=0")
+    ax.set_ylabel("accuracy lost vs fp32 r=0 (points, negated)" if accuracy else
+                  "mean feature cosine with fp32 r=0" if b["kind"] == "cosine" else "top-1 agreement with fp32 r=0")
     ax.grid(alpha=0.3)
     ax.set_title(f"{model} on {section['target']}: quality vs throughput (labels: r; x: outside the budget)",
                  fontsize=9)

@@ -15,6 +15,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..bench.config import Timing, check_timing
 from ..errors import UserError
+from ..tasks import CLASSIFY, Task
 from ..targets.base import CalibrationOptions
 from ..ownership import survey
 from ..resources import MAX_THREADS, check_seed
@@ -25,21 +26,28 @@ TUNE_SECTION = "tune"  # the manifest section a tuned artifact carries
 
 @dataclass(frozen=True)
 class Budget:
-    """What a candidate must keep: an accuracy budget (``max_accuracy_drop`` points on labelled images) or an
-    agreement budget (``min_agreement``, top-1 agreement with fp32 r=0 in [0, 1]); optionally a latency limit."""
+    """What a candidate must keep: an accuracy budget (``max_accuracy_drop`` points on labelled images), an
+    agreement budget (``min_agreement``, top-1 agreement with fp32 r=0 in [0, 1]) or, for the encoder tasks, a
+    cosine budget (``min_cosine``: the task's mean feature cosine with fp32 r=0, :mod:`tome_export.bench.tasks`);
+    optionally a latency limit."""
 
     max_accuracy_drop: Optional[float] = None
     min_agreement: Optional[float] = None
     max_latency_ms: Optional[float] = None
+    min_cosine: Optional[float] = None
 
     @property
     def kind(self) -> str:
-        return "accuracy" if self.max_accuracy_drop is not None else "agreement"
+        if self.max_accuracy_drop is not None:
+            return "accuracy"
+        return "cosine" if self.min_cosine is not None else "agreement"
 
     def describe(self) -> str:
         if self.kind == "accuracy":
             text = (f"at most {self.max_accuracy_drop:g} point(s) of top-1 accuracy lost against fp32 r=0 "
                     f"(images it classifies correctly and the candidate does not)")
+        elif self.kind == "cosine":
+            text = f"mean feature cosine with fp32 r=0 of at least {self.min_cosine:g}"
         else:
             text = f"top-1 agreement with fp32 r=0 of at least {self.min_agreement:g}"
         if self.max_latency_ms is not None:
@@ -52,6 +60,8 @@ class Budget:
         happens to fix do not pay for them, so a zero budget means no image lost)."""
         if self.kind == "accuracy":
             return figures["lost_pts"] <= self.max_accuracy_drop + 1e-9
+        if self.kind == "cosine":
+            return figures["cosine"] >= self.min_cosine - 1e-12
         return figures["top1_agreement"] >= self.min_agreement - 1e-12
 
     def within_latency(self, median_ms: Optional[float]) -> bool:
@@ -59,8 +69,8 @@ class Budget:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"kind": self.kind, "max_accuracy_drop_pts": self.max_accuracy_drop,
-                "min_top1_agreement": self.min_agreement, "max_latency_ms": self.max_latency_ms,
-                "description": self.describe()}
+                "min_top1_agreement": self.min_agreement, "min_cosine": self.min_cosine,
+                "max_latency_ms": self.max_latency_ms, "description": self.describe()}
 
 
 # How the finalists are timed side by side: the bench's interleaved-timing settings.
@@ -92,6 +102,7 @@ class TuneRequest:
     force: bool = False
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # architecture arguments (e.g. depth)
     train: Optional[Mapping[str, Any]] = None  # the digits case: training settings (default: the bench's)
+    task: Task = Task()  # what the artifact computes (tome_export.tasks); not classify: a --min-cosine budget
 
     @property
     def resolved_threads(self) -> int:
@@ -119,17 +130,28 @@ def _finite(name: str, value: Optional[float], low: float, high: float, unit: st
 
 
 def check_budget(request: TuneRequest) -> None:
-    """Exactly one quality budget, in range, with the data it needs."""
+    """Exactly one quality budget that fits the task, in range, with the data it needs."""
     b = request.budget
-    if (b.max_accuracy_drop is None) == (b.min_agreement is None):
-        raise UserError("give exactly one budget: --max-accuracy-drop PTS (with --data) or --min-agreement A")
+    given = [v for v in (b.max_accuracy_drop, b.min_agreement, b.min_cosine) if v is not None]
+    classify = request.task.name == CLASSIFY
+    if len(given) != 1:
+        raise UserError("give exactly one budget: --max-accuracy-drop PTS (with --data) or --min-agreement A"
+                        if classify else f"give one budget: --min-cosine C (--task {request.task.name})")
+    if classify and b.kind == "cosine":
+        raise UserError("--min-cosine is the budget of --task embed, dense and tokens: a classifier takes "
+                        "--min-agreement A or --max-accuracy-drop PTS")
+    if not classify and b.kind != "cosine":
+        raise UserError(f"--task {request.task.name} has no top-1 to agree on or lose: give --min-cosine C (its "
+                        f"mean feature cosine with fp32 r=0, e.g. 0.99)")
     _finite("--max-accuracy-drop", b.max_accuracy_drop, 0.0, 100.0, "points of top-1 accuracy in [0, 100]")
     _finite("--min-agreement", b.min_agreement, 0.0, 1.0, "a top-1 agreement fraction in [0, 1], e.g. 0.99")
+    _finite("--min-cosine", b.min_cosine, -1.0, 1.0, "a cosine in [-1, 1], e.g. 0.99")
     _finite("--max-latency-ms", b.max_latency_ms, 1e-6, math.inf, "milliseconds per batch, above 0")
     if b.kind == "accuracy" and request.data is None:
         raise UserError("--max-accuracy-drop needs labelled images: --data DIR (an ImageFolder) or --data digits")
-    if b.kind == "agreement" and request.data is not None:
-        raise UserError("--data measures accuracy: use it with --max-accuracy-drop, or drop it for --min-agreement")
+    if b.kind != "accuracy" and request.data is not None:
+        raise UserError(f"--data measures accuracy: use it with --max-accuracy-drop, or drop it for "
+                        f"{'--min-cosine' if b.kind == 'cosine' else '--min-agreement'}")
     _finite("--time-budget", request.time_budget_min, 1e-3, 7 * 24 * 60.0, "minutes, above 0")
     _finite("--tie-tolerance", request.tie_tolerance, 0.0, 0.5, "a relative throughput difference in [0, 0.5]")
 
@@ -209,7 +231,7 @@ def _runnable_precisions(request: TuneRequest) -> Tuple[Tuple[str, ...], Dict[st
     for precision in dict.fromkeys(wanted):
         try:
             plan_build(BuildRequest(model=request.model, target=target.name, precision=precision,
-                                    batch=request.batch, target_options=calib))
+                                    batch=request.batch, target_options=calib, task=request.task))
             runnable.append(precision)
         except UserError as exc:
             if request.precisions:

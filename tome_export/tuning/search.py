@@ -13,7 +13,9 @@ much) and the search looks for the *last schedule within the budget* by bisectio
 
 Every decision depends on quality alone, which is deterministic for a seed; timing happens afterwards, on the
 built candidates (:mod:`.measure`). A probe that would overrun the time budget raises :class:`OutOfTime`; what
-was built until then still competes.
+was built until then still competes. ``ahead`` hears which candidates the search may probe next (each bisection
+step's two possible successors, each precision's first probes): an executor with spare nodes starts them early,
+which changes when a probe's answer is ready, never which probes are made.
 """
 
 from __future__ import annotations
@@ -105,18 +107,21 @@ def per_block_family(shape: Shape, base: int) -> List[Schedule]:
     return _distinct([shape.resolve(r, PER_BLOCK) for r in lists])
 
 
-def last_within(count: int, within: Callable[[int], bool], low: int, high: int, high_first: bool = False) -> int:
+def last_within(count: int, within: Callable[[int], bool], low: int, high: int, high_first: bool = False,
+                ahead: Callable[[List[int]], None] = lambda indices: None) -> int:
     """The largest index in ``[low, high]`` whose schedule is within the budget, given that ``low``'s is and that
     being within the budget is monotone (within, then not). ``high_first``: probe ``high`` before bisecting (a
-    bound that is often the answer)."""
+    bound that is often the answer). ``ahead`` hears each index about to be probed with the ones that may follow."""
     if not 0 <= low <= high < count:
         raise ValueError(f"bad search range [{low}, {high}] of {count}")
     if high_first and high > low:
+        ahead([high] + ([(low + high) // 2] if high - 1 > low else []))
         if within(high):
             return high
         high -= 1
     while low < high:
         mid = (low + high + 1) // 2
+        ahead([mid] + ([(mid + high + 1) // 2] if mid < high else []) + ([(low + mid) // 2] if low < mid - 1 else []))
         if within(mid):
             low = mid
         else:
@@ -126,6 +131,11 @@ def last_within(count: int, within: Callable[[int], bool], low: int, high: int, 
 
 Screen = Callable[[Schedule], bool]  # eager fp32: within the budget?
 Probe = Callable[[Candidate], bool]  # built artifact: within the budget? (raises OutOfTime)
+Ahead = Callable[[List[Candidate]], None]  # candidates that may be probed next, most likely first
+
+
+def _quiet(candidates: List[Candidate]) -> None:
+    """Hears nothing."""
 
 
 @dataclass
@@ -148,15 +158,20 @@ def _screen_per_block(shape: Shape, constant: Optional[Schedule], screen: Screen
     return refine[last_within(len(refine), lambda i: screen(refine[i]), 0, len(refine) - 2)]
 
 
-def _bounded(family: List[Schedule], bound: Optional[Schedule], precision: str, probe: Probe) -> Schedule:
+def _hints(family: List[Schedule], precision: str, ahead: Ahead) -> Callable[[List[int]], None]:
+    return lambda indices: ahead([Candidate(precision, family[i]) for i in indices])
+
+
+def _bounded(family: List[Schedule], bound: Optional[Schedule], precision: str, probe: Probe,
+             ahead: Ahead = _quiet) -> Schedule:
     """The last schedule of ``family`` within the budget for ``precision``, at or below ``bound``."""
     high = next((i for i, s in enumerate(family) if bound is not None and s.blocks == bound.blocks), 0)
     return family[last_within(len(family), lambda i: probe(Candidate(precision, family[i])), 0, high,
-                              high_first=True)]
+                              high_first=True, ahead=_hints(family, precision, ahead))]
 
 
 def _refine(shape: Shape, precision: str, base: Schedule, screened: Dict[str, Optional[Schedule]],
-            probe: Probe) -> Optional[Schedule]:
+            probe: Probe, ahead: Ahead = _quiet) -> Optional[Schedule]:
     """Per-block lists between a precision's constant boundary and the next constant r."""
     if not isinstance(base.r, int) or base.blocks == constant_family(shape)[-1].blocks:
         return None
@@ -167,30 +182,35 @@ def _refine(shape: Shape, precision: str, base: Schedule, screened: Dict[str, Op
     if screen_c is not None and base.blocks == screen_c.blocks:  # the screen's refinement bounds this one
         if screen_j is None or not screen_j.merges > base.merges:
             return None
-        return _bounded(family, screen_j, precision, probe)
-    return family[last_within(len(family), lambda i: probe(Candidate(precision, family[i])), 0, len(family) - 2)]
+        return _bounded(family, screen_j, precision, probe, ahead)
+    return family[last_within(len(family), lambda i: probe(Candidate(precision, family[i])), 0, len(family) - 2,
+                              ahead=_hints(family, precision, ahead))]
 
 
-def run_search(shape: Shape, precisions: Sequence[str], screen: Screen, probe: Probe) -> SearchResult:
+def run_search(shape: Shape, precisions: Sequence[str], screen: Screen, probe: Probe,
+               ahead: Ahead = _quiet) -> SearchResult:
     """Family by family, most valuable first (constant, decreasing, per-block): screen the family in fp32, then
     find each precision's boundary in it. A precision whose r=0 misses the budget is not searched further. When
     the time budget runs out, what was found until then stands."""
     result = SearchResult(screen_bounds={}, bounds={})
     screened = result.screen_bounds
     try:
-        screened[CONSTANT] = _screen_family(constant_family(shape), screen)
+        constant = constant_family(shape)
+        screened[CONSTANT] = _screen_family(constant, screen)
+        ahead([Candidate(p, s) for p in precisions for s in (constant[0], screened[CONSTANT])])
         within: List[str] = []
         for p in precisions:  # one precision's ToMe candidate before the next precision's r=0
-            if probe(Candidate(p, constant_family(shape)[0])):
+            if probe(Candidate(p, constant[0])):
                 within.append(p)
-                result.bounds[(p, CONSTANT)] = _bounded(constant_family(shape), screened[CONSTANT], p, probe)
+                result.bounds[(p, CONSTANT)] = _bounded(constant, screened[CONSTANT], p, probe, ahead)
         screened[DECREASING] = _screen_family(decreasing_family(shape), screen)
         for p in within:
             if screened[DECREASING] is not None:
-                result.bounds[(p, DECREASING)] = _bounded(decreasing_family(shape), screened[DECREASING], p, probe)
+                result.bounds[(p, DECREASING)] = _bounded(decreasing_family(shape), screened[DECREASING], p, probe,
+                                                          ahead)
         screened[PER_BLOCK] = _screen_per_block(shape, screened[CONSTANT], screen)
         for p in within:
-            found = _refine(shape, p, result.bounds[(p, CONSTANT)], screened, probe)
+            found = _refine(shape, p, result.bounds[(p, CONSTANT)], screened, probe, ahead)
             if found is not None:
                 result.bounds[(p, PER_BLOCK)] = found
     except OutOfTime as exc:

@@ -37,10 +37,13 @@ def throughput(e: Evaluation) -> Optional[float]:
 
 
 def quality_rank(e: Evaluation) -> Tuple[float, ...]:
-    """Lower is better: images lost (then net drop) with labels, else agreement and cosine, negated."""
+    """Lower is better: images lost (then net drop) with labels, else agreement and cosine (an encoder task's
+    mean feature cosine), negated."""
     q = e.quality
     if "lost_images" in q:
         return (q["lost_images"], q["accuracy_drop_pts"])
+    if "top1_agreement" not in q:
+        return (-q["cosine"],)
     return (-q["top1_agreement"], -q["mean_cosine"])
 
 

@@ -62,21 +62,30 @@ def reference_merge(x: torch.Tensor, sizes: List[float], metric: torch.Tensor, r
 
 
 @torch.no_grad()
+def reference_tokens(model, img: torch.Tensor, r_schedule: List[int], prop_attn: bool = True, blocks=None,
+                     norm: bool = True):
+    """One image ``(C, H, W)`` through the first ``blocks`` blocks (None: all) of an unpatched timm VisionTransformer
+    with ToMe, then its final norm (``norm``): the tokens, their sizes and each token's source positions."""
+    protected = model.num_prefix_tokens
+    x = model.norm_pre(model._pos_embed(model.patch_embed(img[None])))[0]
+    sizes = [1.0] * x.shape[0]
+    groups = [[i] for i in range(x.shape[0])]
+    for block, r in list(zip(model.blocks, r_schedule))[:blocks]:
+        out, metric = _attention(block.attn, block.norm1(x), sizes, prop_attn)
+        x = x + block.ls1(out)
+        x, sizes, merged = reference_merge(x, sizes, metric, r, protected)
+        groups = [sorted(p for g in grp for p in groups[g]) for grp in merged]
+        x = x + block.ls2(block.mlp(block.norm2(x)))
+    return (model.norm(x) if norm else x), sizes, groups
+
+
+@torch.no_grad()
 def reference_forward(model, images: torch.Tensor, r_schedule: List[int], prop_attn: bool = True):
     """Logits of an unpatched timm VisionTransformer with ToMe, plus each final token's source positions."""
     logits, sources = [], []
     protected = model.num_prefix_tokens
     for img in images:
-        x = model.norm_pre(model._pos_embed(model.patch_embed(img[None])))[0]
-        sizes = [1.0] * x.shape[0]
-        groups = [[i] for i in range(x.shape[0])]
-        for block, r in zip(model.blocks, r_schedule):
-            out, metric = _attention(block.attn, block.norm1(x), sizes, prop_attn)
-            x = x + block.ls1(out)
-            x, sizes, merged = reference_merge(x, sizes, metric, r, protected)
-            groups = [sorted(p for g in grp for p in groups[g]) for grp in merged]
-            x = x + block.ls2(block.mlp(block.norm2(x)))
-        x = model.norm(x)
+        x, sizes, groups = reference_tokens(model, img, r_schedule, prop_attn)
         if hasattr(model, "head_dist") and getattr(model, "dist_token", None) is not None:
             out = (model.head(x[0]) + model.head_dist(x[1])) / 2
         elif model.global_pool == "token":
@@ -128,21 +137,29 @@ def _mha_attention(mha, x: torch.Tensor, sizes: List[float], prop_attn: bool) ->
 
 
 @torch.no_grad()
+def reference_tokens_torchvision(model, img: torch.Tensor, r_schedule: List[int], prop_attn: bool = True,
+                                 blocks=None, norm: bool = True):
+    """:func:`reference_tokens` for an unpatched torchvision VisionTransformer."""
+    patches = model.conv_proj(img[None])[0].flatten(1).T  # (patches, hidden), row-major over the grid
+    x = torch.cat([model.class_token[0], patches]) + model.encoder.pos_embedding[0]
+    sizes = [1.0] * x.shape[0]
+    groups = [[i] for i in range(x.shape[0])]
+    for block, r in list(zip(model.encoder.layers, r_schedule))[:blocks]:
+        out, metric = _mha_attention(block.self_attention, block.ln_1(x), sizes, prop_attn)
+        x = x + out
+        x, sizes, merged = reference_merge(x, sizes, metric, r, 1)  # the class token is protected
+        groups = [sorted(p for g in grp for p in groups[g]) for grp in merged]
+        x = x + block.mlp(block.ln_2(x))
+    return (model.encoder.ln(x) if norm else x), sizes, groups
+
+
+@torch.no_grad()
 def reference_forward_torchvision(model, images: torch.Tensor, r_schedule: List[int], prop_attn: bool = True):
     """Logits of an unpatched torchvision VisionTransformer with ToMe, plus each final token's source positions."""
     logits, sources = [], []
     for img in images:
-        patches = model.conv_proj(img[None])[0].flatten(1).T  # (patches, hidden), row-major over the grid
-        x = torch.cat([model.class_token[0], patches]) + model.encoder.pos_embedding[0]
-        sizes = [1.0] * x.shape[0]
-        groups = [[i] for i in range(x.shape[0])]
-        for block, r in zip(model.encoder.layers, r_schedule):
-            out, metric = _mha_attention(block.self_attention, block.ln_1(x), sizes, prop_attn)
-            x = x + out
-            x, sizes, merged = reference_merge(x, sizes, metric, r, 1)  # the class token is protected
-            groups = [sorted(p for g in grp for p in groups[g]) for grp in merged]
-            x = x + block.mlp(block.ln_2(x))
-        logits.append(model.heads(model.encoder.ln(x)[0]))
+        x, _, groups = reference_tokens_torchvision(model, img, r_schedule, prop_attn)
+        logits.append(model.heads(x[0]))
         sources.append(groups)
     return torch.stack(logits), sources
 
@@ -247,28 +264,39 @@ def _mha_pool(head, x: torch.Tensor, sizes: List[float]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_forward_hf(model, images: torch.Tensor, r_schedule: List[int], prop_attn: bool = True):
-    """Output of an unpatched transformers vision model with ToMe, plus each final token's source positions."""
+def reference_tokens_hf(model, img: torch.Tensor, r_schedule: List[int], prop_attn: bool = True, blocks=None,
+                        norm: bool = True):
+    """:func:`reference_tokens` for an unpatched transformers vision model (its last_hidden_state with ``norm``:
+    CLIP has no per-token final norm)."""
     backbone = _hf_backbone(model)
     encoder = getattr(backbone, "encoder", backbone)
     layers = getattr(encoder, "layer", None) or getattr(encoder, "layers")
     protected = _hf_protected(model, backbone)
+    x = _hf_tokens(backbone, img)
+    sizes = [1.0] * x.shape[0]
+    groups = [[i] for i in range(x.shape[0])]
+    for layer, r in list(zip(layers, r_schedule))[:blocks]:
+        norm1, attn, norm2, ls1, ls2 = _hf_parts(layer)
+        out, metric = _hf_attention(attn, norm1(x), sizes, prop_attn)
+        x = x + (ls1(out) if ls1 is not None else out)
+        x, sizes, merged = reference_merge(x, sizes, metric, r, protected)
+        groups = [sorted(p for g in grp for p in groups[g]) for grp in merged]
+        out = layer.mlp(norm2(x))
+        x = x + (ls2(out) if ls2 is not None else out)
+    for final in ("layernorm", "post_layernorm"):
+        if norm and hasattr(backbone, final) and not type(backbone).__name__.startswith("CLIP"):
+            x = getattr(backbone, final)(x)
+    return x, sizes, groups
+
+
+@torch.no_grad()
+def reference_forward_hf(model, images: torch.Tensor, r_schedule: List[int], prop_attn: bool = True):
+    """Output of an unpatched transformers vision model with ToMe, plus each final token's source positions."""
+    backbone = _hf_backbone(model)
+    protected = _hf_protected(model, backbone)
     outputs, sources = [], []
     for img in images:
-        x = _hf_tokens(backbone, img)
-        sizes = [1.0] * x.shape[0]
-        groups = [[i] for i in range(x.shape[0])]
-        for layer, r in zip(layers, r_schedule):
-            norm1, attn, norm2, ls1, ls2 = _hf_parts(layer)
-            out, metric = _hf_attention(attn, norm1(x), sizes, prop_attn)
-            x = x + (ls1(out) if ls1 is not None else out)
-            x, sizes, merged = reference_merge(x, sizes, metric, r, protected)
-            groups = [sorted(p for g in grp for p in groups[g]) for grp in merged]
-            out = layer.mlp(norm2(x))
-            x = x + (ls2(out) if ls2 is not None else out)
-        for final in ("layernorm", "post_layernorm"):
-            if hasattr(backbone, final) and not type(backbone).__name__.startswith("CLIP"):
-                x = getattr(backbone, final)(x)
+        x, sizes, groups = reference_tokens_hf(model, img, r_schedule, prop_attn)
         outputs.append(_hf_head(model, backbone, x, sizes, protected))
         sources.append(groups)
     return torch.stack(outputs), sources
@@ -277,3 +305,6 @@ def reference_forward_hf(model, images: torch.Tensor, r_schedule: List[int], pro
 # The reference of each model family, by the family's registered name (tests/test_conformance.py).
 REFERENCES = {"timm-vit": reference_forward, "torchvision-vit": reference_forward_torchvision,
               "transformers-vit": reference_forward_hf}
+# Its tokens, sizes and groups of one image (the encoder tasks: tests/models/test_tasks.py).
+REFERENCE_TOKENS = {"timm-vit": reference_tokens, "torchvision-vit": reference_tokens_torchvision,
+                    "transformers-vit": reference_tokens_hf}

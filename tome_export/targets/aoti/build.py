@@ -55,7 +55,7 @@ def _uncompiled(ctx: BuildContext, program: Any) -> Dict[str, Any]:
     """Without a GPU: the exported program, validated by eager PyTorch on the CPU."""
     what = f"the exported {ctx.precision} program (eager PyTorch on the CPU; the package is compiled on the GPU)"
     ctx.log(f"no CUDA GPU here: validating {what}; the package is left to `tome-export engine` on the GPU machine")
-    checked = validate_against_torch(ctx.model, run_program(program, "cpu"), ctx.validation_batches(),
+    checked = validate_against_torch(ctx.model, run_program(program, "cpu", ctx.plan.outputs), ctx.validation_batches(),
                                      ctx.settings.validation.thresholds(), what)
     return {"runtime": _runtime("cuda", False), "package": None,
             "validation": {"backend": "exported program, eager PyTorch on the CPU", **checked}}

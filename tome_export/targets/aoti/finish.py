@@ -21,10 +21,9 @@ from typing import Any, Callable, Dict, Iterator, Mapping
 import numpy as np
 
 from ...errors import UserError
-from ...graph_names import OUTPUT_NAME
 from ...manifest import Manifest, load_manifest, write_manifest
 from ...preprocess import Preprocessing
-from ...quality.validate import (DEFAULT_IMAGES, Thresholds, check_thresholds, compare_logits, input_ids,
+from ...quality.validate import (DEFAULT_IMAGES, Thresholds, check_thresholds, compare_outputs, input_ids,
                                  validation_batches)
 from ...runtime import runtime_settings
 from ...runtime.aoti import PACKAGE, PROGRAM, AOTIRunner
@@ -79,14 +78,15 @@ def validate_package(directory: Path, manifest: Manifest, package: Path, program
     images = int(manifest.validation.get("images") or DEFAULT_IMAGES)
     batches = validation_batches(Preprocessing.from_dict(manifest.preprocessing), int(section["validation_batch"]),
                                  manifest.input.dynamic_batch, images)
-    eager = run_program(program, device)
-    expected = np.concatenate([eager(x)[OUTPUT_NAME] for x in batches])
+    names = list(manifest.task_outputs)
+    eager = run_program(program, device, manifest.outputs)
     with AOTIRunner(io) as runner:
-        got = np.concatenate([runner(x) for x in batches])
+        runs = [(eager(x), runner.infer(x, names)) for x in batches]
+    expected, got = ({name: np.concatenate([run[i][name] for run in runs]) for name in names} for i in (0, 1))
     limits = {k: v for k, v in (manifest.validation.get("thresholds") or {}).items()
               if k in ("max_abs_diff", "min_cosine", "min_top1_agreement")}
     what = f"the {manifest.precision} package on this {device} (against its exported program, eager PyTorch)"
-    checked = check_thresholds(compare_logits(expected, got, input_ids(batches)), Thresholds(**limits), what)
+    checked = check_thresholds(compare_outputs(expected, got, input_ids(batches)), Thresholds(**limits), what)
     return {"run": True, "against": f"{PROGRAM}, eager PyTorch on the same {'GPU' if device == 'cuda' else device}",
             **checked}
 

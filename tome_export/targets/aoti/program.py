@@ -1,7 +1,8 @@
 """The program an AOTInductor package is compiled from: the patched model, exported as it runs on its device.
 
 :func:`export_program` wraps the model so that the package takes what every artifact takes (fp32 images) and
-returns fp32 logits (and the source map where the build traces it), the model in between in the build's precision,
+returns its task's outputs, floats as fp32 (and the source map where the build traces it), the model in between in
+the build's precision,
 and traces it with ``torch.export`` on the device the package is for: on a CUDA device the patched model runs (and
 so exports) its CUDA path, the fused ToMe operators included (:func:`kernels_in_export`), on the CPU its portable
 lowering. :func:`compile_package` compiles a program with AOTInductor; :func:`program_facts` says what a program
@@ -30,18 +31,17 @@ OWN_OPS = "tome_export."  # the namespace of the package's own operators (the fu
 
 
 class ImagesToLogits(torch.nn.Module):
-    """fp32 images in, fp32 logits out (and the source map with ``with_source``), the model in its own dtype."""
+    """fp32 images in, the task's outputs out (logits, embeddings, features or tokens; floats as fp32, then the source
+    map with ``with_source``), the model in its own dtype."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype, with_source: bool) -> None:
         super().__init__()
         self.model, self.dtype, self.with_source = model, dtype, with_source
 
     def forward(self, images: torch.Tensor) -> Any:
-        x = images.to(self.dtype)
-        if self.with_source:
-            logits, source = self.model.forward_with_source(x)
-            return logits.float(), source.float()
-        return self.model(x).float()
+        outputs = tuple(o.float() if o.is_floating_point() else o
+                        for o in self.model.tome_outputs(images.to(self.dtype), self.with_source))
+        return outputs[0] if len(outputs) == 1 else outputs
 
 
 def export_program(model: torch.nn.Module, precision: str, device: str, image_shape: Sequence[int], batch: int,
@@ -95,15 +95,17 @@ def program_facts(program: Any) -> Dict[str, Any]:
     return {"lowering": lowering, "tome_operators": own, "operators": sum(ops.values())}
 
 
-def run_program(program: Any, device: str) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
-    """The exported program run eagerly by PyTorch on ``device``: a batch of images -> named outputs."""
+def run_program(program: Any, device: str, names: Sequence[str] = (OUTPUT_NAME, SOURCE_NAME)
+                ) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
+    """The exported program run eagerly by PyTorch on ``device``: a batch of images -> its outputs, by ``names`` (the
+    artifact's outputs, in order)."""
     module = program.module()
 
     def infer(batch: np.ndarray) -> Dict[str, np.ndarray]:
         with torch.no_grad():
             out = module(torch.from_numpy(batch).to(device))
         outputs = out if isinstance(out, (tuple, list)) else (out,)
-        return dict(zip((OUTPUT_NAME, SOURCE_NAME), (o.cpu().numpy() for o in outputs)))
+        return dict(zip(names, (o.cpu().numpy() for o in outputs)))
     return infer
 
 

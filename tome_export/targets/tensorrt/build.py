@@ -16,7 +16,7 @@ import onnx
 from ..._version import __version__
 from ...errors import UserError
 from ...float_precision import convert_float_precision, weight_types
-from ...graph_names import OUTPUT_NAME, SOURCE_NAME
+from ...graph_names import SOURCE_NAME
 from ...onnx_files import carry_metadata, save_onnx
 from ...preprocess import Preprocessing
 from ...quality.calibration import calibrate
@@ -90,9 +90,9 @@ def without_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelP
 
 
 def validate(ctx: BuildContext, graph: onnx.ModelProto, with_source: bool) -> Dict[str, Any]:
-    """``graph`` in ONNX Runtime (CPU) vs the PyTorch fp32 ToMe model: logits and (``with_source``: the graph
-    has a ``source`` output) the final token grouping, against the recipe's thresholds."""
-    outputs = (OUTPUT_NAME, SOURCE_NAME) if with_source else (OUTPUT_NAME,)
+    """``graph`` in ONNX Runtime (CPU) vs the PyTorch fp32 ToMe model: the task's outputs and (``with_source``: the
+    graph has a ``source`` output) the final token grouping, against the recipe's thresholds."""
+    outputs = ctx.plan.task.outputs + ((SOURCE_NAME,) if with_source else ())
     io = ctx.artifact_io({}, outputs=outputs)
     with cpu_runner(graph, ctx.precision, io) as runner:
         checked = validate_against_torch(ctx.model, runner.infer, ctx.validation_batches(),

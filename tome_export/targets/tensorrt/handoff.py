@@ -20,10 +20,9 @@ import numpy as np
 
 from ...errors import UserError
 from ...files import atomic_path, sha256_file
-from ...graph_names import OUTPUT_NAME
 from ...manifest import Manifest, load_manifest, write_manifest
 from ...preprocess import Preprocessing
-from ...quality.validate import (DEFAULT_IMAGES, Thresholds, check_thresholds, compare_logits, input_ids,
+from ...quality.validate import (DEFAULT_IMAGES, Thresholds, check_thresholds, compare_outputs, input_ids,
                                  validation_batches)
 from ...runtime.tensorrt import cuda_device
 from ..base import Finished
@@ -94,13 +93,15 @@ def validate_engine(directory: Path, manifest: Manifest, engine_file: str) -> Di
     batches = [x for x in validation_batches(Preprocessing.from_dict(manifest.preprocessing), spec.profile.opt,
                                              spec.profile.dynamic, _photos(manifest))
                if spec.profile.min <= len(x) <= spec.profile.max]
+    names = list(manifest.task_outputs)
     with cpu_runner(onnx.load(str(directory / ONNX)), manifest.precision, io) as reference:
-        expected = np.concatenate([reference.infer(x)[OUTPUT_NAME] for x in batches])
+        expected = [reference.infer(x, names) for x in batches]
     with TensorRTRunner(replace(io, runtime={**io.runtime, "file": engine_file})) as engine:
-        got = np.concatenate([engine.infer(x)[OUTPUT_NAME] for x in batches])
+        got = [engine.infer(x, names) for x in batches]
     limits = {k: v for k, v in (manifest.validation.get("thresholds") or {}).items()
               if k in ("max_abs_diff", "min_cosine", "min_top1_agreement")}
-    checked = check_thresholds(compare_logits(expected, got, input_ids(batches)), Thresholds(**limits),
+    joined = [{name: np.concatenate([o[name] for o in outputs]) for name in names} for outputs in (expected, got)]
+    checked = check_thresholds(compare_outputs(*joined, input_ids(batches)), Thresholds(**limits),
                                f"the {manifest.precision} engine on this GPU (against {ONNX} in ONNX Runtime)")
     return {"run": True, "against": f"{ONNX}: {HOW_RUN[manifest.precision]}", **checked}
 
