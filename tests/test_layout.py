@@ -17,6 +17,7 @@ ROOT = Path(tome_export.__file__).resolve().parent
 # Lowest first. A module may import modules of its own layer or of a lower one, never of a higher one.
 LAYERS: List[Tuple[str, ...]] = [
     ("errors", "_version", "files", "onnx_files", "info", "graph_names", "tasks", "schedule", "devices", "preprocess", "images", "manifest",
+     "manifest_schema", "ownership",
      "recipe", "flops", "resources"),
     ("runtime",),
     ("merge", "kernels", "models", "export"),

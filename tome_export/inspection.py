@@ -19,6 +19,7 @@ from .errors import UserError, build_stack_missing
 from .files import sha256_file
 from .graph_names import MATCH_PREFIX, MERGE_PREFIX, block_of, block_order
 from .manifest import MANIFEST, Manifest, read_manifest, unchanged_since_build
+from .manifest_schema import newer_version_note
 
 
 # --- graphs -----------------------------------------------------------------------------------------
@@ -160,7 +161,8 @@ def inspect_path(path: os.PathLike) -> Dict[str, Any]:
     checks = checksum_status(path, manifest)
     graphs = {rel: graph_summary(path / rel) for rel in sorted(manifest["artifacts"])
               if rel.endswith(".onnx") and checks["files"][rel]["status"] != "missing"}
-    return {"path": str(path), "kind": "artifact", "manifest": manifest, "checksums": checks, "graphs": graphs}
+    return {"path": str(path), "kind": "artifact", "manifest": manifest, "checksums": checks, "graphs": graphs,
+            "newer_version": newer_version_note(manifest)}
 
 
 # --- text -------------------------------------------------------------------------------------------
@@ -399,6 +401,8 @@ def format_report(report: Dict[str, Any]) -> str:
     else:
         m = Manifest.from_dict(report["manifest"])
         lines.append(f"artifact   {report['path']}")
+        if report.get("newer_version"):
+            lines.append(f"version    {report['newer_version']}")
         lines += manifest_lines(m)
         lines += _checksum_lines(report["checksums"])
         lines.append("built by   " + ", ".join(f"{k} {val}" for k, val in m.versions.items())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -20,14 +19,16 @@ from ._version import __version__
 from .errors import UserError
 from .files import atomic_write, sha256_file
 from .graph_names import SOURCE_NAME
+from .manifest_schema import check_schema, warn_if_newer
 from .tasks import Task
 
 MANIFEST = "manifest.json"
 FORMAT = "tome-export/1"
 SELF_DIGEST = "manifest_sha256"  # digest of the manifest's own content: edits are detected
+MAX_MANIFEST_BYTES = 64 << 20  # far above any manifest a build writes; a larger file is refused before it is read
 
 __all__ = ["MANIFEST", "FORMAT", "InputSpec", "Manifest", "artifact_table", "dumps", "load_manifest",
-           "output_holds", "read_manifest", "refuse_failed", "sha256_file", "unchanged_since_build", "write_manifest"]
+           "read_manifest", "refuse_failed", "sha256_file", "unchanged_since_build", "write_manifest"]
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,9 @@ def _self_digest(data: Dict[str, Any]) -> str:
 
 
 def unchanged_since_build(data: Mapping[str, Any]) -> bool:
-    """Whether a loaded manifest still matches its own digest (manifests from before the digest: True)."""
-    return SELF_DIGEST not in data or data[SELF_DIGEST] == _self_digest(dict(data))
+    """Whether a loaded manifest still matches its own digest. Every tome-export/1 manifest a release wrote has
+    one, so a manifest without it counts as edited (removing the key must not let an edit pass)."""
+    return SELF_DIGEST in data and data[SELF_DIGEST] == _self_digest(dict(data))
 
 
 def write_manifest(directory: Path, manifest: Union[Manifest, Mapping[str, Any]]) -> Dict[str, Any]:
@@ -219,11 +221,15 @@ def read_manifest(directory: Path, verify: bool = True) -> Dict[str, Any]:
     path = directory / MANIFEST
     if not path.is_file():
         raise UserError(f"{str(directory)!r} holds no {MANIFEST}: pass a directory written by tome-export")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise UserError(f"{path} is {path.stat().st_size / 1e6:.0f} MB, larger than any manifest tome-export writes: "
+                        f"the artifact directory is corrupted; rebuild it")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise UserError(f"{path} is not valid JSON: the artifact directory is corrupted; rebuild it") from None
     _check_format(path, data)
+    check_schema(path, data)
     _check_paths(directory, path, data)
     if verify:
         _verify(directory, path, data)
@@ -236,10 +242,6 @@ def _check_format(path: Path, data: Any) -> None:
         what = f"a {found} manifest" if isinstance(found, str) else "not a tome-export manifest"
         raise UserError(f"{path} is {what}; tome-export {__version__} reads {FORMAT} manifests: rebuild the "
                         f"artifact with this version of tome-export")
-    required = {"artifacts": dict, "input": dict, "preprocessing": dict, "target": str, "precision": str}
-    if not all(isinstance(data.get(key), kind) for key, kind in required.items()):
-        raise UserError(f"{path} is not a complete {FORMAT} manifest: rebuild the artifact with this version of "
-                        f"tome-export")
 
 
 def confined(directory: Path, rel: Any) -> Optional[Path]:
@@ -269,6 +271,9 @@ def _check_paths(directory: Path, path: Path, data: Dict[str, Any]) -> None:
 
 
 def _verify(directory: Path, path: Path, data: Dict[str, Any]) -> None:
+    if SELF_DIGEST not in data:
+        raise UserError(f"{path} has no {SELF_DIGEST}, which every {FORMAT} manifest carries: it was edited after "
+                        f"the build; rebuild the artifact")
     if not unchanged_since_build(data):
         raise UserError(f"{path} was edited after the build ({SELF_DIGEST} does not match): rebuild the artifact")
     for rel, entry in data["artifacts"].items():
@@ -282,9 +287,12 @@ def _verify(directory: Path, path: Path, data: Dict[str, Any]) -> None:
 
 
 def load_manifest(directory: Path, verify: bool = True) -> Manifest:
-    """The typed :class:`Manifest` of an artifact directory (see :func:`read_manifest`); with ``verify``, a build
-    kept after failing validation is refused (:func:`refuse_failed`)."""
-    manifest = Manifest.from_dict(read_manifest(directory, verify))
+    """The typed :class:`Manifest` of an artifact directory (see :func:`read_manifest`); a manifest written by a
+    newer tome-export is reported (:class:`~tome_export.manifest_schema.NewerManifestWarning`); with ``verify``, a
+    build kept after failing validation is refused (:func:`refuse_failed`)."""
+    data = read_manifest(directory, verify)
+    warn_if_newer(data)
+    manifest = Manifest.from_dict(data)
     if verify:
         refuse_failed(directory, manifest)
     return manifest
@@ -296,28 +304,3 @@ def refuse_failed(directory: Path, manifest: Manifest) -> None:
         raise UserError(f"{str(directory)!r} is a build that FAILED validation, kept for inspection (--keep-failed): "
                         f"{manifest.failed.get('reason', 'see tome-export inspect')}; it cannot be loaded or served: "
                         f"inspect it with `tome-export inspect {directory}`, fix the build, and build again")
-
-
-def output_holds(out: Path) -> Tuple[bool, Optional[Manifest]]:
-    """Whether the output directory ``out`` is taken, and by which build.
-
-    ``(False, None)`` when it does not exist or is empty; ``(True, manifest)`` when it holds an artifact
-    (``manifest`` None when it cannot be read). Anything else (a file, an unwritable directory, files that
-    tome-export did not write) is refused.
-    """
-    out = Path(out)
-    if not out.exists():
-        return False, None
-    if not out.is_dir():
-        raise UserError(f"--output {str(out)!r} exists and is not a directory: choose another --output")
-    if not os.access(out, os.W_OK):
-        raise UserError(f"cannot write to {str(out)!r}: choose another --output")
-    if not any(out.iterdir()):
-        return False, None
-    if not (out / MANIFEST).is_file():
-        raise UserError(f"--output {str(out)!r} already holds files that tome-export did not write: choose another "
-                        f"--output")
-    try:
-        return True, load_manifest(out, verify=False)
-    except UserError:
-        return True, None

@@ -27,16 +27,17 @@ from .files import output_lock, remove_stale_workdirs, staged_output
 from .export import MIN_OPSET, export_onnx, max_opset
 from .flops import flops_summary
 from .info import ModelInfo
-from .manifest import Manifest, output_holds, write_manifest
+from .manifest import Manifest, write_manifest
 from .merge import MERGE_IMPLS
-from .models import (ModelName, ModelSpec, create_model, family_libraries, model_info, patch, preprocessing, resolve,
-                     set_task)
+from .models import (ModelName, ModelSpec, create_model, estimated_info, family_libraries, model_info, patch,
+                     preprocessing, resolve, set_task)
 from .onnx_files import copy_onnx
+from .ownership import OutputDir, survey
 from .preprocess import Preprocessing
 from .quality.selfcheck import Recorded, record_self_check
 from .quality.validate import DEFAULT_IMAGES
 from .recipe import load_recipe, recipe_for
-from .resources import check_memory
+from .resources import check_img_size, check_memory, check_seed
 from .runtime import runner_class
 from .runtime.base import ArtifactIO, Runner
 from .schedule import RSpec, Schedule, cap_r, expand_schedule, r_label, r_text, resolve_schedule
@@ -46,6 +47,7 @@ from .targets.base import RANGES
 
 Log = Callable[[str], None]
 WORKDIR_SUFFIX = ".tmp-12345678"  # the longest name beside the output: mkdtemp adds 8 characters
+MAX_BATCH = 65536  # a static batch beyond this is a typo; the memory estimate refuses smaller ones that cannot fit
 EXPORT_DIR = ".export"  # inside the work directory: the fp32 export a target builds from, removed before the manifest
 KEPT_EXPORT = "exported-fp32"  # that export's folder in a failed build kept with --keep-failed
 
@@ -132,6 +134,7 @@ class PreparedModel:
 class BuildResult:
     path: Path
     manifest: Dict[str, Any]  # the JSON written
+    kept: Tuple[str, ...] = ()  # entries of the output that were not tome-export's, left in place (--force)
 
 
 # --- checks that need no model ----------------------------------------------------------------------------------
@@ -164,8 +167,8 @@ def _recipe_and_target(request: BuildRequest):
                     f"--{key} {mine} contradicts the recipe {str(request.recipe)!r} ({key}: {getattr(recipe, key)}); "
                     f"drop --{key} or edit the recipe")
     else:
-        target = get_target(request.target or "onnx")
-        precision = request.precision or target.default_precision
+        target = get_target(request.target if request.target is not None else "onnx")  # '' is no target
+        precision = request.precision if request.precision is not None else target.default_precision
         if precision not in target.precisions:
             raise UserError(f"--precision {precision!r} is not available for --target {target.name}; "
                             f"choose one of {', '.join(target.precisions)}")
@@ -184,8 +187,8 @@ def _check_request(request: BuildRequest, target: Target) -> None:
                         f"{target.install_hint}")
     if request.merge_impl not in ("auto",) + MERGE_IMPLS:
         raise UserError(f"unknown --merge-impl {request.merge_impl!r}; choose auto, {', '.join(MERGE_IMPLS)}")
-    if request.batch < 1:
-        raise UserError(f"--batch must be >= 1, got {request.batch}")
+    if request.batch < 1 or request.batch > MAX_BATCH:
+        raise UserError(f"--batch must be >= 1 and at most {MAX_BATCH:,} (a static batch), got {request.batch}")
     if request.opset < MIN_OPSET:
         raise UserError(
             f"--opset {request.opset} is too low: ToMe's scatter-add needs opset >= 16 (lower opsets silently drop "
@@ -193,10 +196,8 @@ def _check_request(request: BuildRequest, target: Target) -> None:
     if request.opset > max_opset():
         raise UserError(f"--opset {request.opset} is beyond what the installed exporter writes: use --opset "
                         f"{MIN_OPSET} to {max_opset()}")
-    if not 0 <= request.seed < 2**64:
-        raise UserError(f"--seed must be between 0 and 2**64 - 1, got {request.seed}")
-    if request.img_size is not None and request.img_size < 16:
-        raise UserError(f"--img-size must be a positive image side in pixels, got {request.img_size}")
+    check_seed(request.seed)
+    check_img_size(request.img_size)
     if request.checkpoint is not None and not Path(request.checkpoint).is_file():
         raise UserError(f"checkpoint {str(request.checkpoint)!r} does not exist: pass the path of a .pth or "
                         f".safetensors file")
@@ -256,12 +257,24 @@ def _check_output(out: Path, identity: Tuple[Any, ...], force: bool) -> None:
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {str(parent)!r} (not a writable directory): choose another --output")
     _check_name_length(out, probe)
-    taken, existing = output_holds(out)
-    if taken and (existing is None or existing.identity != identity) and not force:
-        old = existing.model.get("alias", "another model") if existing else "another model"
-        what = f" ({existing.target}, {existing.precision})" if existing else ""
-        raise UserError(f"--output {str(out)!r} already holds artifacts of {old}{what}: choose another --output or "
-                        f"pass --force to replace them")
+    check_replaceable(survey(out), identity, force)
+
+
+def check_replaceable(found: OutputDir, identity: Tuple[Any, ...], force: bool) -> None:
+    """Refuse an output that holds another build (unless ``force``) or anything tome-export did not write: only
+    its own recorded files are ever replaced, and ``force`` keeps the others in place."""
+    out, existing = str(found.path), found.manifest
+    if existing is None and found.foreign:
+        raise UserError(f"--output {out!r} holds {found.foreign_text()}, which tome-export did not write (it holds "
+                        f"no build of tome-export's): choose another --output")
+    if existing is not None and existing.identity != identity and not force:
+        raise UserError(f"--output {out!r} already holds artifacts of {existing.model.get('alias', 'another model')} "
+                        f"({existing.target}, {existing.precision}): choose another --output or pass --force to "
+                        f"replace them")
+    if found.foreign and not force:
+        raise UserError(f"--output {out!r} holds {found.foreign_text()}, which tome-export did not write: move it "
+                        f"away or choose another --output (--force replaces only tome-export's own files and keeps "
+                        f"the others)")
 
 
 def _check_name_length(out: Path, probe: Path) -> None:
@@ -288,9 +301,8 @@ def prepare_model(prepared: PreparedBuild, log: Log = lambda msg: None, warn: Lo
     """Create the model with its weights and patch it as the plan says."""
     request = prepared.request
     log("loading model")
-    kwargs = {**request.model_kwargs, **({"img_size": request.img_size} if request.img_size else {})}
     model, spec = create_model(request.model, weights=request.weights, checkpoint=request.checkpoint,
-                               seed=request.seed, **kwargs)
+                               seed=request.seed, **_model_kwargs(request))
     info = model_info(model)
     schedule = resolve_schedule(request.r, info.num_blocks, info.num_tokens, info.num_protected)
     _check_useful_r(request, info, schedule)
@@ -302,6 +314,11 @@ def prepare_model(prepared: PreparedBuild, log: Log = lambda msg: None, warn: Lo
     patch(model, list(schedule.requested), merge_impl=prepared.plan.merge_impl, prop_attn=request.prop_attn)
     task = set_task(model, prepared.plan.task)
     return PreparedModel(model, spec, info, schedule, preprocessing(model), task)
+
+
+def _model_kwargs(request: BuildRequest) -> Dict[str, Any]:
+    """The architecture arguments of the requested model (``--img-size`` among them)."""
+    return {**request.model_kwargs, **({"img_size": request.img_size} if request.img_size else {})}
 
 
 def _check_useful_r(request: BuildRequest, info: ModelInfo, schedule: Schedule) -> None:
@@ -369,6 +386,8 @@ def manifest_for(prepared: PreparedBuild, model: PreparedModel, result: TargetRe
                  seconds: Optional[float] = None, checked: Optional[Recorded] = None) -> Manifest:
     """The manifest of a finished target build (``write_manifest`` adds the checksums)."""
     request, plan, schedule, info = prepared.request, prepared.plan, model.schedule, model.info
+    notes = (tuple(result.notes) + _threshold_note(request) + ((checked.note,) if checked and checked.note else ())
+             + tuple(unused_options(prepared, result)))
     entry = model.spec.manifest_entry(info.family)
     if request.model_kwargs:
         entry["model_kwargs"] = dict(request.model_kwargs)
@@ -379,13 +398,23 @@ def manifest_for(prepared: PreparedBuild, model: PreparedModel, result: TargetRe
         output_shapes=output_shapes(model, plan),
         runtime=prepared.target.runtime_section(result.runtime), validation=dict(result.validation),
         validated_on=checked.validated_on if checked else {}, self_check=checked.self_check if checked else {},
-        notes=tuple(result.notes) + _threshold_note(request) + ((checked.note,) if checked and checked.note else ()),
-        merge_decisions=result.merge_decisions, r=r, r_requested=schedule.requested,
+        notes=notes, merge_decisions=result.merge_decisions, r=r, r_requested=schedule.requested,
         r_schedule=schedule.r, r_capped=schedule.capped, tokens_per_block=schedule.tokens,
         num_tokens=schedule.num_tokens, num_protected=schedule.num_protected, patch_size=tuple(info.patch_size),
         merge_impl=plan.merge_impl, prop_attn=request.prop_attn, opset=plan.opset, num_classes=info.num_classes,
         flops=flops_summary(info, schedule.r), recipe=plan.recipe.to_dict(), versions=_versions(),
         build_seconds=round(seconds, 1) if seconds is not None else None, sections=dict(result.sections))
+
+
+def unused_options(prepared: PreparedBuild, result: TargetResult) -> List[str]:
+    """Notes for the options the target's recipe did not use: ``--calib-data`` where nothing calibrated (every
+    calibration records its source folder in the target's sections, so an unrecorded folder was never read)."""
+    folder = getattr(prepared.plan.options, "calib_data", None)
+    if folder is None or json.dumps(str(folder)) in json.dumps(result.sections, default=str):
+        return []
+    plan = prepared.plan
+    return [f"--calib-data {folder} was not used: the {plan.target} {plan.precision} recipe does not calibrate "
+            f"(e.g. dynamic int8 quantization, or no quantization), so no image of it was read"]
 
 
 def output_shapes(model: PreparedModel, plan: BuildPlan) -> Dict[str, Tuple[Any, ...]]:
@@ -452,23 +481,35 @@ def build(request: BuildRequest, log: Log = lambda msg: None, warn: Log = _warn)
     out = prepared.output
     out.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(out):  # checked again under the lock, held until the build is in place
+        remove_stale_workdirs(out.parent, out.name)  # first: it puts back a previous build a killed swap left
         _check_output(out, prepared.identity, prepared.request.force)
-        model = prepare_model(prepared, log, warn)
         batch = max(prepared.plan.batch, 3 if prepared.plan.dynamic_batch else 1)  # validation runs 3 at once
+        estimate = estimated_info(prepared.request.model, **_model_kwargs(prepared.request))
+        if estimate is not None:  # before the model allocates anything
+            check_memory(estimate, batch, "the build", prepared.request.allow_large)
+        model = prepare_model(prepared, log, warn)
         check_memory(model.info, batch, "the build", prepared.request.allow_large)
-        remove_stale_workdirs(out.parent, out.name)
-        return _build_locked(prepared, model, log, started)
+        return _build_locked(prepared, model, log, warn, started)
 
 
-def _build_locked(prepared: PreparedBuild, model: PreparedModel, log: Log, started: float) -> BuildResult:
-    with staged_output(prepared.output) as tmp:
+def _build_locked(prepared: PreparedBuild, model: PreparedModel, log: Log, warn: Log, started: float) -> BuildResult:
+    kept: List[str] = []
+
+    def foreign(out: Path) -> Tuple[str, ...]:  # asked at the swap: files added during the build are kept too
+        found = survey(out).foreign
+        kept.extend(found)
+        return found
+
+    with staged_output(prepared.output, foreign) as tmp:
         try:
-            _, manifest = build_into(prepared, model, tmp, log, started=started)
+            result, manifest = build_into(prepared, model, tmp, log, started=started)
         except ValidationError as exc:
             if prepared.request.keep_failed is not None:
                 exc.kept = str(keep_failed_build(prepared, model, tmp, exc, time.perf_counter() - started))
             raise
-    return BuildResult(prepared.output, manifest)
+    for note in unused_options(prepared, result):
+        warn(note)
+    return BuildResult(prepared.output, manifest, tuple(kept))
 
 
 def keep_failed_build(prepared: PreparedBuild, model: PreparedModel, workdir: Path, exc: ValidationError,
@@ -492,7 +533,10 @@ def _check_keep_failed(keep: Optional[Path], out: Path) -> None:
         return
     if Path(os.path.abspath(keep)) == Path(os.path.abspath(out)):
         raise UserError(f"--keep-failed {str(keep)!r} is the build's output: choose another directory")
-    taken, existing = output_holds(Path(keep))
-    if taken and (existing is None or not existing.failed):
+    found = survey(Path(keep))  # replaced whole when the build fails: it may hold only an earlier failed build
+    if found.foreign:
+        raise UserError(f"--keep-failed {str(keep)!r} holds {found.foreign_text()}, which tome-export did not write: "
+                        f"choose another directory")
+    if found.manifest is not None and not found.manifest.failed:
         raise UserError(f"--keep-failed {str(keep)!r} already holds a build that did not fail: choose another "
                         f"directory")

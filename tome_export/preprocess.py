@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import stat
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Sequence, Tuple, Union
 
@@ -18,6 +20,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import UserError
+
+# An image is refused before it is decoded when its header claims more pixels than this (PIL's own warning limit,
+# about 89 megapixels: 3x that in RGB bytes), and before it is resized when its sides differ by more than
+# MAX_ASPECT: the resize scales the shorter side to the model's, so a 1 x 40000 strip would become gigapixels.
+MAX_PIXELS = 89_478_485
+MAX_ASPECT = 100
 
 _INTERP = {
     "nearest": Image.Resampling.NEAREST,
@@ -85,7 +93,7 @@ class Preprocessing:
 
     def __call__(self, image: Union[Image.Image, str, os.PathLike]) -> np.ndarray:
         """One image (PIL or path) as a ``(C, H, W)`` float32 array."""
-        img = to_rgb(open_image(image) if not isinstance(image, Image.Image) else image)
+        img = to_rgb(check_image_size(image) if isinstance(image, Image.Image) else open_image(image))
         _, h, w = self.input_size
         interp = _INTERP.get(self.interpolation)
         if interp is None:
@@ -157,13 +165,49 @@ def _grey_to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.round(values / full * 255.0), 0, 255).astype(np.uint8)
 
 
+def check_image_size(img: Image.Image, name: str = "the image") -> Image.Image:
+    """``img`` when preprocessing it stays within :data:`MAX_PIXELS` and :data:`MAX_ASPECT`; else a UserError."""
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise UserError(f"{name} is {w} x {h} pixels, more than the {MAX_PIXELS:,} tome-export decodes: scale it down "
+                        f"first")
+    if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+        raise UserError(f"{name} is {w} x {h} pixels: sides more than {MAX_ASPECT} times apart would be resized to a "
+                        f"huge image (the shorter side is scaled to the model's input); crop it first")
+    return img
+
+
 def open_image(path: Union[str, os.PathLike]) -> Image.Image:
-    """Open an image file, or raise a one-line :class:`UserError`."""
+    """Open and decode an image file, or raise a one-line :class:`UserError`.
+
+    Only regular files are read (a FIFO or device is refused, never waited on); the size the header claims is
+    checked (:func:`check_image_size`) before any pixel is decoded, and decoder refusals (decompression bombs,
+    oversized text chunks, truncated or malformed data) are one line too.
+    """
+    name = repr(str(path))
     try:
-        img = Image.open(path)
-        img.load()
-        return img
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
-        raise UserError(f"image {str(path)!r} does not exist") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"{str(path)!r} is not an image PIL can read ({type(exc).__name__}): pass a JPEG/PNG file") from None
+        raise UserError(f"image {name} does not exist") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, device or socket)"
+        raise UserError(f"{name} is {what}: pass an image file (JPEG/PNG)")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(f)
+                check_image_size(img, f"image {name}")
+                img.load()
+        except UserError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise UserError(f"image {name} claims more than {MAX_PIXELS:,} pixels (a decompression bomb, or a huge "
+                            f"scan): scale it down first") from None
+        except Exception as exc:  # PIL's decoders raise many types (OSError, ValueError, SyntaxError, ...)
+            why = "" if isinstance(exc, UnidentifiedImageError) else " ".join(str(exc).split())[:80]
+            raise UserError(f"{name} is not an image PIL can read ({type(exc).__name__}{': ' + why if why else ''}): "
+                            f"pass a JPEG/PNG file") from None
+    return img

@@ -17,6 +17,7 @@ from typing import List, Sequence, Tuple, Union
 from .errors import UserError
 
 RSpec = Union[int, Tuple[int, float], Sequence[int]]
+MAX_R = 2**20  # more tokens than a ViT has at the largest image side tome-export builds: beyond it r is a typo
 
 
 def cap_r(r: int, num_tokens: int, num_protected: int) -> int:
@@ -31,6 +32,7 @@ def expand_schedule(r: RSpec, num_blocks: int) -> List[int]:
     if isinstance(r, int):
         if r < 0:
             raise UserError(f"r must be >= 0, got {r}: pass the number of tokens to merge per block")
+        _check_max(r)
         return [r] * num_blocks
     if isinstance(r, tuple) and len(r) == 2:  # (r, inflect), as in the reference; per-block is a list
         base, inflect = r
@@ -38,6 +40,7 @@ def expand_schedule(r: RSpec, num_blocks: int) -> List[int]:
             raise UserError(f"an (r, inflect) schedule needs an int and a number, got {r!r}")
         if base < 0:
             raise UserError(f"r must be >= 0, got {base}")
+        _check_max(base)
         if not -1.0 <= inflect <= 1.0:
             raise UserError(f"inflect must be in [-1, 1], got {inflect}")
         if num_blocks == 1:  # no slope over one block (the reference divides by zero): r itself
@@ -52,6 +55,7 @@ def expand_schedule(r: RSpec, num_blocks: int) -> List[int]:
             raise UserError(f"an r schedule list must hold ints, got {values!r}")
         if any(v < 0 for v in values):
             raise UserError(f"an r schedule must not hold negative values, got {values!r}")
+        _check_max(max(values, default=0))
         if len(values) != num_blocks:
             raise UserError(
                 f"the r schedule has {len(values)} entries but the model has {num_blocks} blocks: "
@@ -59,6 +63,11 @@ def expand_schedule(r: RSpec, num_blocks: int) -> List[int]:
             )
         return values
     raise UserError(f"r must be an int, an (r, inflect) pair or a list of ints, not {r!r}")
+
+
+def _check_max(r: int) -> None:
+    if r > MAX_R:
+        raise UserError(f"r must be at most {MAX_R:,} (more tokens than any model has), got {r}")
 
 
 CAP_WARNING = "r capped"  # how the cap warning starts

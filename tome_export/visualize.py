@@ -331,8 +331,12 @@ def check_output_file(path: os.PathLike) -> None:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{str(path)!r} is a directory: pass a picture file name such as out.png")
-    if path.suffix.lower() not in Image.registered_extensions():
+    formats = Image.registered_extensions()
+    if path.suffix.lower() not in formats:
         raise UserError(f"cannot tell the picture format of {str(path)!r}: end the name with .png or .jpg")
+    if formats[path.suffix.lower()] not in Image.SAVE:
+        raise UserError(f"{str(path)!r}: PIL reads {formats[path.suffix.lower()]} pictures but cannot write them; "
+                        f"end the name with .png or .jpg")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {str(path)!r}: {str(parent)!r} is not a writable directory")
@@ -353,6 +357,7 @@ class ModelSource:
     img_size: Optional[int] = None
     merge_impl: str = "gather"
     prop_attn: bool = True
+    allow_large: bool = False  # skip the memory estimate's refusal
 
 
 def visualize_model(image: Union[Image.Image, str, os.PathLike], source: ModelSource, blocks_text: Optional[str] = None,
@@ -360,15 +365,20 @@ def visualize_model(image: Union[Image.Image, str, os.PathLike], source: ModelSo
     """(display image, patch size, merge states) of ``image`` through the model ``source`` names, patched with its
     schedule; ``blocks_text`` (``"1,6,12"``) picks states after those blocks (default :func:`default_blocks`);
     ``warn`` hears a schedule capped before its last block."""
-    from .models import create_model, model_info, patch
+    from .models import create_model, estimated_info, model_info, patch
+    from .resources import check_img_size, check_memory, check_seed
     from .schedule import resolve_schedule
 
-    if source.img_size is not None and source.img_size < 16:
-        raise UserError(f"--img-size must be a positive image side in pixels, got {source.img_size}")
+    check_img_size(source.img_size)
+    check_seed(source.seed)
     kwargs = {"img_size": source.img_size} if source.img_size else {}
+    estimate = estimated_info(source.model, **kwargs)
+    if estimate is not None:  # as a build does: refused before the model allocates anything
+        check_memory(estimate, 1, "visualize", source.allow_large)
     model, _ = create_model(source.model, weights=source.weights, checkpoint=source.checkpoint, seed=source.seed,
                             **kwargs)
     info = model_info(model)
+    check_memory(info, 1, "visualize", source.allow_large)
     schedule = resolve_schedule(source.r, info.num_blocks, info.num_tokens, info.num_protected)
     blocks = parse_blocks(blocks_text, info.num_blocks) if blocks_text else default_blocks(info.num_blocks)
     if schedule.capped_early:

@@ -41,6 +41,7 @@ import yaml
 
 from ..errors import UserError
 from ..files import sha256_file
+from ..resources import MAX_THREADS
 from ..schedule import RSpec, parse_r_text, r_label
 from ..tasks import CLASSIFY, Task, as_task
 from .matrix import backends, precisions
@@ -57,6 +58,9 @@ _TIMING = {"warmup": int, "rounds": int, "per_round": int, "pause_s": float, "pe
 _PER_BATCH = {"warmup": int, "rounds": int, "per_round": int}
 _QUALITY = {"images": int, "max_images": int, "decision_images": int}
 _BUDGET = {"top1_agreement": float, "accuracy_drop": float, "cosine": float}
+# Timing settings beyond these never finish in useful time (rounds x runs of a large model at batch 64 would
+# take days).
+TIMING_LIMITS = {"warmup": (0, 1000), "rounds": (1, 1000), "per_round": (1, 1000), "pause_s": (0.0, 60.0)}
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,16 @@ class Timing:
         settings = {"warmup": self.warmup, "rounds": self.rounds, "per_round": self.per_round, "pause_s": self.pause_s}
         settings.update(dict(dict(self.per_batch).get(batch, ())))
         return settings
+
+
+def check_timing(timing: Timing, where: str) -> None:
+    """Every timing setting (and each batch size's own) within :data:`TIMING_LIMITS`, as a one-line UserError."""
+    settings = [("", timing.for_batch(-1))] + [(f".per_batch.{b}", dict(s)) for b, s in timing.per_batch]
+    for suffix, values in settings:
+        for key, value in values.items():
+            low, high = TIMING_LIMITS[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise UserError(f"{where}{suffix}.{key} = {value!r}: must be between {low:g} and {high:g}")
 
 
 @dataclass(frozen=True)
@@ -215,10 +229,12 @@ def _typed(where: str, values: Mapping[str, Any], schema: Mapping[str, Any]) -> 
     return out
 
 
-def _int_list(where: str, values: Any, minimum: int = 1) -> Tuple[int, ...]:
+def _int_list(where: str, values: Any, minimum: int = 1, maximum: Optional[int] = None) -> Tuple[int, ...]:
     values = values if isinstance(values, list) else [values]
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values):
-        raise UserError(f"{where} = {values!r}: expected a list of ints >= {minimum}")
+    top = maximum if maximum is not None else math.inf
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and minimum <= v <= top for v in values):
+        limits = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise UserError(f"{where} = {values!r}: expected a list of ints {limits}")
     return tuple(sorted(set(values)))
 
 
@@ -260,6 +276,8 @@ def _model(where: str, entry: Any) -> ModelConfig:
         raise UserError(f"{where}: each model needs at least 'model: NAME'")
     _check_keys(where, entry, _MODEL)
     name = entry["model"]
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"{where}.model = {name!r}: expected a model name (an alias such as vit_b16, or a timm name)")
     weights = entry.get("weights", "random")
     if weights not in ("pretrained", "random"):
         raise UserError(f"{where}.weights = {weights!r}: choose pretrained or random (or checkpoint: PATH)")
@@ -336,9 +354,7 @@ def parse_config(data: Mapping[str, Any], path: Optional[Path] = None) -> BenchC
             raise UserError(f"{_where(path, 'timing.per_batch')}: expected {{BATCH: {{rounds: N, per_round: N}}}}")
         per_batch.append((batch, tuple(sorted(_typed(_where(path, f"timing.per_batch.{batch}"), settings, _PER_BATCH).items()))))
     timing_cfg = Timing(**timing, per_batch=tuple(sorted(per_batch)))
-    if min(timing_cfg.rounds, timing_cfg.per_round, *(dict(s).get("rounds", 1) for _, s in per_batch),
-           *(dict(s).get("per_round", 1) for _, s in per_batch)) < 1:
-        raise UserError(f"{_where(path, 'timing')}: rounds and per_round must be >= 1")
+    check_timing(timing_cfg, _where(path, "timing"))
     build = _typed(_where(path, "build"), data.get("build") or {}, _BUILD)
     quality = _typed(_where(path, "quality"), data.get("quality") or {}, _QUALITY)
     budget = _typed(_where(path, "budget"), data.get("budget") or {}, _BUDGET)
@@ -353,7 +369,7 @@ def parse_config(data: Mapping[str, Any], path: Optional[Path] = None) -> BenchC
         r=_r_values(_where(path, "r"), data.get("r", [0])), precisions=tuple(chosen),
         backends=_names(_where(path, "backends"), data.get("backends", ["torch"]), tuple(backends())),
         batches=_int_list(_where(path, "batches"), data.get("batches", [1])),
-        threads=_int_list(_where(path, "threads"), data.get("threads", [1])),
+        threads=_int_list(_where(path, "threads"), data.get("threads", [1]), maximum=MAX_THREADS),
         dynamic_batch=build.get("dynamic_batch", True), merge_impl=build.get("merge_impl", "auto"),
         timing=timing_cfg, memory=memory, photos=max(1, quality.get("images", 8)),
         max_images=quality.get("max_images", 2000), decision_images=max(1, quality.get("decision_images", 16)),

@@ -8,6 +8,7 @@ and exit 3.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import pkgutil
@@ -16,7 +17,7 @@ import sys
 import traceback
 import warnings
 from importlib import metadata
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 from .._version import __version__
 from ..errors import (BUILD_STACK, EXIT_CHECK_FAILED, EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, UserError,
@@ -46,15 +47,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     try:
-        return _dispatch(argv)
+        with _one_line_warnings():
+            return _dispatch(argv)
     except UserError as exc:
         print(f"tome-export: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except ValidationError as exc:
         print(f"tome-export: validation failed: {exc}", file=sys.stderr)
         return EXIT_CHECK_FAILED
-    except KeyboardInterrupt:
-        print("tome-export: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # its message, when it has one, says what was complete before it
+        print(f"tome-export: interrupted; {str(exc) or 'nothing was written'}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (``| head``): nothing more to say to it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -69,6 +71,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USER_ERROR
     except Exception as exc:  # a bug: the traceback is for the report
         return _internal_error(exc)
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """tome-export's own warnings as one ``tome-export: warning:`` line each (others keep Python's format)."""
+    from ..manifest_schema import NewerManifestWarning
+
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings' signature
+        if issubclass(category, NewerManifestWarning):
+            print(f"tome-export: warning: {message}", file=sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def _dispatch(argv: List[str]) -> int:

@@ -196,8 +196,9 @@ def run(argv: Sequence[str]) -> int:
     from ..schedule import CAP_WARNING, parse_r_text
 
     request = BuildRequest(
-        model=args.model, r=parse_r_text(args.r or DEFAULT_R), target=args.target, precision=args.precision,
-        batch=args.batch, dynamic_batch=bool(args.dynamic_batch), opset=args.opset, output=args.output,
+        model=args.model, r=parse_r_text(args.r if args.r is not None else DEFAULT_R), target=args.target,
+        precision=args.precision, batch=args.batch, dynamic_batch=bool(args.dynamic_batch), opset=args.opset,
+        output=args.output,
         weights=args.weights, checkpoint=args.checkpoint, seed=args.seed, merge_impl=args.merge_impl,
         prop_attn=not args.no_prop_attn, img_size=args.img_size, force=args.force, recipe=args.recipe,
         allow_large=args.allow_large,
@@ -258,13 +259,15 @@ def _report(args: argparse.Namespace, result: Any, served: Any) -> None:
     """What was built (and served): the summary, or with ``--json`` one JSON document."""
     if args.json:
         report = {"path": str(result.path), "manifest": result.manifest,
-                  "served": str(served.model_dir) if served else None}
+                  "served": str(served.model_dir) if served else None, "kept": list(result.kept)}
         print(json.dumps(report, indent=2, default=str))
         return
     from ..inspection import build_summary
     from ..manifest import Manifest
 
     print("\n".join(build_summary(result.path, Manifest.from_dict(result.manifest))))
+    for rel in result.kept:
+        print(f"  kept       {rel} (not tome-export's: left in place)")
     if served is not None:
         print_served(served)
 

@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
                    "captions (with --artifact, or --model and one block)")
     p.add_argument("--fill", default="mean", choices=FILLS, help="group fill: mean colour or palette (default mean)")
     p.add_argument("--scale", type=int, default=2, help="pixels per input pixel (default 2)")
+    p.add_argument("--allow-large", action="store_true",
+                   help="run even when the memory estimate exceeds half of this machine's memory")
     return p
 
 
@@ -67,7 +69,7 @@ def run(argv: Sequence[str]) -> int:
         states = [state]
     else:
         source = vis.ModelSource(args.model, parse_r_text(args.r), args.weights, args.checkpoint, args.seed,
-                                 args.img_size, args.merge_impl, not args.no_prop_attn)
+                                 args.img_size, args.merge_impl, not args.no_prop_attn, args.allow_large)
         warn = lambda message: print(f"tome-export: warning: {message}", file=sys.stderr)  # noqa: E731
         picture, patch, states = vis.visualize_model(image, source, args.blocks, warn)
     if args.bare and len(states) != 1:

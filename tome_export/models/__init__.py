@@ -21,6 +21,7 @@ import torch
 from ..errors import UserError
 from ..info import ModelInfo
 from ..preprocess import Preprocessing
+from ..resources import check_seed
 from ..schedule import RSpec, expand_schedule
 from ..tasks import DENSE, Task, as_task
 from .base import TaskPlan, ToMeConfig
@@ -177,6 +178,7 @@ def create_model(name: str, weights: str = "pretrained", checkpoint: Optional[os
         if not isinstance(pretrained, bool):
             raise UserError(f"pretrained={pretrained!r}: pass weights='pretrained' or weights='random'")
         weights = "pretrained" if pretrained else "random"
+    check_seed(seed)
     ref = resolve(name)
     family = FAMILIES[ref.family]
     if checkpoint is not None:
@@ -237,6 +239,19 @@ def family_of(model: torch.nn.Module) -> Family:
 def model_info(model: torch.nn.Module) -> ModelInfo:
     """Static shape facts of a supported model."""
     return family_of(model).model_info(model)
+
+
+def estimated_info(name: str, **kwargs: Any) -> Optional[ModelInfo]:
+    """The facts of the model ``create_model(name, **kwargs)`` would build, from a copy on the meta device (no
+    memory, no weights), so a request that cannot fit is refused before the real model allocates anything; None
+    where the family cannot build it there (a hub config that is not cached, an argument it refuses: the real
+    creation then says why)."""
+    try:
+        with torch.device("meta"):
+            model, _ = create_model(name, weights="random", **kwargs)
+        return model_info(model)
+    except Exception:  # noqa: BLE001 - only an estimate; create_model reports the problem itself
+        return None
 
 
 def preprocessing(model: torch.nn.Module) -> Preprocessing:

@@ -78,4 +78,21 @@ def load_checked(model: torch.nn.Module, sd: Dict[str, torch.Tensor], checkpoint
             f"checkpoint {checkpoint!r} does not match {what}: {'; '.join(parts)}. "
             "Pass --model of the architecture the checkpoint was trained with"
         )
+    check_values(sd, own, checkpoint)
     model.load_state_dict(sd, strict=True)
+
+
+def check_values(sd: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor], checkpoint: str) -> None:
+    """Refuse, naming the tensor, a checkpoint no export can be right with: integer, boolean or quantized values
+    where the model holds floats (loading would cast them without a word), or NaN and infinities (the export would
+    run to the end, then fail validation with meaningless numbers)."""
+    for key, value in sd.items():
+        if own[key].is_floating_point() and not value.is_floating_point():
+            raise UserError(f"checkpoint {checkpoint!r}: {key} holds {str(value.dtype).replace('torch.', '')} values "
+                            f"where the model has {str(own[key].dtype).replace('torch.', '')} weights: pass the "
+                            f"floating-point state_dict the model was trained with")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise UserError(f"checkpoint {checkpoint!r}: {key} holds {bad:,} NaN or infinite value(s) of "
+                            f"{value.numel():,}: the checkpoint is damaged (or saved from a diverged run); pass one "
+                            f"with finite weights")

@@ -18,6 +18,7 @@ from ..images import sample_photos
 from ..preprocess import Preprocessing, open_image, to_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+MAX_ENTRIES = 100_000  # a calibration folder walked further than this is the wrong folder (a home, a disk)
 BUNDLED = "bundled sample photos (tome_export/photos)"
 
 
@@ -37,7 +38,14 @@ def image_files(directory: Union[str, os.PathLike]) -> List[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"--calib-data {str(directory)!r} is not a directory: pass a folder of JPEG/PNG images")
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = []
+    for count, path in enumerate(directory.rglob("*")):  # symbolic links to folders are not followed
+        if count >= MAX_ENTRIES:
+            raise UserError(f"--calib-data {str(directory)!r} holds more than {MAX_ENTRIES:,} files and folders: pass "
+                            f"a folder of representative photos (a few hundred are plenty)")
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():  # is_file: FIFOs and devices are skipped
+            files.append(path)
+    files.sort()
     if not files:
         raise UserError(f"--calib-data {str(directory)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}): "
                         f"pass a folder of representative photos")

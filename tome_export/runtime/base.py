@@ -8,11 +8,15 @@ measurement, ``visualize --artifact``, the bench and deployments all run the sam
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import gc
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -21,6 +25,7 @@ from ..errors import UserError
 from ..graph_names import OUTPUT_NAME
 from ..manifest import InputSpec, Manifest
 from ..preprocess import Preprocessing
+from ..resources import check_threads
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,21 @@ class ArtifactIO:
                    manifest.target)
 
 
+# Runners still open when the interpreter exits, closed while it is whole. Left to the final teardown, a backend's
+# objects can be destroyed (or its library's static state torn down) while a daemon thread is still inside a call:
+# ONNX Runtime then aborts ("terminate called", exit 134) and OpenVINO aborts or hangs.
+_OPEN: "weakref.WeakSet[Runner]" = weakref.WeakSet()
+CLOSE_WAIT_S = 30.0  # how long closing waits for calls in progress in other threads
+
+
+@atexit.register
+def _close_open_runners() -> None:
+    for runner in list(_OPEN):
+        if runner.stop_calls():  # no call is inside the backend any more: safe to free
+            runner.close()
+    gc.collect()
+
+
 class Runner:
     """Runs one artifact. ``runner(batch) -> its first output`` (logits, embeddings, features or tokens, as its task
     says); ``runner.infer(batch) -> {output name: array}``.
@@ -51,7 +71,10 @@ class Runner:
     resources (sessions, compiled models, device memory) before the object is collected.
 
     Thread safety: one runner may be shared by any number of threads. Backends whose ``_infer`` is safe to call
-    concurrently say so with ``concurrent = True``; for the others this class runs one call at a time.
+    concurrently say so with ``concurrent = True``; for the others this class runs one call at a time. Closing
+    refuses new calls, waits (up to :data:`CLOSE_WAIT_S`) for those in progress, then frees the backend; a runner
+    left open is closed that way when the interpreter exits, so daemon threads still calling it cannot take the
+    process down with them (their next call raises a UserError instead).
     """
 
     backend = "base"
@@ -60,6 +83,7 @@ class Runner:
 
     def __init__(self, io: ArtifactIO, threads: Optional[int] = None, throughput: bool = False,
                  extra_outputs: Sequence[str] = ()) -> None:
+        check_threads(threads)  # before the backend is handed a count it would reject with a traceback (or take 0)
         self.io = io
         self.directory = io.directory
         self.threads = threads
@@ -73,6 +97,9 @@ class Runner:
         self.primary = io.outputs[0] if io.outputs else OUTPUT_NAME  # what ``runner(batch)`` returns
         self.closed = False
         self._serial = threading.Lock()
+        self._calls = 0  # calls inside the backend now
+        self._state = threading.Condition()
+        _OPEN.add(self)
 
     def preprocess(self, image: Union[Image.Image, str, os.PathLike]) -> np.ndarray:
         """One image (PIL or path) -> ``(C, H, W)`` array, as the model was trained."""
@@ -105,6 +132,8 @@ class Runner:
 
     def infer(self, batch: np.ndarray, outputs: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
         """Named outputs of a preprocessed batch: ``outputs`` (default: every output, extra outputs included)."""
+        if isinstance(outputs, str):  # one name, not its letters
+            outputs = [outputs]
         names = list(outputs) if outputs is not None else self.output_names
         unknown = [n for n in names if n not in self.output_names]
         if unknown:
@@ -114,16 +143,36 @@ class Runner:
     def run_many(self, batches: Sequence[np.ndarray]) -> List[np.ndarray]:
         """The first output of several batches; in throughput mode backends overlap them (batch serving)."""
         checked = [self.check(b) for b in batches]
-        if self.concurrent:
-            return self._infer_many(checked)
-        with self._serial:
+        with self._call(), (contextlib.nullcontext() if self.concurrent else self._serial):
             return self._infer_many(checked)
 
     def _run(self, batch: np.ndarray, names: Sequence[str]) -> Dict[str, np.ndarray]:
-        if self.concurrent:
+        with self._call(), (contextlib.nullcontext() if self.concurrent else self._serial):
             return self._infer(batch, names)
-        with self._serial:
-            return self._infer(batch, names)
+
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        """One call inside the backend: refused once the runner is closing, counted so closing can wait for it."""
+        with self._state:
+            if self.closed:
+                raise UserError(f"{self!r} was closed: load the artifact again")
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._calls -= 1
+                self._state.notify_all()
+
+    def stop_calls(self, timeout: float = CLOSE_WAIT_S) -> bool:
+        """Refuse new calls and wait for those in progress; whether none is left inside the backend."""
+        state = getattr(self, "_state", None)
+        if state is None:  # a subclass that failed before Runner.__init__ ran
+            self.closed = True
+            return True
+        with state:
+            self.closed = True
+            return state.wait_for(lambda: self._calls == 0, timeout=timeout)
 
     def _infer(self, batch: np.ndarray, names: Sequence[str]) -> Dict[str, np.ndarray]:  # backends implement this
         raise NotImplementedError
@@ -146,8 +195,13 @@ class Runner:
         return None
 
     def close(self) -> None:
-        """Free the backend's resources; the runner cannot run afterwards. Closing twice is harmless."""
-        self.closed = True
+        """Free the backend's resources; the runner cannot run afterwards. Closing twice is harmless.
+
+        Backends free their resources after this (``super().close()`` first): calls in progress in other threads
+        end before anything they use is freed.
+        """
+        self.stop_calls()
+        _OPEN.discard(self)
 
     def __enter__(self) -> "Runner":
         return self

@@ -136,7 +136,7 @@ class OnnxRuntimeRunner(Runner):
             return json.loads(Path(session.end_profiling()).read_text())
 
     def close(self) -> None:
+        super().close()  # first: calls in other threads finish before the session goes
         self.session = None
         if self.scratch is not None:
             self.scratch.cleanup()
-        super().close()

@@ -6,10 +6,6 @@ The runtime settings' ``config`` holds the compile properties the build validate
 
 from __future__ import annotations
 
-import atexit
-import gc
-import queue
-import weakref
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -28,20 +24,6 @@ def compile_config(config: Mapping[str, Any], threads: Optional[int] = None, thr
     return merged
 
 
-# Runners still open when the interpreter exits. Left to the interpreter's final teardown, a throughput-mode
-# compiled model (and OpenVINO objects only a garbage collection frees) can be destroyed while its CPU streams'
-# threads still exist: the process aborts ("terminate called without an active exception", exit 134) in about a
-# third of the runs here. Closing them and collecting, at exit while the interpreter is whole, avoids it.
-_OPEN: "weakref.WeakSet[OpenVINORunner]" = weakref.WeakSet()
-
-
-@atexit.register
-def _close_open_runners() -> None:
-    for runner in list(_OPEN):
-        runner.close()
-    gc.collect()
-
-
 def _last_line(exc: BaseException) -> str:
     """OpenVINO's exceptions stack the places they passed through; the last line says what went wrong."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -54,16 +36,18 @@ def _store_output(request: Any, userdata: Any) -> None:
 
 
 class OpenVINORunner(Runner):
-    """Latency mode: one infer request per concurrent call. Throughput mode: OpenVINO's THROUGHPUT hint (several CPU
+    """Latency mode: one infer request at a time. Throughput mode: OpenVINO's THROUGHPUT hint (several CPU
     streams) and an ``AsyncInferQueue`` with the plugin's optimal number of requests in :meth:`run_many`.
 
-    Thread-safe: an ``InferRequest`` runs one inference at a time, so each call takes an idle request from a pool
-    (creating one when all are busy) and returns it afterwards; results are copied out of the request's buffers
-    before another call can reuse it.
+    Thread-safe, one call at a time: with OpenVINO 2026.4 several Python threads calling ``infer`` on separate
+    requests of one compiled model deadlock now and then (measured here: 4 threads, a 2-block ViT, 5 of 10 runs
+    hung, the threads waiting in the Python data dispatch's ``get_input_tensor``; 0 of 30 once calls took turns).
+    In latency mode each inference uses every CPU stream anyway; throughput mode overlaps requests inside
+    OpenVINO (:meth:`run_many`). Results are copied out of the request's buffers before the request is reused.
     """
 
     backend = "openvino"
-    concurrent = True
+    concurrent = False
     libraries = ("openvino",)
 
     def __init__(self, io: ArtifactIO, threads: Optional[int] = None, throughput: bool = False,
@@ -86,20 +70,11 @@ class OpenVINORunner(Runner):
         self.output_index.setdefault(self.primary, 0)
         self.ports = {name: self.compiled.output(i) for name, i in self.output_index.items()}
         self.output_names = [n for n in self.output_names if n in self.ports]
-        self.idle: "queue.SimpleQueue[Any]" = queue.SimpleQueue()  # requests no call is using
-        self.idle.put(self.compiled.create_infer_request())
-        _OPEN.add(self)
+        self.request = self.compiled.create_infer_request()
 
     def _infer(self, batch: np.ndarray, names: Sequence[str]) -> Dict[str, np.ndarray]:
-        try:
-            request = self.idle.get_nowait()
-        except queue.Empty:  # every request is busy in another thread
-            request = self.compiled.create_infer_request()
-        try:
-            results = request.infer({0: batch}, share_outputs=False)  # copies: the buffers go back to the pool
-            return {name: results[self.ports[name]] for name in names}
-        finally:
-            self.idle.put(request)
+        results = self.request.infer({0: batch}, share_outputs=False)  # copies: the next call reuses the buffers
+        return {name: results[self.ports[name]] for name in names}
 
     def _infer_many(self, batches: Sequence[np.ndarray]) -> List[np.ndarray]:
         if not self.throughput:
@@ -116,7 +91,5 @@ class OpenVINORunner(Runner):
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
-        self.idle = queue.SimpleQueue()
-        self.compiled = None
-        _OPEN.discard(self)
-        super().close()
+        super().close()  # first: calls in other threads finish before the compiled model goes
+        self.request = self.compiled = None

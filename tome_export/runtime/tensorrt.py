@@ -231,6 +231,7 @@ class TensorRTRunner(Runner):
         return cuda_device()
 
     def close(self) -> None:
+        super().close()  # first: calls in other threads finish before the buffers go
         for ptr, _ in getattr(self, "buffers", {}).values():
             try:
                 self.device.free(ptr)
@@ -238,7 +239,6 @@ class TensorRTRunner(Runner):
                 pass
         self.buffers = {}
         self.context = self.engine = None
-        super().close()
 
     def __del__(self) -> None:
         self.close()

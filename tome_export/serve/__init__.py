@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..manifest import MANIFEST, Manifest, load_manifest, read_manifest
 from .readme import render_readme, validation_line
 from .repository import check_destination, install, stage_files, staging_dir, write_checksums, write_texts
-from .triton import VERSION, ModelPlan, TritonOptions, model_name, plan_model, render_config
+from .triton import VERSION, ModelPlan, TritonOptions, check_options, model_name, plan_model, render_config
 
 FORMATS = ("triton",)
 REPOSITORY = "model_repository"
@@ -40,6 +40,7 @@ def check_request(artifact: Path, fmt: str, repository: Optional[Path], options:
     """Checks that need no artifact yet (a build runs them before it starts)."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: supported formats are {', '.join(FORMATS)}")
+    check_options(options)
     name = model_name(artifact, options.name)
     check_destination(Path(repository) if repository else default_repository(artifact), name, force)
 

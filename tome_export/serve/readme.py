@@ -110,6 +110,18 @@ def _runtime_settings(manifest: Manifest) -> str:
     return ", ".join(f"{k}={v}" for k, v in flat.items()) or "none"
 
 
+LIMITS = [
+    "- Requests whose shape, batch or element type does not fit the model are answered with HTTP 400 (gRPC "
+    "INVALID_ARGUMENT), by Triton or, where a config edit lets them through, by the Python-backend model, which "
+    "checks the claimed shape before it reads the data.",
+    "- Triton's HTTP endpoint converts JSON-encoded tensor data (`\"data\": [...]`) into a buffer of the size the "
+    "request's shape claims before checking that shape against the model: with tritonserver 2.51 a JSON request "
+    "claiming a shape of 2**40 elements aborted the server (std::bad_alloc). Clients here send binary tensors "
+    "(`tritonclient`'s default); where untrusted clients reach the HTTP port, put a proxy in front that limits "
+    "request size, or expose only gRPC.",
+]
+
+
 def render_readme(plan: ModelPlan, manifest: Manifest, artifact: Path, repository: Path) -> str:
     model = manifest.model
     task = "" if manifest.task.name == "classify" else f", task {manifest.task.describe()}"
@@ -132,6 +144,7 @@ def render_readme(plan: ModelPlan, manifest: Manifest, artifact: Path, repositor
              f"- backend settings in config.pbtxt: {settings or 'none (the backend defaults)'}; the recipe fixes no "
              f"thread count, so threads are the backend's default unless `--threads` was given",
              *[f"- **note**: {note}" for note in plan.notes],
+             "", "## Limits", "", *LIMITS,
              "", "## Files", "",
              "`SHA256SUMS` in this directory lists every file's sha256: `sha256sum -c SHA256SUMS` checks them.",
              "", "## Tested", "", TESTED, ""]

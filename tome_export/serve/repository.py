@@ -2,7 +2,8 @@
 
 The model directory is assembled in a hidden directory beside the repository and renamed into place, so a
 server polling the repository never sees a half-copied model, and a failed or interrupted write leaves the
-previous one untouched.
+previous one untouched. Replacing a model (``--force``) replaces only the files its ``SHA256SUMS`` lists: what
+else is in the model directory (another version, a user's notes) is kept.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Set, Tuple
 
 from ..errors import UserError
+from ..files import carry_entries, deferred_signals
 from ..manifest import sha256_file
+from ..ownership import foreign_entries
 
 CHECKSUMS = "SHA256SUMS"
 
@@ -71,13 +74,28 @@ def install(staged: Path, repository: Path, name: str, force: bool) -> Path:
     os.umask(umask)
     os.chmod(staged, 0o777 & ~umask)  # mkdtemp makes directories private; a served model should not be
     if target.exists():
+        carry_entries(target, staged, foreign_entries(target, recorded_files(target)))
         retired = staging_dir(repository, name + ".old")
-        os.replace(target, retired / name)
-        os.replace(staged, target)
+        with deferred_signals(f"{target} was already replaced"):
+            os.replace(target, retired / name)
+            os.replace(staged, target)
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staged, target)
     return target
+
+
+def recorded_files(model_dir: Path) -> Set[str]:
+    """What tome-export wrote into a model directory: its ``SHA256SUMS`` and the files listed there."""
+    path = Path(model_dir) / CHECKSUMS
+    if not path.is_file() or path.is_symlink():
+        return set()
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return set()
+    listed = {line.split("  ", 1)[1] for line in lines if len(line) > 66 and line[64:66] == "  "}
+    return listed | {CHECKSUMS}
 
 
 def stage_files(files: Tuple[Tuple[Path, str, Optional[str]], ...], root: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from ..errors import UserError
 from ..manifest import Manifest
 from ..preprocess import Preprocessing
+from ..resources import MAX_THREADS
 from ..targets import get_target
 from .signature import Signature, TensorSpec, artifact_signature
 
@@ -26,6 +27,10 @@ DEFAULT_MAX_BATCH = 8  # CPU throughput gains little beyond 8 images per call (s
 DEFAULT_QUEUE_DELAY_US = 1000
 VERSION = "1"
 ENGINE = "model.engine"
+# What Triton's ModelConfig can hold: max_batch_size and preferred_batch_size are int32, the queue delay uint64.
+INT32_MAX = 2**31 - 1
+UINT64_MAX = 2**64 - 1
+MAX_NAME_BYTES = 255  # the model name is a directory name in the repository
 PREPROCESSING_PREFIX = "preprocessing."
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
@@ -79,9 +84,13 @@ def model_name(directory: Path, requested: Optional[str]) -> str:
     if requested is not None:
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", requested):
             raise UserError(f"--name {requested!r}: use letters, digits, '_', '.' and '-' (not first '.' or '-')")
-        return requested
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(os.path.abspath(directory)).name).lstrip(".-")
-    return name or "model"
+        name = requested
+    else:
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(os.path.abspath(directory)).name).lstrip(".-") or "model"
+    if len(name) > MAX_NAME_BYTES:
+        raise UserError(f"the model name {name[:40]}... has {len(name)} characters; a repository directory name "
+                        f"takes at most {MAX_NAME_BYTES}: pass a shorter --name")
+    return name
 
 
 def preprocessing_parameters(pre: Preprocessing) -> Dict[str, str]:
@@ -122,8 +131,8 @@ def batching(manifest: Manifest, signature: Signature, options: TritonOptions) -
         raise UserError(f"the engine's batch profile starts at {profile['min']} but Triton's dynamic batcher also "
                         f"sends smaller batches: rebuild with --dynamic-batch 1:{profile['opt']}:{profile['max']}")
     size = options.max_batch_size or limit or DEFAULT_MAX_BATCH
-    if size < 1 or (limit is not None and size > limit):
-        raise UserError(f"--max-batch-size {size}: choose 1..{limit or 'N'}"
+    if size < 1 or size > INT32_MAX or (limit is not None and size > limit):
+        raise UserError(f"--max-batch-size {size}: choose 1..{min(limit or INT32_MAX, INT32_MAX)}"
                         + (f" (the engine's profile ends at {limit})" if limit else ""))
     preferred = (int(profile["opt"]),) if profile and 1 < int(profile["opt"]) < size else ()
     source = f"the engine's profile {profile['min']}:{profile['opt']}:{profile['max']}" if profile else \
@@ -204,16 +213,24 @@ NATIVE_PLANS = {"onnx": _onnxruntime_plan, "onnxruntime": _onnxruntime_plan, "op
                 "tensorrt": _tensorrt_plan, "tensorrt-rtx": _tensorrt_plan}
 
 
+def _in_range(flag: str, value: Optional[int], low: int, high: int, why: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+        raise UserError(f"{flag} must be an integer from {low} to {high:,} ({why}), got {value!r}")
+
+
+def check_options(options: TritonOptions) -> None:
+    """Every number that goes into config.pbtxt, within what Triton's ModelConfig holds."""
+    _in_range("--threads", options.threads, 1, MAX_THREADS, "CPU threads per model instance")
+    _in_range("--max-batch-size", options.max_batch_size, 1, INT32_MAX, "Triton's max_batch_size is an int32")
+    _in_range("--queue-delay-us", options.queue_delay_us, 0, UINT64_MAX,
+              "Triton's max_queue_delay_microseconds is a uint64")
+
+
 def plan_model(directory: Path, manifest: Manifest, options: TritonOptions) -> ModelPlan:
     """Decide backend, files and configuration for one artifact (``manifest`` already verified)."""
     if options.variant not in VARIANTS:
         raise UserError(f"--variant {options.variant!r}: choose {' or '.join(VARIANTS)}")
-    if options.threads is not None and options.threads < 1:
-        raise UserError(f"--threads must be >= 1, got {options.threads}")
-    if options.max_batch_size is not None and options.max_batch_size < 1:
-        raise UserError(f"--max-batch-size must be >= 1, got {options.max_batch_size}")
-    if options.queue_delay_us < 0:
-        raise UserError(f"--queue-delay-us must be >= 0, got {options.queue_delay_us}")
+    check_options(options)
     signature = artifact_signature(directory, manifest)
     outputs = tuple(signature.output(name) for name in manifest.task_outputs)
     batch = batching(manifest, signature, options)
@@ -249,6 +266,12 @@ def quote(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
+def comment(text: str) -> str:
+    """A protobuf text-format comment line: ``text`` with line breaks and other control characters escaped (a
+    newline in an artifact's directory name would otherwise end the comment and leave the rest as config)."""
+    return "# " + "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _tensor_block(specs: Tuple[TensorSpec, ...], batched: bool) -> List[str]:
     lines = []
     for i, spec in enumerate(specs):
@@ -263,11 +286,11 @@ def _tensor_block(specs: Tuple[TensorSpec, ...], batched: bool) -> List[str]:
 def render_config(plan: ModelPlan, header: List[str]) -> str:
     """``config.pbtxt`` text (protobuf text format of Triton's ModelConfig); ``header`` lines become comments."""
     batch = plan.batching
-    lines = [f"# {line}" for line in header] + [f"name: {quote(plan.name)}", f"backend: {quote(plan.backend)}"]
+    lines = [comment(line) for line in header] + [f"name: {quote(plan.name)}", f"backend: {quote(plan.backend)}"]
     if plan.platform:
         lines.append(f"platform: {quote(plan.platform)}")
     lines += [f"default_model_filename: {quote(plan.default_model_filename)}",
-              f"# {batch.reason}", f"max_batch_size: {batch.max_batch_size}",
+              comment(batch.reason), f"max_batch_size: {batch.max_batch_size}",
               "input [", *_tensor_block(plan.inputs, batch.max_batch_size > 0), "]",
               "output [", *_tensor_block(plan.outputs, batch.max_batch_size > 0), "]"]
     if batch.dynamic:

@@ -5,6 +5,11 @@ checksums verified when it loads). The server's Python needs tome-export and the
 pillow, onnxruntime or openvino; no torch). Requests that Triton's dynamic batcher groups are run as one batch;
 a request with a wrong shape or dtype gets its own error and does not fail the others.
 
+Client mistakes are answered as client errors (``TritonError.INVALID_ARG``: HTTP 400, gRPC INVALID_ARGUMENT), and
+a request's claimed shape is checked against the artifact's before its data is touched, so a config edited to
+accept any shape still never makes this model allocate what a request claims. Failures of the model itself are
+``INTERNAL`` errors of the requests they concern; the model instance keeps serving.
+
 Tensors cross the backend boundary through DLPack (pointer, shape, dtype), not through
 ``pb_utils.Tensor(name, ndarray)`` / ``as_numpy()``: Python-backend stubs compiled against NumPy 1 read NumPy 2
 arrays wrongly (measured with tritonserver 2.51: inputs arrive with wrong strides, outputs arrive empty).
@@ -44,24 +49,53 @@ class TritonPythonModel:
         self.input_name = config["input"][0]["name"]
         self.output_names = [output["name"] for output in config["output"]]
         self.batched = int(config.get("max_batch_size", 0)) > 0
+        self.largest_batch = int(config["max_batch_size"]) if self.batched else (self.runner.batch_size or 1)
+
+    def _input(self, request):
+        """The request's images as the runner takes them; the claimed shape is checked before the data is read."""
+        tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
+        if tensor is None:
+            raise UserError(f"the request has no input {self.input_name!r}")
+        shape = tuple(int(d) for d in tensor.shape())
+        want = tuple(self.runner.image_shape)
+        if len(shape) != 1 + len(want) or shape[1:] != want or not 1 <= shape[0] <= self.largest_batch:
+            raise UserError(f"input {self.input_name!r} has shape {list(shape)}; this model takes [N, "
+                            f"{', '.join(map(str, want))}] with N from 1 to {self.largest_batch}")
+        return self.runner.check(np.from_dlpack(tensor))
 
     def execute(self, requests):
         responses = [None] * len(requests)
         checked = []
         for i, request in enumerate(requests):
             try:
-                tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
-                checked.append((i, self.runner.check(np.from_dlpack(tensor))))
+                checked.append((i, self._input(request)))
             except UserError as exc:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
-        if self.batched and len(checked) > 1:
-            outputs = self.runner.infer(np.concatenate([batch for _, batch in checked]), self.output_names)
-            ends = np.cumsum([len(batch) for _, batch in checked])[:-1]
-            split = {name: np.split(value, ends) for name, value in outputs.items()}
-            parts = [{name: split[name][j] for name in self.output_names} for j in range(len(checked))]
-        else:
-            parts = [self.runner.infer(batch, self.output_names) for _, batch in checked]
+                responses[i] = _error(str(exc), "INVALID_ARG")
+            except Exception as exc:  # noqa: BLE001 - the request fails alone; the instance keeps serving
+                responses[i] = _error(f"cannot read the request ({type(exc).__name__}: {exc})", "INVALID_ARG")
+        try:
+            parts = self._run([batch for _, batch in checked])
+        except Exception as exc:  # noqa: BLE001 - a failure of the model: each request concerned hears it
+            for i, _ in checked:
+                responses[i] = _error(f"the model failed ({type(exc).__name__}: {exc})", "INTERNAL")
+            return responses
         for (i, _), part in zip(checked, parts):
             tensors = [pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(part[name])) for name in self.output_names]
             responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
         return responses
+
+    def _run(self, batches):
+        """Each request's outputs by name; one batch for all of them where the model batches requests."""
+        if self.batched and len(batches) > 1:
+            outputs = self.runner.infer(np.concatenate(batches), self.output_names)
+            ends = np.cumsum([len(batch) for batch in batches])[:-1]
+            split = {name: np.split(value, ends) for name, value in outputs.items()}
+            return [{name: split[name][j] for name in self.output_names} for j in range(len(batches))]
+        return [self.runner.infer(batch, self.output_names) for batch in batches]
+
+
+def _error(message, code):
+    """A response carrying a TritonError with ``code`` (the stubs of older Python backends take no code)."""
+    value = getattr(pb_utils.TritonError, code, None)
+    error = pb_utils.TritonError(message, value) if value is not None else pb_utils.TritonError(message)
+    return pb_utils.InferenceResponse(error=error)

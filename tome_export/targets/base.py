@@ -71,7 +71,7 @@ def _checked(where: str, value: Any, annotation: Any) -> Any:
 
 # The range of a recipe key wherever it appears (counts, fractions, seeds), checked before any work.
 RANGES: Dict[str, Tuple[Optional[float], Optional[float]]] = {
-    "images": (1, None), "batch": (1, None), "seed": (0, 2**64 - 1), "max_abs_diff": (0, None),
+    "images": (1, 4096), "batch": (1, 4096), "seed": (0, 2**64 - 1), "max_abs_diff": (0, None),
     "min_cosine": (-1, 1), "min_top1_agreement": (0, 1), "min_token_group_agreement": (0, 1),
 }
 

@@ -115,15 +115,18 @@ def _search_and_write(checked: CheckedRequest, log: Log, started: float, executo
 def write_output(out: Path, source: Path, section: Dict[str, Any], model: str) -> Path:
     """Copy the winning build to ``out`` with ``tune.md``, the plot and the manifest's ``tune`` section; the
     manifest is rewritten last, with the checksums of every file, so ``runtime.load`` verifies the report too."""
-    from ..files import output_lock, staged_output
+    from ..files import output_lock, remove_stale_workdirs, staged_output
+    from ..ownership import survey
     from .report import PLOT, REPORT, markdown, pareto_plot
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with output_lock(out), staged_output(out) as tmp:
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
-        manifest = load_manifest(tmp, verify=True)
-        (tmp / REPORT).write_text(markdown(section, model) + "\n")
-        pareto_plot(section, model, tmp / PLOT)
-        write_manifest(tmp, dataclasses.replace(manifest, sections={**manifest.sections, TUNE_SECTION: section}))
+    with output_lock(out):
+        remove_stale_workdirs(out.parent, out.name)  # puts back a previous output a killed swap left
+        with staged_output(out, lambda found: survey(found).foreign) as tmp:  # what is not ours is kept
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+            manifest = load_manifest(tmp, verify=True)
+            (tmp / REPORT).write_text(markdown(section, model) + "\n")
+            pareto_plot(section, model, tmp / PLOT)
+            write_manifest(tmp, dataclasses.replace(manifest, sections={**manifest.sections, TUNE_SECTION: section}))
     return Path(out)

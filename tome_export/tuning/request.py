@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from ..bench.config import Timing
+from ..bench.config import Timing, check_timing
 from ..errors import UserError
 from ..tasks import CLASSIFY, Task
 from ..targets.base import CalibrationOptions
-from ..manifest import output_holds
+from ..ownership import survey
+from ..resources import MAX_THREADS, check_seed
 
 DIGITS_DATA = "digits"  # --data digits: the embedded case's held-out split
 TUNE_SECTION = "tune"  # the manifest section a tuned artifact carries
@@ -154,14 +156,33 @@ def check_budget(request: TuneRequest) -> None:
     _finite("--tie-tolerance", request.tie_tolerance, 0.0, 0.5, "a relative throughput difference in [0, 0.5]")
 
 
+# Upper bounds of the sizes a tuning run takes: beyond them a run cannot finish (or fit) on any machine.
+SIZE_LIMITS = {"--batch": 65536, "--threads": MAX_THREADS, "--eval-images": 4096, "--max-images": 1_000_000}
+
+
 def _check_sizes(request: TuneRequest) -> None:
     for name, value in (("--batch", request.batch), ("--threads", request.threads),
                         ("--eval-images", request.eval_images), ("--max-images", request.max_images)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise UserError(f"{name} must be an integer >= 1, got {value!r}")
-    t = request.timing
-    if min(t.rounds, t.per_round) < 1 or t.warmup < 0 or t.pause_s < 0:
-        raise UserError("timing needs rounds and runs per round >= 1, warm-up and pause >= 0")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 1 <= value <= SIZE_LIMITS[name]):
+            raise UserError(f"{name} must be an integer from 1 to {SIZE_LIMITS[name]:,}, got {value!r}")
+    check_seed(request.seed)
+    check_timing(request.timing, "timing")
+
+
+def _check_cache(request: TuneRequest) -> None:
+    """The cache of built candidates: a directory, or a path where one can be made."""
+    if request.cache is None:
+        return
+    cache = Path(request.cache)
+    if cache.exists() and not cache.is_dir():
+        raise UserError(f"--cache {str(cache)!r} exists and is not a directory: pass a directory for the built "
+                        f"candidates")
+    probe = cache
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"--cache {str(cache)!r}: cannot write under {str(probe)!r}; pass a writable directory")
 
 
 def _check_data(request: TuneRequest) -> None:
@@ -230,17 +251,24 @@ def check_output(out: Path, force: bool) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise UserError(f"cannot write under {str(probe)!r}: choose another --output")
-    taken, existing = output_holds(out)
-    tuned = existing is not None and existing.section(TUNE_SECTION) is not None
-    if taken and not tuned and not force:
+    found = survey(out)
+    if found.manifest is None and found.foreign:
+        raise UserError(f"--output {str(out)!r} holds {found.foreign_text()}, which tome-export did not write: "
+                        f"choose another --output")
+    tuned = found.manifest is not None and found.manifest.section(TUNE_SECTION) is not None
+    if found.manifest is not None and not tuned and not force:
         raise UserError(f"--output {str(out)!r} holds a build that tune did not write: choose another --output or "
                         f"pass --force to replace it")
+    if found.foreign and not force:
+        raise UserError(f"--output {str(out)!r} holds {found.foreign_text()}, which tome-export did not write: move "
+                        f"it away or choose another --output (--force replaces only tome-export's own files)")
 
 
 def check_request(request: TuneRequest) -> CheckedRequest:
     """Every check that needs no model; the precisions to search."""
     check_budget(request)
     _check_sizes(request)
+    _check_cache(request)
     if request.checkpoint is not None and not Path(request.checkpoint).is_file():
         raise UserError(f"checkpoint {str(request.checkpoint)!r} does not exist: pass the path of a .pth or "
                         f".safetensors file")
