@@ -11,7 +11,7 @@ from tome_export.errors import UserError
 from tome_export.manifest import read_manifest
 from tome_export.runtime import load
 
-TINY = ["--model", "vit_t16", "--r", "4", "--weights", "random", "--img-size", "64", "--target", "onnxruntime",
+TINY = ["--model", "vit_t16", "--r", "1", "--weights", "random", "--img-size", "64", "--target", "onnxruntime",
         "-q"]
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Literal, Mapping, O
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, ValidationError
 from ..onnx_files import copy_onnx, data_files, data_location, move_onnx, save_onnx
 from ..quality.calibration import Calibration
 from ..quality.decisions import artifact_merge_decisions, decision_output_names, decision_tensors
@@ -281,7 +281,11 @@ def build(ctx: BuildContext) -> TargetResult:
             ctx.log(f"{ctx.precision}: {method}")
         details = converter.convert(protected, ctx.workdir / "model.onnx")
         with OnnxRuntimeRunner(ctx.artifact_io(runtime)) as runner:
-            validation = validate(ctx, runner, f"ONNX Runtime {ctx.precision} ({method})")
+            try:
+                validation = validate(ctx, runner, f"ONNX Runtime {ctx.precision} ({method})")
+            except ValidationError:  # the export goes back where --keep-failed looks for it
+                move_onnx(source, ctx.onnx_path)
+                raise
             ran = precision_ran(runner.profile(ctx.validation_batches(dynamic=False)[0]))
 
         def measure(directory: Path, file: str, batches: List[np.ndarray]):
