@@ -24,27 +24,17 @@ def pytest_configure(config):
 
 
 # --- the quick selection: `pytest -m "not slow"` -------------------------------------------------------------------
-# Fixtures that build whole artifacts or train/export models (each costs tens of seconds to minutes on 2 cores).
+# A test that builds a whole artifact or trains a model is marked `slow` where it is written (`@pytest.mark.slow`,
+# or `pytestmark` for a module of them). Tests that take one of these shared builds are marked here, by fixture
+# name, since a fixture cannot carry a marker: each costs tens of seconds to minutes on 2 cores.
 HEAVY_FIXTURES = {"cpu_build", "traced_artifact", "artifact_variants", "vit_t16_build", "served", "rtx_fp16", "rtx_no_engine",
                   "built_t16", "built", "onnx_artifact", "small_artifact", "tiny_run", "small_digits", "zoo",
                   "exported", "onnx_cache", "ray_cluster"}
-# Calls in a test's own body that run a whole build.
-HEAVY_CALLS = ("main([\"--model\"", "_cli([\"--model\"", "_run([\"--model\"", "build(BuildOptions", "build(BuildRequest",
-               "subprocess.run([str(EXE), \"--model\"")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark what builds whole artifacts ``slow``, so ``pytest -m "not slow"`` is the day-to-day selection; CI and
-    a plain ``pytest`` run everything."""
-    import inspect
-
+    """Tests using a heavy shared build are ``slow`` too, so ``pytest -m "not slow"`` is the day-to-day selection;
+    CI and a plain ``pytest`` run everything."""
     for item in items:
-        if item.get_closest_marker("slow"):
-            continue
-        fixtures = set(getattr(item, "fixturenames", ()))
-        try:
-            source = inspect.getsource(item.function) if hasattr(item, "function") else ""
-        except (OSError, TypeError):
-            source = ""
-        if fixtures & HEAVY_FIXTURES or any(call in source for call in HEAVY_CALLS):
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

@@ -17,6 +17,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "manifests-0.1.0"
 TINY = dict(model="vit_t16", r=4, weights="random", model_kwargs={"depth": 2})
 
 
+@pytest.mark.slow
 def test_a_second_build_of_one_directory_is_refused_while_the_first_runs(tmp_path):
     out = tmp_path / "out"
     started, release, outcome = threading.Event(), threading.Event(), {}

@@ -46,6 +46,7 @@ def test_export_vit_t16(built_t16):
     assert set(m["artifacts"]) == {"model.onnx"}
 
 
+@pytest.mark.slow
 def test_export_vit_s16_dynamic_onehot_inflect(tmp_path, capsys):
     out = tmp_path / "s16"
     code, stdout, _ = _run(["--model", "vit_s16", "--r", "16:-1", "--dynamic-batch", "--merge-impl", "onehot",
@@ -115,6 +116,7 @@ def test_output_holding_another_model(built_t16, capsys):
     assert code == 2 and "did not write" in err and (foreign / "notes.txt").exists()
 
 
+@pytest.mark.slow
 def test_failed_validation_exits_1_and_writes_nothing(tmp_path, capsys):
     from tome_export.recipe import recipe_for
 
@@ -127,6 +129,7 @@ def test_failed_validation_exits_1_and_writes_nothing(tmp_path, capsys):
     assert not out.exists() and os.listdir(tmp_path / "build") == []
 
 
+@pytest.mark.slow
 def test_interrupted_build_leaves_nothing(tmp_path, capsys, monkeypatch):
     import tome_export.pipeline as build_mod
 

@@ -51,6 +51,7 @@ def test_internal_error_is_exit_3_with_its_traceback(monkeypatch, capsys):
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("tome-export: internal error (RuntimeError: a bug)")
 
 
+@pytest.mark.slow
 def test_json_build_progress_lines_and_no_warning_for_the_default_r(tmp_path):
     """A build in a pipe (stderr not a terminal) with the default r, which vit_t16 caps in its last block."""
     out = tmp_path / "t16"

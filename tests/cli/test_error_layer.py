@@ -67,6 +67,7 @@ def _small_file_limit():
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
 
+@pytest.mark.slow
 def test_a_write_the_disk_refuses_is_one_line_and_leaves_nothing(tmp_path):
     run = subprocess.run([str(EXE), "--model", "vit_t16", "--weights", "random", "--r", "8",
                           "-o", str(tmp_path / "out"), "-q"], preexec_fn=_small_file_limit, capture_output=True,

@@ -251,6 +251,7 @@ def test_bad_directories_get_one_line_and_exit_2(case, bad_dirs, vit_dir, tmp_pa
 # --- CLI builds ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_builds_a_directory_to_onnx(vit_dir, tmp_path, capsys):
     path, _ = vit_dir
     out = tmp_path / "out"
@@ -279,6 +280,7 @@ OPENVINO_INT8 = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(OPENVINO_INT8))
 def test_openvino_int8_build_from_a_directory(name, tmp_path):
     pytest.importorskip("openvino")

@@ -190,6 +190,7 @@ def test_unsupported_torchvision_variant_gets_a_specific_error():
         patch(model, 8)
 
 
+@pytest.mark.slow
 def test_cli_builds_a_torchvision_model_and_guards_its_output(tmp_path, capsys):
     """The smallest real torchvision architecture (vit_b_32 at 64 px: 4 patches) through the whole CLI build."""
     import json

@@ -138,6 +138,7 @@ def test_bad_calibration_folder_is_refused_before_any_work(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_static_int8_with_calibration_folder_and_edited_recipe(tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()

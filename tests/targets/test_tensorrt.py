@@ -283,6 +283,7 @@ def test_engine_runs_where_a_gpu_is(rtx_fp16):
         runner(np.zeros((5, 3, 224, 224), np.float32))
 
 
+@pytest.mark.slow
 def test_cli_tensorrt_int8_without_tensorrt(tmp_path, capsys):
     """Full TensorRT needs its package and a GPU: without them the ONNX, build_engine.sh and manifest are written."""
     recipe = tmp_path / "int8.yaml"
