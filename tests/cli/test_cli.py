@@ -43,7 +43,7 @@ def test_export_vit_t16(built_t16):
     low, high = m["validation"]["top1_interval_95"]
     assert m["validation"]["top1_agreement"] == 1.0 and 0.89 < low < 0.9 and high == 1.0  # 32 of 32 agree
     assert 1.3 < m["flops"]["ratio"] < 1.4
-    assert set(m["artifacts"]) == {"model.onnx"}
+    assert set(m["artifacts"]) == {"model.onnx", "selfcheck.npz"}
 
 
 @pytest.mark.slow
