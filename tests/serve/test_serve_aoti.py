@@ -22,15 +22,15 @@ def test_python_variant_of_a_package(aoti_cpu_build, tmp_path):
     result = serve_artifact(aoti_cpu_build, repository=tmp_path / "repo", options=TritonOptions(name="aoti"))
     model_dir = result.model_dir
     files = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file())
-    assert files == ["1/artifact/manifest.json", "1/artifact/model.pt2", "1/model.py", "README.md", "SHA256SUMS",
-                     "config.pbtxt"]
+    assert files == ["1/artifact/manifest.json", "1/artifact/model.pt2", "1/artifact/selfcheck.npz", "1/model.py",
+                     "README.md", "SHA256SUMS", "config.pbtxt"]
     read_manifest(model_dir / "1" / "artifact")  # the copy verifies against the build's checksums
     assert (model_dir / "1" / "model.py").read_text() == PYTHON_MODEL.read_text()
     plan = result.plan
     assert (plan.backend, plan.instance_kind, plan.batching.max_batch_size) == ("python", "KIND_CPU", 8)
     assert [(t.name, t.dtype, t.shape) for t in plan.inputs] == [("images", "float32", (-1, 3, 64, 64))]
     assert [(t.name, t.dtype, t.shape) for t in plan.outputs] == [("logits", "float32", (-1, 1000))]
-    assert any("only logits is served" in note and "source" in note for note in plan.notes)
+    assert any("only logits served" in note and "source" in note for note in plan.notes)
     config = (model_dir / "config.pbtxt").read_text()
     assert 'backend: "python"' in config and "dims: [ 3, 64, 64 ]" in config and "dims: [ 1000 ]" in config
     readme = (model_dir / "README.md").read_text()
