@@ -44,8 +44,8 @@ def test_python_variant_of_a_dynamic_onnxruntime_build(vit_t16_build, tmp_path):
     model_dir = tmp_path / "repo" / artifact.name
     assert result.model_dir == model_dir and result.plan.variant == "python"
     files = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file())
-    assert files == ["1/artifact/manifest.json", "1/artifact/model.onnx", "1/model.py", "README.md", "SHA256SUMS",
-                     "config.pbtxt"]
+    assert files == ["1/artifact/manifest.json", "1/artifact/model.onnx", "1/artifact/selfcheck.npz", "1/model.py",
+                     "README.md", "SHA256SUMS", "config.pbtxt"]
     sums = read_sums(model_dir)
     assert sums == {rel: hashlib.sha256((model_dir / rel).read_bytes()).hexdigest() for rel in files if rel != "SHA256SUMS"}
     read_manifest(model_dir / "1" / "artifact")  # the copy verifies against the build's checksums
@@ -105,7 +105,7 @@ def test_tensorrt_artifact_batching_and_native_refusal(vit_t16_build, tmp_path):
     assert (artifact / "model.engine").is_file() or any("build_engine.sh in 1/artifact/" in n for n in plan.notes)
     with pytest.raises(UserError, match="--max-batch-size 8: choose 1..4"):
         plan_model(artifact, manifest, TritonOptions(max_batch_size=8))
-    with pytest.raises(UserError, match="--max-batch-size must be >= 1"):
+    with pytest.raises(UserError, match="--max-batch-size must be an integer from 1 to"):
         plan_model(artifact, manifest, TritonOptions(max_batch_size=0))
     if not (artifact / "model.engine").is_file():  # no TensorRT and GPU here: nothing to hand to tensorrt_plan
         with pytest.raises(UserError, match=r"holds no model.engine.*build_engine.sh"):

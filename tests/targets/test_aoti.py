@@ -57,7 +57,7 @@ def test_dynamic_batch_range_is_checked_before_any_work():
 @pytest.mark.slow
 def test_cpu_package_records_how_it_was_built_and_validated(aoti_cpu_build):
     m = read_manifest(aoti_cpu_build)
-    assert sorted(p.name for p in aoti_cpu_build.iterdir()) == ["manifest.json", "model.pt2"]
+    assert sorted(p.name for p in aoti_cpu_build.iterdir()) == ["manifest.json", "model.pt2", "selfcheck.npz"]
     runtime, section, validation = m["runtime"], m["aoti"], m["validation"]
     assert runtime["runner"] == "tome_export.runtime.aoti:AOTIRunner" and runtime["file"] == "model.pt2"
     assert runtime["compiled"] is True and runtime["torch"] == torch.__version__ and runtime["device"] == "cpu"
@@ -77,7 +77,7 @@ def test_cuda_build_without_a_gpu_leaves_the_program_for_the_gpu_machine(aoti_cu
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the build compiled the package itself")
     m = read_manifest(aoti_cuda_build)
-    assert sorted(p.name for p in aoti_cuda_build.iterdir()) == ["exported_program.pt2", "manifest.json"]
+    assert sorted(p.name for p in aoti_cuda_build.iterdir()) == ["exported_program.pt2", "manifest.json", "selfcheck.npz"]
     assert m["runtime"]["compiled"] is False and m["aoti"]["package"] is None and m["aoti"]["exported_on"] == "cpu"
     assert m["validation"]["passed"] and m["validation"]["backend"] == "exported program, eager PyTorch on the CPU"
     assert m["validation"]["thresholds"] == {"min_cosine": 0.999, "min_top1_agreement": 0.875}
@@ -125,7 +125,8 @@ def test_the_finishing_step_compiles_validates_and_records(aoti_cuda_build, tmp_
     result = compile_validate_record(copy, aoti_build(copy), "cpu", {"name": "the test's CPU"}, log=lambda m: None)
     m = read_manifest(copy)  # every checksum verified, the new package's included
     assert result.validated and (result.file, result.device) == ("model.pt2", "the test's CPU")
-    assert sorted(p.name for p in copy.iterdir()) == ["exported_program.pt2", "manifest.json", "model.pt2"]
+    assert sorted(p.name for p in copy.iterdir()) == ["exported_program.pt2", "manifest.json", "model.pt2",
+                                                    "selfcheck.npz"]
     assert m["artifacts"]["model.pt2"]["sha256"] == hashlib.sha256((copy / "model.pt2").read_bytes()).hexdigest()
     validation = m["aoti"]["package_validation"]
     assert validation["passed"] and validation["images"] == 4 and validation["thresholds"]["min_cosine"] == 0.999
