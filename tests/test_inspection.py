@@ -24,7 +24,7 @@ def test_inspect_build_directory_text(traced_artifact, capsys):
     assert "GMACs vs" in lines["FLOPs"] and "2.0075x fewer" in lines["FLOPs"]
     assert "onnxruntime at fp32: passed on 32 images" in lines["validation"] and "allowed 0.0001" in lines["validation"]
     assert "top-1 agreement 1.000 (95% interval 0.893-1.000)" in lines["validation"]
-    assert "outputs logits, source" in lines["input"]
+    assert "outputs logits [1, 1000], source [1, 11, 197]" in lines["input"]
     assert "model.onnx" in text and "sha256 ok" in text and lines["checksums"].endswith("ok")
     assert "ToMe blocks 12 (block:tokens in->out) 0:197->181, 1:181->165" in text and "11:21->11" in text
     assert "ToMe merge" in text and "ScatterElements 36" in text  # 12 blocks: x*size, size, source
