@@ -15,6 +15,7 @@ import pytest
 
 from tome_export import BuildOptions, build
 from tome_export.errors import BUILD_STACK
+from tome_testing.blocked_imports import BLOCK_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -116,14 +117,7 @@ def small_artifact(tmp_path_factory) -> Path:
 
 
 # Runs the runtime and the CLI with every build-stack module made unimportable.
-BLOCKED_RUN = """
-import importlib.abc, sys
-BLOCKED = set(sys.argv[2].split(","))
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, Block())
+BLOCKED_RUN = BLOCK_MODULES + """
 import numpy as np
 from tome_export.runtime import load
 from tome_export.images import sample_photo_paths

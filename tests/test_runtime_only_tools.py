@@ -8,17 +8,11 @@ import pytest
 
 from tome_export.errors import BUILD_STACK
 from tome_export.pipeline import BuildRequest, build
+from tome_testing.blocked_imports import BLOCK_MODULES
 
 pytestmark = pytest.mark.slow
 
-TOOLS_BLOCKED = """
-import importlib.abc, sys
-BLOCKED = set(sys.argv[2].split(","))
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, Block())
+TOOLS_BLOCKED = BLOCK_MODULES + """
 from tome_export.cli import main
 codes = [main(["inspect", sys.argv[1]]), main(["verify", sys.argv[1]]), main(["serve", sys.argv[1], "-o", sys.argv[3]])]
 print("codes", codes)

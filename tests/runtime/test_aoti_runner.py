@@ -21,32 +21,21 @@ from tome_export.models import create_model, patch
 from tome_export.runtime import ArtifactIO, load, runtime_settings
 from tome_export.runtime.aoti import CPU_ISAS, AOTIRunner
 from tome_testing.aoti_builds import R, TINY
+from tome_testing.blocked_imports import BLOCK_MODULES
 
 pytestmark = pytest.mark.slow
 
 # What a machine that only runs the package does not have: the model libraries, ONNX and its runtimes, PyYAML.
 BUILD_STACK = ("timm", "torchvision", "transformers", "onnx", "onnxscript", "onnxruntime", "openvino", "nncf", "yaml",
                "tensorrt", "tensorrt_rtx")
-RUN_WITHOUT_BUILD_STACK = """
-import importlib.abc, json, sys
+RUN_WITHOUT_BUILD_STACK = BLOCK_MODULES + """
+import json
 import numpy as np
-
-blocked = set(sys.argv[2].split(","))
-
-
-class BuildStackBlocker(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in blocked:
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
-        return None
-
-
-sys.meta_path.insert(0, BuildStackBlocker())
 from tome_export import runtime
 
 with runtime.load(sys.argv[1]) as runner:
     np.save(sys.argv[4], runner(np.load(sys.argv[3])))
-print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & blocked)))
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & BLOCKED)))
 """
 
 
