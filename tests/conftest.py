@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 pytest_plugins = [
+    "tome_testing.export_memo",  # each distinct export once per session (first: it wraps export_onnx)
     "tome_testing.fixtures",  # photos, cached exports, one traced build
     "tome_testing.cpu_builds",  # CPU recipe builds on one shared export
     "tome_testing.serve_builds",  # pipeline builds for tests/serve

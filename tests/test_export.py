@@ -136,6 +136,7 @@ def test_static_token_shapes(onnx_cache):
 
 
 @pytest.mark.slow  # two full exports
+@pytest.mark.real_export  # what the suite's export memo rests on
 def test_two_exports_are_byte_identical_and_runs_bit_identical(tmp_path, photo_cache):
     from tome_export import patch
 
