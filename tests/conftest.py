@@ -8,6 +8,7 @@ import pytest
 pytest_plugins = [
     "tome_testing.export_memo",  # each distinct export once per session (first: it wraps export_onnx)
     "tome_testing.fixtures",  # photos, cached exports, one traced build
+    "tome_testing.tiny_builds",  # the default build subject (digits_vit), each artifact once per session
     "tome_testing.cpu_builds",  # CPU recipe builds on one shared export
     "tome_testing.serve_builds",  # pipeline builds for tests/serve
     "tome_testing.digits",  # the small digits ViT, trained once
@@ -30,7 +31,7 @@ def pytest_configure(config):
 # name, since a fixture cannot carry a marker: each costs tens of seconds to minutes on 2 cores.
 HEAVY_FIXTURES = {"cpu_build", "traced_artifact", "artifact_variants", "vit_t16_build", "served", "rtx_fp16", "rtx_no_engine",
                   "built_t16", "built", "onnx_artifact", "small_artifact", "tiny_run", "small_digits", "zoo",
-                  "exported", "onnx_cache", "ray_cluster"}
+                  "exported", "onnx_cache", "ray_cluster", "tiny_build"}
 
 
 def pytest_collection_modifyitems(config, items):
