@@ -10,7 +10,7 @@ import pytest
 from tome_export.cli import main
 from tome_export.inspection import format_report, inspect_path, tensorrt_verdict
 
-TOKENS = [181, 165, 149, 133, 117, 101, 85, 69, 53, 37, 21, 11]
+TOKENS = [49, 33, 17, 9]  # digits_vit (65 tokens) at r=16; the last block is capped at 8
 
 
 def test_inspect_build_directory_text(traced_artifact, capsys):
@@ -18,16 +18,16 @@ def test_inspect_build_directory_text(traced_artifact, capsys):
     assert main(["inspect", str(directory)]) == 0
     text = capsys.readouterr().out
     lines = {line.split()[0]: line for line in text.splitlines() if line and not line.startswith(" ")}
-    assert "vit_t16 (vit_tiny_patch16_224.augreg_in21k_ft_in1k, timm-vit), weights random seed 0" in lines["model"]
-    assert lines["r"].split(None, 1)[1] == "16 x11, 10  (capped: requested 16 x12)"
-    assert lines["tokens"].split(None, 1)[1] == "197 (1 protected) -> " + " ".join(map(str, TOKENS))
-    assert "GMACs vs" in lines["FLOPs"] and "2.0075x fewer" in lines["FLOPs"]
+    assert "digits_vit (tome_digits_vit, timm-vit), weights random seed 0" in lines["model"]
+    assert lines["r"].split(None, 1)[1] == "16 x3, 8  (capped: requested 16 x4)"
+    assert lines["tokens"].split(None, 1)[1] == "65 (1 protected) -> " + " ".join(map(str, TOKENS))
+    assert "GMACs vs" in lines["FLOPs"] and "2.041x fewer" in lines["FLOPs"]
     assert "onnxruntime at fp32: passed on 32 images" in lines["validation"] and "allowed 0.0001" in lines["validation"]
     assert "top-1 agreement 1.000 (95% interval 0.893-1.000)" in lines["validation"]
-    assert "outputs logits [1, 1000], source [1, 11, 197]" in lines["input"]
+    assert "outputs logits [1, 10], source [1, 9, 65]" in lines["input"]
     assert "model.onnx" in text and "sha256 ok" in text and lines["checksums"].endswith("ok")
-    assert "ToMe blocks 12 (block:tokens in->out) 0:197->181, 1:181->165" in text and "11:21->11" in text
-    assert "ToMe merge" in text and "ScatterElements 36" in text  # 12 blocks: x*size, size, source
+    assert "ToMe blocks 4 (block:tokens in->out) 0:65->49, 1:49->33, 2:33->17, 3:17->9" in text
+    assert "ToMe merge" in text and "ScatterElements 12" in text  # 4 blocks: x*size, size, source
     assert "TensorRT" in text
 
 
@@ -41,10 +41,10 @@ def test_inspect_json_matches_the_manifest_and_the_graph(traced_artifact, capsys
     g = report["graphs"]["model.onnx"]
     assert [b["tokens_out"] for b in g["tome_blocks"]] == TOKENS == manifest["tokens_per_block"]
     assert [b["r"] for b in g["tome_blocks"]] == manifest["r_schedule"]
-    assert g["tome_match_ops"]["TopK"] > 0 and g["tome_merge_ops"]["ScatterElements"] == 36
+    assert g["tome_match_ops"]["TopK"] > 0 and g["tome_merge_ops"]["ScatterElements"] == 12
     assert "TopK" not in g["other_ops"] and "ScatterElements" not in g["other_ops"]
     assert sum(g["ops"].values()) == g["nodes"]
-    assert [o["name"] for o in g["outputs"]] == ["logits", "source"] and g["outputs"][1]["shape"] == [1, 11, 197]
+    assert [o["name"] for o in g["outputs"]] == ["logits", "source"] and g["outputs"][1]["shape"] == [1, 9, 65]
     assert g["metadata"]["tome_export.r_schedule"] == str(manifest["r_schedule"])
 
 
@@ -52,7 +52,7 @@ def test_inspect_bare_onnx(traced_artifact, capsys):
     directory, _ = traced_artifact
     assert main(["inspect", str(directory / "model.onnx")]) == 0
     text = capsys.readouterr().out
-    assert "manifest   none" in text and "0:197->181" in text and "r (metadata) [16, 16" in text
+    assert "manifest   none" in text and "0:65->49" in text and "r (metadata) [16, 16, 16, 8]" in text
 
 
 def test_inspect_tampered_directory_reports_and_exits_1(traced_artifact, tmp_path, capsys):
@@ -68,7 +68,7 @@ def test_inspect_tampered_directory_reports_and_exits_1(traced_artifact, tmp_pat
     assert "cannot read model.onnx as ONNX" in out and "checksums  FAILED" in out
     assert err.count("\n") == 1 and "does not verify (model.onnx modified)" in err
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["num_classes"] = 10
+    manifest["num_classes"] = 11  # digits_vit has 10
     (copy / "manifest.json").write_text(json.dumps(manifest))
     report = inspect_path(copy)
     assert not report["checksums"]["manifest_unchanged"] and "manifest.json was edited" in format_report(report)
@@ -88,7 +88,7 @@ def test_tensorrt_verdict_uses_the_checker_when_there_is_one(traced_artifact, mo
     monkeypatch.setitem(sys.modules, "tome_export.targets.tensorrt.compat", checker)
     verdict = tensorrt_verdict(model)
     assert verdict["verdict"].startswith("compatible only with the ScatterElements plugin")
-    assert len(verdict["problems"]) == 36 and verdict["problems_with_scatter_plugin"] == []
+    assert len(verdict["problems"]) == 12 and verdict["problems_with_scatter_plugin"] == []
 
 
 @pytest.mark.parametrize("what,message", [

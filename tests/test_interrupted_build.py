@@ -19,7 +19,7 @@ EXE = Path(sys.executable).parent / "tome-export"
 
 
 def _start_build(out: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(EXE), "--model", "vit_t16", "--r", "8", "--weights", "random", "-o", str(out), "-q"],
+    return subprocess.Popen([str(EXE), "--model", "digits_vit", "--r", "8", "--weights", "random", "-o", str(out), "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -37,8 +37,8 @@ def _work_dirs(parent: Path, name: str):
 
 @pytest.mark.parametrize("moment", ["exporting", "validating"])
 def test_sigkill_leaves_nothing_that_looks_like_a_build(moment, tmp_path, traced_artifact):
-    out = tmp_path / "vit_t16"
-    if moment == "validating":  # the previous complete build of the same model must survive
+    out = tmp_path / "digits_vit"
+    if moment == "validating":  # the previous complete build of the same model (at r=16) must survive
         shutil.copytree(traced_artifact[0], out)
         before = (out / "manifest.json").read_text()
     proc = _start_build(out)
@@ -72,14 +72,14 @@ def test_sigkill_leaves_nothing_that_looks_like_a_build(moment, tmp_path, traced
     pipeline.export_onnx = stop
     try:
         with pytest.raises(KeyboardInterrupt):
-            pipeline.build(BuildOptions(model="vit_t16", r=8, weights="random", output=out))
+            pipeline.build(BuildOptions(model="digits_vit", r=8, weights="random", output=out))
     finally:
         pipeline.export_onnx = original
     assert _work_dirs(tmp_path, out.name) == [] and not (tmp_path / lock).exists()
 
 
 def test_sigterm_cleans_up_and_says_so(tmp_path):
-    out = tmp_path / "vit_t16"
+    out = tmp_path / "digits_vit"
     proc = _start_build(out)
     _wait_for(proc, lambda: _work_dirs(tmp_path, out.name))
     time.sleep(0.5)

@@ -86,13 +86,13 @@ def test_source_labels_rejects_maps_that_are_not_tome():
 
 def test_deployed_graph_merges_what_pytorch_merges(traced_artifact):
     directory, _ = traced_artifact
-    model, _ = create_model("vit_t16", weights="random", seed=0)
+    model, _ = create_model("digits_vit", weights="random", seed=0)  # the traced build: patch 4 at 32 px, r=16
     patch(model, 16)
     for path in sample_photo_paths()[:3]:
         img_t, p_t, (torch_state,) = model_merge_states(model, path)
         img_a, p_a, art_state = artifact_merge_state(directory, path)
-        assert p_t == p_a == (16, 16) and np.array_equal(img_t, img_a)
-        assert art_state.num_tokens == torch_state.num_tokens == 11
+        assert p_t == p_a == (4, 4) and np.array_equal(img_t, img_a)
+        assert art_state.num_tokens == torch_state.num_tokens == 9
         assert np.array_equal(art_state.labels, torch_state.labels)
         assert np.array_equal(np.asarray(picture(img_a, p_a, [art_state])), np.asarray(picture(img_t, p_t, [torch_state])))
 
@@ -100,15 +100,15 @@ def test_deployed_graph_merges_what_pytorch_merges(traced_artifact):
 def test_cli_visualize_model_and_artifact_agree(traced_artifact, tmp_path, capsys):
     directory, _ = traced_artifact
     common = ["--scale", "1", "--fill", "palette"]
-    assert main(["visualize", "chelsea", "--model", "vit_t16", "--r", "16", "--weights", "random", "--blocks", "12",
+    assert main(["visualize", "chelsea", "--model", "digits_vit", "--r", "16", "--weights", "random", "--blocks", "4",
                  "--bare", "-o", str(tmp_path / "torch.png"), *common]) == 0
     assert main(["visualize", "chelsea", "--artifact", str(directory), "--bare", "-o", str(tmp_path / "graph.png"),
                  *common]) == 0
     out = capsys.readouterr().out
-    assert "10 groups" in out and out.count("wrote") == 2
+    assert "8 groups" in out and out.count("wrote") == 2  # 9 tokens left, the class token apart
     torch_png, graph_png = (np.asarray(Image.open(tmp_path / n)) for n in ("torch.png", "graph.png"))
-    assert torch_png.shape == (224, 224, 3) and np.array_equal(torch_png, graph_png)
-    assert len(_colours(torch_png)) == 10 + 1
+    assert torch_png.shape == (32, 32, 3) and np.array_equal(torch_png, graph_png)
+    assert len(_colours(torch_png)) == 8 + 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["graph.png", "torch.png"]  # no temporary files left
 
 

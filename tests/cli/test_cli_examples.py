@@ -65,7 +65,7 @@ STABLE = ("model", "target", "input", "r ", "tokens", "runtime", "inputs", "outp
 
 
 def test_readme_inspect_sample_is_what_inspect_prints(traced_artifact):
-    """The README's ``inspect`` sample is the report of the same build (vit_t16, r=16, --trace-source): the same
+    """The README's ``inspect`` sample is the report of the same build (digits_vit, r=16, --trace-source): the same
     lines in the same order; lines without measured numbers, sizes or versions identical."""
     from tome_export.inspection import format_report, inspect_path
 

@@ -53,7 +53,8 @@ def onnx_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def traced_artifact(tmp_path_factory):
-    """One CLI build with --trace-source: vit_t16, random weights (seed 0), r=16 (capped in the last block).
+    """One CLI build with --trace-source: digits_vit (4 blocks, 32 px, 65 tokens), random weights (seed 0), r=16,
+    which the last block caps at 8 (17 tokens left): tokens 49, 33, 17, 9.
 
     Returns (directory, stderr of the build).
     """
@@ -62,9 +63,9 @@ def traced_artifact(tmp_path_factory):
 
     from tome_export.cli import main
 
-    out = tmp_path_factory.mktemp("traced") / "vit_t16"
+    out = tmp_path_factory.mktemp("traced") / "digits_vit"
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        code = main(["--model", "vit_t16", "--r", "16", "--weights", "random", "--trace-source", "-o", str(out), "-q"])
+        code = main(["--model", "digits_vit", "--r", "16", "--weights", "random", "--trace-source", "-o", str(out), "-q"])
     assert code == 0, err.getvalue()
     return out, err.getvalue()
