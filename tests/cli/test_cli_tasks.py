@@ -58,13 +58,13 @@ def test_a_clip_tower_builds_llava_style_tokens(clip_dir, tmp_path, capsys, targ
 
 def test_dense_features_on_the_full_grid_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "dense"
-    assert main(["--model", "vit_t16", "--r", "8", "--task", "dense", "--target", "onnx", "--weights", "random",
-                 "--img-size", "64", "--json", "-o", str(out)]) == 0
+    assert main(["--model", "digits_vit", "--r", "8", "--task", "dense", "--target", "onnx", "--weights", "random",
+                 "--json", "-o", str(out)]) == 0  # patch 4 at 32 px: an 8 x 8 grid of 192-wide features
     report = json.loads(capsys.readouterr().out)
-    assert report["manifest"]["output_shapes"] == {"features": [1, 16, 192]}
+    assert report["manifest"]["output_shapes"] == {"features": [1, 64, 192]}
     with load(out) as runner:
         features = runner(runner.preprocess_batch(sample_photos(1)))
-    assert features.shape == (1, 16, 192)
+    assert features.shape == (1, 64, 192)
 
 
 @pytest.mark.parametrize("args,message", [

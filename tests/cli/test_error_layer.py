@@ -57,7 +57,7 @@ def test_an_unwritable_place_is_one_line(tmp_path, capsys):
 
 def test_a_name_too_long_for_visualize_is_one_line(tmp_path, capsys):
     out = tmp_path / ("n" * 250 + ".png")  # fits 255 bytes; the temporary file beside it does not
-    _one_line_error(capsys, ["visualize", "astronaut", "--model", "vit_t16", "--weights", "random", "--r", "8",
+    _one_line_error(capsys, ["visualize", "astronaut", "--model", "digits_vit", "--weights", "random", "--r", "8",
                              "-o", str(out)])
     assert list(tmp_path.iterdir()) == []
 
@@ -69,7 +69,7 @@ def _small_file_limit():
 
 @pytest.mark.slow
 def test_a_write_the_disk_refuses_is_one_line_and_leaves_nothing(tmp_path):
-    run = subprocess.run([str(EXE), "--model", "vit_t16", "--weights", "random", "--r", "8",
+    run = subprocess.run([str(EXE), "--model", "digits_vit", "--weights", "random", "--r", "8",  # model.onnx: 7 MB
                           "-o", str(tmp_path / "out"), "-q"], preexec_fn=_small_file_limit, capture_output=True,
                          text=True)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr

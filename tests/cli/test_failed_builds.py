@@ -1,8 +1,9 @@
 """Failures you can look at: thresholds set on the command line, --keep-failed, the failure report on --json."""
 
+import contextlib
+import io
 import json
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,8 +12,7 @@ from tome_export.errors import UserError
 from tome_export.manifest import read_manifest
 from tome_export.runtime import load
 
-TINY = ["--model", "vit_t16", "--r", "1", "--weights", "random", "--img-size", "64", "--target", "onnxruntime",
-        "-q"]
+TINY = ["--model", "digits_vit", "--r", "1", "--weights", "random", "--target", "onnxruntime", "-q"]
 
 
 def _one_line_exit_2(args, capsys):
@@ -41,9 +41,10 @@ def failed(tmp_path_factory):
     """A build whose fp32 logits cannot meet --max-abs-diff 1e-12, kept with --keep-failed, reported on --json."""
     root = tmp_path_factory.mktemp("failed")
     args = TINY + ["--max-abs-diff", "1e-12", "--keep-failed", str(root / "kept"), "-o", str(root / "out"), "--json"]
-    proc = subprocess.run([sys.executable, "-c", "import sys; from tome_export.cli import main; sys.exit(main())",
-                           *args], capture_output=True, text=True)
-    return root, proc
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return root, SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 @pytest.mark.slow
