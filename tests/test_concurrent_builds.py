@@ -14,7 +14,7 @@ from tome_export.manifest import read_manifest
 from tome_export.pipeline import BuildRequest, BuildResult, build, prepare
 
 FIXTURES = Path(__file__).parent / "fixtures" / "manifests-0.1.0"
-TINY = dict(model="vit_t16", r=4, weights="random", model_kwargs={"depth": 2})
+TINY = dict(model="digits_vit", r=4, weights="random", model_kwargs={"depth": 2})
 
 
 @pytest.mark.slow
@@ -55,7 +55,7 @@ def test_the_lock_holds_across_processes_and_the_cli_says_so_in_one_line(tmp_pat
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        code = main(["--model", "vit_t16", "--weights", "random", "--output", str(out), "-q"])
+        code = main(["--model", "digits_vit", "--weights", "random", "--output", str(out), "-q"])
     finally:
         holder.communicate("")
     err = capsys.readouterr().err
@@ -74,6 +74,6 @@ def test_the_output_is_checked_again_under_the_lock(tmp_path):
 
 def test_an_output_name_whose_work_directory_would_not_fit_is_refused_before_any_work(tmp_path, capsys):
     name = "n" * 250  # fits the file system's 255 bytes; ".<name>.tmp-XXXXXXXX" beside it does not
-    code = main(["--model", "vit_t16", "--weights", "random", "--output", str(tmp_path / name), "-q"])
+    code = main(["--model", "digits_vit", "--weights", "random", "--output", str(tmp_path / name), "-q"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "too long" in err and list(tmp_path.iterdir()) == []

@@ -67,14 +67,14 @@ def test_guessed_preprocessing_is_said_and_recorded(tmp_path):
 
 def test_visualize_shows_the_input_and_captioned_blocks_by_default(tmp_path, capsys):
     out = tmp_path / "v.png"
-    assert main(["visualize", "chelsea", "--model", "vit_t16", "--r", "8", "--weights", "random", "--scale", "1",
-                 "-o", str(out)]) == 0
+    assert main(["visualize", "chelsea", "--model", "digits_vit", "--r", "8", "--weights", "random", "--scale", "1",
+                 "-o", str(out)]) == 0  # 4 blocks at 32 px: every block is a quarter of the depth
     text = capsys.readouterr().out
     assert [part.split(":")[0] for part in text.split(": ", 1)[1].split("; ")] == [
-        "after block 3", "after block 6", "after block 9", "after block 12"]
+        "after block 1", "after block 2", "after block 3", "after block 4"]
     sheet = Image.open(out)
-    assert sheet.width > 5 * 224 and sheet.height > 224  # the input and four panels, captions below
-    assert main(["visualize", "chelsea", "--model", "vit_t16", "--weights", "random", "--bare", "-o",
+    assert sheet.width > 5 * 32 and sheet.height > 32  # the input and four panels, captions below
+    assert main(["visualize", "chelsea", "--model", "digits_vit", "--weights", "random", "--bare", "-o",
                  str(tmp_path / "b.png")]) == 2
     assert "--bare pictures one merge state; 4 were asked" in capsys.readouterr().err
 

@@ -1,4 +1,4 @@
-"""Whole builds (a 2-block vit_t16, ONNX Runtime int8): a rebuild never deletes what tome-export did not write,
+"""Whole builds (a 2-block digits_vit, ONNX Runtime int8): a rebuild never deletes what tome-export did not write,
 --force keeps and lists it, and an option the recipe ignores (--calib-data with dynamic int8) is recorded in the
 manifest and said, not silently dropped."""
 
@@ -21,7 +21,7 @@ def int8_build(tmp_path_factory):
     photos = root / "photos"
     photos.mkdir()
     Image.new("RGB", (48, 40), "teal").save(photos / "a.png")
-    request = BuildRequest(model="vit_t16", r=4, weights="random", model_kwargs={"depth": 2}, target="onnxruntime",
+    request = BuildRequest(model="digits_vit", r=4, weights="random", model_kwargs={"depth": 2}, target="onnxruntime",
                            precision="int8", output=root / "out", recipe=trimmed_recipe("onnxruntime", "int8", root),
                            target_options={"calib_data": str(photos)})
     warnings = []
@@ -43,12 +43,12 @@ def test_a_rebuild_keeps_what_tome_export_did_not_write(int8_build, capsys):
     (out / "eval" / "run1.csv").write_text("1,2,3")
     with pytest.raises(UserError, match=r"holds 'NOTES\.md', 'eval', which tome-export did not write"):
         build(request)
-    code = main(["--model", "vit_t16", "--r", "4", "--weights", "random", "--target", "onnxruntime", "--precision",
+    code = main(["--model", "digits_vit", "--r", "4", "--weights", "random", "--target", "onnxruntime", "--precision",
                  "int8", "--recipe", str(request.recipe), "-o", str(out), "--force", "-q"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "kept       NOTES.md (not tome-export's: left in place)" in captured.out
     assert "kept       eval (not tome-export's: left in place)" in captured.out
     assert (out / "NOTES.md").read_text() == "my notes" and (out / "eval" / "run1.csv").read_text() == "1,2,3"
-    manifest = read_manifest(out)  # the new build (12 blocks this time), complete and verified
-    assert len(manifest["r_schedule"]) == 12 and "NOTES.md" not in manifest["artifacts"]
+    manifest = read_manifest(out)  # the new build (all 4 blocks this time), complete and verified
+    assert len(manifest["r_schedule"]) == 4 and "NOTES.md" not in manifest["artifacts"]
