@@ -96,25 +96,26 @@ def test_progress_lines_count_the_steps_and_time_each(capsys):
 TINY_DIGITS = {"depth": 1, "embed_dim": 24, "num_heads": 2}
 
 
+@pytest.mark.slow  # trains (two epochs, then one and one more after the interrupt)
 def test_training_says_so_first_and_continues_after_an_interrupt(tmp_path):
     said = []
-    whole, _ = train_digits_vit(epochs=3, cache=tmp_path / "whole", log=said.append, **TINY_DIGITS)
-    assert said[0].startswith("training the digits ViT before anything else: 3 epochs")
+    whole, _ = train_digits_vit(epochs=2, cache=tmp_path / "whole", log=said.append, **TINY_DIGITS)
+    assert said[0].startswith("training the digits ViT before anything else: 2 epochs")
     assert "not in the cache yet" in said[0] and said[-1].startswith("trained in ")
 
-    def stop_after_two(message):
-        if message.startswith("digits ViT epoch 2/3"):
+    def stop_after_one(message):  # said once the epoch is kept
+        if message.startswith("digits ViT epoch 1/2"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_digits_vit(epochs=3, cache=tmp_path / "cut", log=stop_after_two, **TINY_DIGITS)
+        train_digits_vit(epochs=2, cache=tmp_path / "cut", log=stop_after_one, **TINY_DIGITS)
     resumed_log = []
-    resumed, metrics = train_digits_vit(epochs=3, cache=tmp_path / "cut", log=resumed_log.append, **TINY_DIGITS)
-    assert "continuing after epoch 2" in resumed_log[0]
-    assert [m.split(":")[0] for m in resumed_log[1:-1]] == ["digits ViT epoch 3/3"]
+    resumed, metrics = train_digits_vit(epochs=2, cache=tmp_path / "cut", log=resumed_log.append, **TINY_DIGITS)
+    assert "continuing after epoch 1" in resumed_log[0]
+    assert [m.split(":")[0] for m in resumed_log[1:-1]] == ["digits ViT epoch 2/2"]
     a, b = torch.load(whole, weights_only=True), torch.load(resumed, weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same weights as uninterrupted
     again = []
-    train_digits_vit(epochs=3, cache=tmp_path / "cut", log=again.append, **TINY_DIGITS)
+    train_digits_vit(epochs=2, cache=tmp_path / "cut", log=again.append, **TINY_DIGITS)
     assert len(again) == 1 and again[0].startswith("digits ViT: trained earlier, in ")
     assert again[0].endswith(f" s on this machine ({resumed})")
