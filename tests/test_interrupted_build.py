@@ -78,6 +78,7 @@ def test_sigkill_leaves_nothing_that_looks_like_a_build(moment, tmp_path, traced
     assert _work_dirs(tmp_path, out.name) == [] and not (tmp_path / lock).exists()
 
 
+@pytest.mark.slow  # a real build process, stopped once it has started
 def test_sigterm_cleans_up_and_says_so(tmp_path):
     out = tmp_path / "digits_vit"
     proc = _start_build(out)

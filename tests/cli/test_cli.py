@@ -149,8 +149,10 @@ def test_console_script_help_and_error_without_traceback(tmp_path):
     exe = Path(sys.executable).parent / "tome-export"
     help_run = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
     assert help_run.returncode == 0 and "examples:" in help_run.stdout and "--merge-impl" in help_run.stdout
-    bad = subprocess.run([str(exe), "--model", "nope"], capture_output=True, text=True)
+    # an error found before the build stack loads (unknown models and the rest: test_bad_input_is_one_line_exit_2)
+    bad = subprocess.run([str(exe), "--r", "8"], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+    assert "--model is required" in bad.stderr
 
 
 def test_list_models(capsys):
