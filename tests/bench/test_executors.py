@@ -5,7 +5,6 @@ test_bench_cluster.py."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
@@ -139,14 +138,13 @@ def test_cluster_values_are_checked_before_any_work():
         check_cluster("laptop")
 
 
-def test_without_ray_the_flag_says_what_to_install(tmp_path):
+def test_without_ray_the_flag_says_what_to_install(tmp_path, monkeypatch, capsys):
+    from tome_export.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed: `import ray` fails
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
-    code = ("import sys; sys.modules['ray'] = None; from tome_export.cli import main; "  # as if Ray were not installed
-            f"sys.exit(main(['bench', '--config', {str(config)!r}, '--out', {str(tmp_path / 'out')!r}, "
-            "'--cluster', 'ray']))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
+    assert main(["bench", "--config", str(config), "--out", str(tmp_path / "out"), "--cluster", "ray"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "pip install 'tome-export[cluster]'" in lines[0]
     assert not (tmp_path / "out").exists()  # nothing written
