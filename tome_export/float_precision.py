@@ -107,8 +107,10 @@ class _Conversion:
         for node in self.g.node:
             if self.converted(node):
                 low_tensors.update(o for o in node.output if o in self.floats)
+        outputs = {o.name for o in self.g.output}  # an output the exporter folded to a constant stays float32
         for name, tensor in self.initializers.items():
-            if tensor.data_type == FLOAT and all(self.converted(n) for n in consumers.get(name, [])):
+            readers = consumers.get(name, [])
+            if tensor.data_type == FLOAT and name not in outputs and all(self.converted(n) for n in readers):
                 tensor.CopyFrom(_low_tensor(tensor, self.low))
                 low_tensors.add(name)
         return low_tensors

@@ -1,34 +1,31 @@
 import numpy as np
 import pytest
 
-from tome_export import BuildOptions, build
 from tome_export.errors import UserError
 from tome_export.images import sample_photo_paths
 from tome_export.runtime import load
 
 
 @pytest.fixture(scope="module")
-def onnx_artifact(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rt") / "a"
-    build(BuildOptions(model="vit_t16", r=8, weights="random", output=out, dynamic_batch=True))
-    return out
+def onnx_artifact(tiny_build):
+    return tiny_build("onnx", dynamic_batch=True)  # digits_vit: 32 px, 10 classes
 
 
 def test_load_and_run(onnx_artifact):
     runner = load(onnx_artifact, threads=1)
     paths = sample_photo_paths()[:3]
     batch = runner.preprocess_batch(paths)
-    assert batch.shape == (3, 3, 224, 224) and batch.dtype == np.float32
+    assert batch.shape == (3, 3, 32, 32) and batch.dtype == np.float32
     logits = runner(batch)
-    assert logits.shape == (3, 1000)
+    assert logits.shape == (3, 10)
     assert np.array_equal(runner(batch[:1])[0], logits[0]) or np.abs(runner(batch[:1])[0] - logits[0]).max() < 1e-5
 
 
 def test_wrong_inputs_are_clear_errors(onnx_artifact):
     runner = load(onnx_artifact)
     with pytest.raises(UserError, match="expected dtype float32"):
-        runner(np.zeros((1, 3, 224, 224), np.float64))
-    with pytest.raises(UserError, match=r"expected input shape \('N', 3, 224, 224\)"):
+        runner(np.zeros((1, 3, 32, 32), np.float64))
+    with pytest.raises(UserError, match=r"expected input shape \('N', 3, 32, 32\)"):
         runner(np.zeros((1, 3, 128, 128), np.float32))
     with pytest.raises(UserError, match="numpy array"):
         runner([[0.0]])

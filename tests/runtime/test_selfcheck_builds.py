@@ -16,27 +16,17 @@ import pytest
 from tome_export.cli import main
 from tome_export.images import sample_photo_paths
 from tome_export.manifest import load_manifest, read_manifest, write_manifest
-from tome_export.pipeline import BuildRequest, build
 from tome_export.runtime import SelfCheckError, load, machine, open_artifact, selfcheck
 
 pytestmark = pytest.mark.slow
 
-SMALL = {"img_size": 64, "model_kwargs": {"depth": 4}}  # 17 tokens, r=4 merges in every block
+CLASSES = 10  # digits_vit
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """``small(target)``: a tiny vit_t16 build (random weights, r=4, 64 px, 4 blocks), built once per module."""
-    root = tmp_path_factory.mktemp("selfcheck")
-    built = {}
-
-    def get(target: str) -> Path:
-        if target not in built:
-            built[target] = build(BuildRequest(model="vit_t16", r=4, target=target, weights="random",
-                                               output=root / target, **SMALL)).path
-        return built[target]
-
-    return get
+def small(tiny_build):
+    """``small(target)``: the suite's tiny build for ``target`` (digits_vit, random weights, r=8, 32 px, 4 blocks)."""
+    return lambda target: tiny_build(target)
 
 
 @pytest.fixture
@@ -54,8 +44,8 @@ def test_build_stores_a_checksummed_self_check_and_where_it_validated(small):
     check = m["self_check"]
     assert check["views"] == 4 and check["thresholds"] == {"max_abs_diff": 1e-4}
     data = selfcheck.SelfCheckData.read(directory / check["file"])
-    assert data.inputs.shape == (4, 3, 64, 64) and data.reference.shape == (4, 1000)
-    assert data.built.shape == (4, 1000)  # static batch 1: one row per view
+    assert data.inputs.shape == (4, 3, 32, 32) and data.reference.shape == (4, CLASSES)
+    assert data.built.shape == (4, CLASSES)  # static batch 1: one row per view
     assert np.abs(data.built - data.reference).max() == pytest.approx(check["on_build_machine"]["max_abs_diff"])
     on = m["validated_on"]
     assert on["versions"] == {"onnxruntime": onnxruntime.__version__}
@@ -66,7 +56,7 @@ def test_build_stores_a_checksummed_self_check_and_where_it_validated(small):
 def test_load_checks_once_per_machine_then_uses_the_cache(small, cache):
     directory = small("onnxruntime")
     with load(directory) as runner:
-        assert runner(runner.preprocess_batch(sample_photo_paths()[:1])).shape == (1, 1000)
+        assert runner(runner.preprocess_batch(sample_photo_paths()[:1])).shape == (1, CLASSES)
     entries = list(cache.glob("*.json"))
     assert len(entries) == 1 and json.loads(entries[0].read_text())["passed"] is True
     artifact = open_artifact(directory)

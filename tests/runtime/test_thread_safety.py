@@ -17,7 +17,7 @@ THREADS, CALLS, INPUTS = 4, 96, 8
 def test_four_threads_on_one_runner_each_get_their_own_logits(cpu_build, target):
     directory, _ = cpu_build(target, "fp32")
     rng = np.random.default_rng(1)
-    inputs = [rng.standard_normal((1, 3, 224, 224)).astype(np.float32) for _ in range(INPUTS)]
+    inputs = [rng.standard_normal((1, 3, 32, 32)).astype(np.float32) for _ in range(INPUTS)]  # digits_vit
     with load(directory, threads=1) as runner:
         expected = [runner(x) for x in inputs]
         assert all(not np.allclose(expected[0], e, atol=1e-3) for e in expected[1:])  # a swap would show

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tome_export.cli import main
@@ -13,13 +15,18 @@ def _run(args, capsys):
     return code, out, err
 
 
-def test_serve_subcommand_writes_beside_the_artifact(vit_t16_build, tmp_path, capsys):
-    artifact = tmp_path / "builds" / "t16"
+# A static batch-1 ONNX build from 0.1.0: the refusals below come before (or from) its manifest, so no build is needed.
+STATIC = Path(__file__).resolve().parent.parent / "fixtures" / "manifests-0.1.0" / "vit_t16-tiny-onnx-fp32"
+
+
+@pytest.mark.slow
+def test_serve_subcommand_writes_beside_the_artifact(tiny_build, tmp_path, capsys):
+    artifact = tmp_path / "builds" / "tiny"
     artifact.parent.mkdir()
-    artifact.symlink_to(vit_t16_build("openvino"), target_is_directory=True)
+    artifact.symlink_to(tiny_build("openvino", dynamic_batch=True), target_is_directory=True)
     code, out, err = _run(["serve", artifact, "--variant", "native", "--max-batch-size", "4", "--threads", "2"], capsys)
     assert code == 0, err
-    model_dir = tmp_path / "builds" / "model_repository" / "t16"
+    model_dir = tmp_path / "builds" / "model_repository" / "tiny"
     assert out.splitlines()[0] == f"wrote {model_dir} (Triton openvino backend; max_batch_size 4, dynamic batching)"
     assert "tritonserver --model-repository" in out
     assert "warning: the build validated OpenVINO inference precision f32" in err
@@ -42,18 +49,17 @@ def test_serve_subcommand_writes_beside_the_artifact(vit_t16_build, tmp_path, ca
     (["serve", "BUILD", "--max-batch-size", "2"], "static batch of 1"),
     (["serve", "README.md"], "is not a directory"),
 ])
-def test_serve_bad_input(args, message, vit_t16_build, tmp_path, capsys):
-    build = vit_t16_build("onnx", batch="static")
-    args = [str(build) if a == "BUILD" else a for a in args] + ["-o", tmp_path / "repo"]
+def test_serve_bad_input(args, message, tmp_path, capsys):
+    args = [str(STATIC) if a == "BUILD" else a for a in args] + ["-o", tmp_path / "repo"]
     code, out, err = _run(args, capsys)
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "repo").exists()
 
 
-def test_serve_on_a_build_refuses_before_building(vit_t16_build, tmp_path, capsys):
+def test_serve_on_a_build_refuses_before_building(tmp_path, capsys):
     repo = tmp_path / "repo"
     (repo / "taken").mkdir(parents=True)
-    code, _, err = _run(["--model", "vit_t16", "--weights", "random", "-o", tmp_path / "taken", "--serve", "triton",
+    code, _, err = _run(["--model", "digits_vit", "--weights", "random", "-o", tmp_path / "taken", "--serve", "triton",
                          "--serve-repository", repo], capsys)
     assert code == 2 and "repo/taken' already exists: pass --force" in err
     assert not (tmp_path / "taken").exists()  # nothing was built

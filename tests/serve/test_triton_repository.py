@@ -17,6 +17,8 @@ from tome_export.serve import PYTHON_MODEL, TritonOptions, serve_artifact
 from tome_export.serve.triton import DEFAULT_MAX_BATCH, plan_model, preprocessing_from_parameters, quote
 from tome_testing.triton_server import model_config_schema, parse_model_config
 
+# A static batch-1 ONNX build from 0.1.0, for the refusals and writes that do not depend on the manifest's version
+STATIC = Path(__file__).resolve().parent.parent / "fixtures" / "manifests-0.1.0" / "vit_t16-tiny-onnx-fp32"
 needs_schema = pytest.mark.skipif(model_config_schema() is None,
                                   reason="tritonclient is not installed (its model_config_pb2 is the schema)")
 
@@ -38,8 +40,8 @@ def read_sums(model_dir: Path):
 
 
 @needs_schema
-def test_python_variant_of_a_dynamic_onnxruntime_build(vit_t16_build, tmp_path):
-    artifact = vit_t16_build("onnxruntime")
+def test_python_variant_of_a_dynamic_onnxruntime_build(tiny_build, tmp_path):
+    artifact = tiny_build("onnxruntime", dynamic_batch=True)
     result = serve_artifact(artifact, repository=tmp_path / "repo")
     model_dir = tmp_path / "repo" / artifact.name
     assert result.model_dir == model_dir and result.plan.variant == "python"
@@ -66,8 +68,9 @@ def test_python_variant_of_a_dynamic_onnxruntime_build(vit_t16_build, tmp_path):
 
 
 @needs_schema
-def test_native_configs_name_the_graph(vit_t16_build, tmp_path):
-    ort, ov, static = vit_t16_build("onnxruntime"), vit_t16_build("openvino"), vit_t16_build("onnx", batch="static")
+def test_native_configs_name_the_graph(tiny_build, tmp_path):
+    ort, ov = tiny_build("onnxruntime", dynamic_batch=True), tiny_build("openvino", dynamic_batch=True)
+    static = tiny_build("onnx")
     native = TritonOptions(variant="native")
     for artifact in (ort, ov, static):
         serve_artifact(artifact, repository=tmp_path, options=native)
@@ -82,7 +85,7 @@ def test_native_configs_name_the_graph(vit_t16_build, tmp_path):
     c = parsed[static]
     io = graph_io(static / "model.onnx")
     assert c.max_batch_size == 0 and not c.HasField("dynamic_batching")
-    assert [list(t.dims) for t in c.input] == [io["images"][1]] == [[1, 3, 224, 224]]
+    assert [list(t.dims) for t in c.input] == [io["images"][1]] == [[1, 3, 32, 32]]  # digits_vit
     assert [list(t.dims) for t in c.output] == [io["logits"][1]]
     assert "static batch of 1" in (tmp_path / static.name / "config.pbtxt").read_text()
 
@@ -90,15 +93,15 @@ def test_native_configs_name_the_graph(vit_t16_build, tmp_path):
     params = {k: v.string_value for k, v in c.parameters.items()}
     assert (c.backend, c.default_model_filename) == ("openvino", "model.xml")
     assert sorted(p.name for p in (tmp_path / ov.name / "1").iterdir()) == ["model.bin", "model.xml"]
-    assert [(t.name, list(t.dims)) for t in c.input] == [("images", [3, 224, 224])]
+    assert [(t.name, list(t.dims)) for t in c.input] == [("images", [3, 32, 32])]
     assert params["ENABLE_BATCH_PADDING"] == "YES" and list(c.dynamic_batching.preferred_batch_size) == [c.max_batch_size]
     assert "HINT_BF16" not in params  # the build validated f32; the backend has no way to ask for it
     for text in ((tmp_path / ov.name / "config.pbtxt").read_text(), (tmp_path / ov.name / "README.md").read_text()):
         assert "INFERENCE_PRECISION_HINT=f32" in text and "bf16" in text
 
 
-def test_tensorrt_artifact_batching_and_native_refusal(vit_t16_build, tmp_path):
-    artifact = vit_t16_build("tensorrt", profile="1:2:4")
+def test_tensorrt_artifact_batching_and_native_refusal(tiny_build, tmp_path):
+    artifact = tiny_build("tensorrt", dynamic_batch=True, target_options={"dynamic_batch": "1:2:4"})
     manifest = load_manifest(artifact)
     plan = plan_model(artifact, manifest, TritonOptions())
     assert plan.batching.max_batch_size == 4 and plan.batching.preferred == (2,) and plan.instance_kind == "KIND_GPU"
@@ -116,14 +119,14 @@ def test_tensorrt_artifact_batching_and_native_refusal(vit_t16_build, tmp_path):
         plan_model(artifact, rtx, TritonOptions(variant="native"))
 
 
-def test_static_batch_refuses_a_batch_limit(vit_t16_build, tmp_path):
+def test_static_batch_refuses_a_batch_limit(tmp_path):
     with pytest.raises(UserError, match="static batch of 1; rebuild it with --dynamic-batch"):
-        serve_artifact(vit_t16_build("onnx", batch="static"), repository=tmp_path, options=TritonOptions(max_batch_size=4))
+        serve_artifact(STATIC, repository=tmp_path, options=TritonOptions(max_batch_size=4))
     assert list(tmp_path.iterdir()) == []
 
 
-def test_never_overwrites_without_force_and_never_half_writes(vit_t16_build, tmp_path, monkeypatch):
-    artifact = vit_t16_build("onnx", batch="static")
+def test_never_overwrites_without_force_and_never_half_writes(tmp_path, monkeypatch):
+    artifact = STATIC
     repo = tmp_path / "repo"
     first = serve_artifact(artifact, repository=repo)
     before = read_sums(first.model_dir)
@@ -146,9 +149,9 @@ def test_never_overwrites_without_force_and_never_half_writes(vit_t16_build, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
 
 
-def test_tampered_artifact_is_refused(vit_t16_build, tmp_path):
+def test_tampered_artifact_is_refused(tmp_path):
     artifact = tmp_path / "copy"
-    source = vit_t16_build("onnx", batch="static")
+    source = STATIC
     artifact.mkdir()
     for path in source.iterdir():
         (artifact / path.name).write_bytes(path.read_bytes())
@@ -161,9 +164,9 @@ def test_tampered_artifact_is_refused(vit_t16_build, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["../up", ".hidden", "a b", ""])
-def test_model_names_are_directory_safe(vit_t16_build, tmp_path, name):
+def test_model_names_are_directory_safe(tmp_path, name):
     with pytest.raises(UserError, match="--name"):
-        serve_artifact(vit_t16_build("onnx", batch="static"), repository=tmp_path, options=TritonOptions(name=name))
+        serve_artifact(STATIC, repository=tmp_path, options=TritonOptions(name=name))
 
 
 @needs_schema
@@ -173,8 +176,8 @@ def test_strings_survive_the_text_format(text):
 
 
 @needs_schema
-def test_a_traced_build_serves_its_logits_only(traced_artifact, tmp_path):
-    artifact, _ = traced_artifact
+def test_a_traced_build_serves_its_logits_only(tiny_build, tmp_path):
+    artifact = tiny_build("onnx", trace_source=True)
     result = serve_artifact(artifact, repository=tmp_path, options=TritonOptions(variant="native"))
     config = parse_model_config((result.model_dir / "config.pbtxt").read_text())
     assert [t.name for t in config.output] == ["logits"] and "source" in graph_io(artifact / "model.onnx")

@@ -29,7 +29,7 @@ TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
-def served(vit_t16_build, tmp_path_factory):
+def served(tiny_build, tmp_path_factory):
     """(server, {model name: artifact directory})."""
     from tome_export.cli import main
 
@@ -37,12 +37,12 @@ def served(vit_t16_build, tmp_path_factory):
     repository = root / "repository"
     models = {}
     for target in ("onnxruntime", "openvino"):
-        artifact = vit_t16_build(target)
+        artifact = tiny_build(target, dynamic_batch=True)
         result = serve_artifact(artifact, repository=repository,
                                 options=TritonOptions(name=f"{target}_python", queue_delay_us=QUEUE_DELAY_US))
         models[result.plan.name] = artifact
-    static = root / "static" / "vit_t16-onnx"
-    code = main(["--model", "vit_t16", "--r", "8", "--weights", "random", "--target", "onnx", "-o", str(static),
+    static = root / "static" / "digits_vit-onnx"
+    code = main(["--model", "digits_vit", "--r", "8", "--weights", "random", "--target", "onnx", "-o", str(static),
                  "--serve", "triton", "--serve-repository", str(repository), "-q"])
     assert code == 0
     models[static.name] = static
@@ -94,11 +94,11 @@ def test_concurrent_requests_are_batched_and_exact(served, model):
 
 def test_static_batch_model_from_the_cli(served):
     server, models = served
-    name = "vit_t16-onnx"
+    name = "digits_vit-onnx"
     runner = runtime.load(models[name])
     client = triton_http.InferenceServerClient(server.url)
     config = client.get_model_config(name)
-    assert int(config.get("max_batch_size", 0)) == 0 and config["input"][0]["dims"] == [1, 3, 224, 224]
+    assert int(config.get("max_batch_size", 0)) == 0 and config["input"][0]["dims"] == [1, 3, 32, 32]
     for photo in sample_photos(2):
         x = runner.preprocess_batch([photo])
         request = triton_http.InferInput("images", list(x.shape), "FP32")
@@ -128,7 +128,7 @@ def test_client_example_prints_the_top5(served, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, example)  # dataclasses look their module up there
     spec.loader.exec_module(example)
     paths = sample_photo_paths()[:3]
-    for model in ("openvino_python", "vit_t16-onnx"):  # dynamic batching, and one image per request
+    for model in ("openvino_python", "digits_vit-onnx"):  # dynamic batching, and one image per request
         runner = runtime.load(models[model])
         images = runner.preprocess_batch([str(p) for p in paths])
         expected = np.concatenate([runner(images[i:i + 1]) for i in range(len(paths))])

@@ -16,7 +16,8 @@ from tome_export.runtime import load
 from tome_export.quality.validate import wilson_interval
 from tome_export.targets import recipe_settings
 
-MERGING_BLOCKS, IMAGES = 6, 32  # vit_d6 at r=8 merges in all 6 blocks; recipes validate on 32 views
+MERGING_BLOCKS, IMAGES = 4, 32  # digits_vit at r=8 merges in all 4 blocks; recipes validate on 32 views
+CLASSES = 10
 
 
 def _decisions(result):
@@ -50,7 +51,7 @@ def test_int8_default_is_dynamic_and_leaves_tome_nodes_alone(cpu_build):
     assert step["method"].startswith("dynamic") and step["tome_nodes_kept_fp32"] > 100
     assert step["tome_nodes_quantized"] == 0 and step["tome_nodes_reading_int8"] == 0
     assert v["min_cosine"] >= 0.99 and v["top1_agreement"] >= 0.75
-    assert result["precision_ran"]["matmul_like_kernels"]["int8"] == 6 * 4 + 1  # qkv, proj, fc1, fc2 per block + head
+    assert result["precision_ran"]["matmul_like_kernels"]["int8"] == MERGING_BLOCKS * 4 + 1  # qkv, proj, fc1, fc2 per block + head
     decisions = result["merge_decisions"]
     assert decisions["as_built"]["decisions"] == MERGING_BLOCKS * IMAGES
     # Dynamic quantization only touches MatMuls with constant weights: unprotected it quantizes no ToMe node,
@@ -98,7 +99,7 @@ def test_bf16_stores_bf16_weights_and_computes_fp32(cpu_build):
     directory, result = cpu_build("onnxruntime", "bf16")
     fp32_dir, _ = cpu_build("onnxruntime", "fp32")
     model = onnx.load(str(directory / "model.onnx"))
-    assert sum(t.data_type == onnx.TensorProto.BFLOAT16 for t in model.graph.initializer) >= 6 * 4
+    assert sum(t.data_type == onnx.TensorProto.BFLOAT16 for t in model.graph.initializer) >= MERGING_BLOCKS * 4
     assert (directory / "model.onnx").stat().st_size < 0.6 * (fp32_dir / "model.onnx").stat().st_size
     assert result["precision_ran"]["matmul_like_kernels"].keys() == {"fp32"}
     assert any("no bf16 compute kernels" in note for note in result["notes"])
@@ -111,14 +112,14 @@ def test_runtime_loader_runs_every_artifact(cpu_build, precision):
     runner = load(directory, threads=1)
     batch = runner.preprocess_batch(sample_photo_paths()[:1])
     logits = runner(batch)
-    assert logits.shape == (1, 1000) and np.isfinite(logits).all()
+    assert logits.shape == (1, CLASSES) and np.isfinite(logits).all()
     served = load(directory, threads=2, throughput=True).run_many([batch, batch, batch])
     assert len(served) == 3 and all(np.allclose(s, logits, atol=1e-4) for s in served)
 
 
 def test_a_missed_threshold_fails_the_build(cpu_build):
     with pytest.raises(ValidationError, match=r"min_cosine 0\.99\d* \(must be at least 1\); nothing was written"):
-        cpu_build("onnxruntime", "int8", validation={"min_cosine": 1.0})
+        cpu_build("onnxruntime", "int8", validation={"min_cosine": 1.0, "images": 4})  # any count fails 1.0
 
 
 def test_recipe_errors_are_clear(tmp_path):
@@ -132,7 +133,7 @@ def test_recipe_errors_are_clear(tmp_path):
 
 
 def test_bad_calibration_folder_is_refused_before_any_work(tmp_path, capsys):
-    code = main(["--model", "vit_t16", "--weights", "random", "--target", "onnxruntime", "--precision", "int8",
+    code = main(["--model", "digits_vit", "--weights", "random", "--target", "onnxruntime", "--precision", "int8",
                  "--calib-data", str(tmp_path / "missing"), "--output", str(tmp_path / "out")])
     assert code == 2 and not (tmp_path / "out").exists()
     assert "is not a directory" in capsys.readouterr().err
@@ -152,7 +153,7 @@ def test_cli_static_int8_with_calibration_folder_and_edited_recipe(tmp_path, cap
         "quantization: {method: static_qdq, reduce_range: true, op_types: [MatMul, Gemm, Conv]}\n"
         "calibration: {images: 6, augment: true}\nvalidation: {min_cosine: 0.98, min_top1_agreement: 0.5}\n")
     out = tmp_path / "out"
-    code = main(["--model", "vit_t16", "--r", "8", "--weights", "random", "--recipe", str(recipe),
+    code = main(["--model", "digits_vit", "--r", "8", "--weights", "random", "--recipe", str(recipe),
                  "--calib-data", str(photos), "--output", str(out), "--quiet"])
     printed = capsys.readouterr().out
     assert code == 0, printed

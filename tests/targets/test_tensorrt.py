@@ -1,7 +1,8 @@
 """TensorRT targets: precision-in-graph conversion, Q/DQ, CPU validation, TensorRT-RTX engine builds, the CLI.
 
 Engine builds use TensorRT-RTX, which compiles on the CPU; tests that run an engine need an NVIDIA GPU and skip
-without one. Graph-level tests use a 2-block ViT-Tiny to stay fast.
+without one. Graph-level tests use a 2-block ViT-Tiny (at 224 px: with 65 tokens, digits_vit's r=0 source output is
+folded into a constant, which the fp8 Q/DQ step drops); the builds use the suite's tiny digits_vit.
 """
 
 import os
@@ -35,6 +36,8 @@ from tome_export.targets.tensorrt.validation import cpu_runner
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 BATCH = 2
+IMAGE, CLASSES = (3, 32, 32), 10  # digits_vit, the builds' model
+GRAPH_IMAGE = (3, 224, 224)  # the graph tests' model
 
 
 def _gpu() -> bool:
@@ -76,6 +79,7 @@ def _photos_batches(model, n=4):
     return [x[i:i + BATCH] for i in range(0, n, BATCH)]
 
 
+@pytest.mark.slow  # exports a model
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_float_conversion_keeps_tome_nodes_in_fp32(graphs, precision):
     graph, info, _, path = graphs(precision, 16)
@@ -107,6 +111,7 @@ def test_float_conversion_keeps_tome_nodes_in_fp32(graphs, precision):
     assert weights.get("float", 0) - conv_weights < 0.01 * weights[{"fp16": "float16", "bf16": "bfloat16"}[precision]]
 
 
+@pytest.mark.slow  # exports a model
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_qdq_leaves_the_matching_path_unquantized(graphs, precision):
     graph, info, _, path = graphs(precision, 16)
@@ -130,7 +135,7 @@ def test_calibration_uses_real_photos(tmp_path):
     model = _small_model(0)
     pre = preprocessing(model)
     batches = calibration_batches(pre, 12, 4)
-    assert [b.shape for b in batches] == [(4, 3, 224, 224)] * 3
+    assert [b.shape for b in batches] == [(4, *GRAPH_IMAGE)] * 3
     photos = pre.batch(sample_photos())
     x = np.concatenate(batches)
     # every image is an augmented photo (the photos themselves are validation images, never calibration ones)
@@ -141,10 +146,11 @@ def test_calibration_uses_real_photos(tmp_path):
     for i, image in enumerate(sample_photos(2)):
         image.save(tmp_path / f"{i}.jpg")
     own = calibration_batches(pre, 2, 2, data_dir=tmp_path, augment=False)[0]
-    assert own.shape == (2, 3, 224, 224) and not np.array_equal(own, photos[:2])  # JPEG round trip, same scenes
+    assert own.shape == (2, *GRAPH_IMAGE) and not np.array_equal(own, photos[:2])  # JPEG round trip, same scenes
     assert np.abs(own - photos[:2]).mean() < 0.1
 
 
+@pytest.mark.slow  # exports a model
 @pytest.mark.parametrize("r", [0, 16])
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_graph_validates_in_onnxruntime(graphs, precision, r):
@@ -172,6 +178,7 @@ def test_graph_validates_in_onnxruntime(graphs, precision, r):
         assert agreement == {"source_images_identical": 1.0, "token_group_agreement": 1.0}
 
 
+@pytest.mark.slow  # exports a model
 @pytest.mark.parametrize("r", [0, 16])
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_tensorrt_rtx_builds_every_precision(graphs, precision, r, tmp_path):
@@ -182,19 +189,20 @@ def test_tensorrt_rtx_builds_every_precision(graphs, precision, r, tmp_path):
     assert [o.name for o in shipped.graph.output] == ["logits"] and len(shipped.graph.node) < len(graph.graph.node)
     onnx.save(shipped, str(tmp_path / "model.onnx"))
     caps = recipe_for("tensorrt-rtx", precision).section("build").get("compute_capabilities", [])
-    facts = build_engine(TENSORRT_RTX, tmp_path / "model.onnx", tmp_path / "model.engine", "images", (3, 224, 224),
+    facts = build_engine(TENSORRT_RTX, tmp_path / "model.onnx", tmp_path / "model.engine", "images", GRAPH_IMAGE,
                          Profile(BATCH, BATCH, BATCH), compute_capabilities=caps)
     assert facts["bytes"] == (tmp_path / "model.engine").stat().st_size > 1_000_000
     assert facts["layers"] > 100 and facts["library"] == "tensorrt_rtx"
 
 
+@pytest.mark.slow  # exports a model
 def test_tensorrt_rtx_rejects_what_the_check_rejects(tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu12/-cu13 is not installed")
-    model, _ = create_model("vit_tiny_patch16_224", weights="random", seed=0, depth=1)
+    model, _ = create_model("digits_vit", weights="random", seed=0, depth=1)
     patch(model, 8, merge_impl="gather")
-    export_onnx(model, tmp_path / "g.onnx", (3, 224, 224))
+    export_onnx(model, tmp_path / "g.onnx", IMAGE)
     with pytest.raises(UserError, match=r"parser rejected the graph: .*ScatterElements.*reduction"):
-        build_engine(TENSORRT_RTX, tmp_path / "g.onnx", tmp_path / "g.engine", "images", (3, 224, 224), Profile(1, 1, 1))
+        build_engine(TENSORRT_RTX, tmp_path / "g.onnx", tmp_path / "g.engine", "images", IMAGE, Profile(1, 1, 1))
     assert not (tmp_path / "g.engine").exists()
 
 
@@ -228,7 +236,7 @@ def test_build_command_and_script(tmp_path):
             Profile.parse(bad)
 
 
-# --- the command line, end to end (full-depth vit_t16) -------------------------------------------------
+# --- the command line, end to end (digits_vit: 4 blocks, r=8 merges in each) ------------------------------
 
 
 def _cli(args, capsys):
@@ -241,7 +249,7 @@ def _cli(args, capsys):
 def rtx_fp16(tmp_path_factory):
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu12/-cu13 is not installed")
     out = tmp_path_factory.mktemp("cli") / "rtx"
-    code = main(["--model", "vit_t16", "--r", "8", "--target", "tensorrt-rtx", "--precision", "fp16",
+    code = main(["--model", "digits_vit", "--r", "8", "--target", "tensorrt-rtx", "--precision", "fp16",
                  "--dynamic-batch", "1:2:4", "--weights", "random", "--output", str(out), "--quiet"])
     assert code == 0
     return out
@@ -255,7 +263,7 @@ def test_cli_tensorrt_rtx_fp16(rtx_fp16):
     t = m["tensorrt"]
     assert t["engine_built"] and t["engine"]["bytes"] == (rtx_fp16 / "model.engine").stat().st_size
     assert t["profile"] == {"input": "images", "min": 1, "opt": 2, "max": 4}
-    assert "--minShapes=images:1x3x224x224" in (rtx_fp16 / "build_engine.sh").read_text()
+    assert "--minShapes=images:1x3x32x32" in (rtx_fp16 / "build_engine.sh").read_text()
     v = m["validation"]
     assert v["passed"] and v["min_cosine"] >= 0.999 and v["token_group_agreement"] >= 0.9
     assert v["images"] == 32 and v["runs"] == 32 + 9  # 32 views at one size; one per photo, filled to 9, at the other
@@ -263,7 +271,7 @@ def test_cli_tensorrt_rtx_fp16(rtx_fp16):
     assert [o.name for o in graph.graph.output] == ["logits"]  # the source output was only for validation
     stored = t["precision_in_graph"]["weights"]
     assert stored["float16"] > 0.99 * (stored["float16"] + stored["float"])  # weights in fp16
-    assert sum(i.data_type == TensorProto.FLOAT16 for i in graph.graph.initializer) > 12 * 4
+    assert sum(i.data_type == TensorProto.FLOAT16 for i in graph.graph.initializer) > 4 * 4  # 4 blocks
     assert len(tome_nodes(graph)["match"]) > 100
 
 
@@ -278,9 +286,9 @@ def test_engine_runs_where_a_gpu_is(rtx_fp16):
     ort = cpu_runner(onnx.load(str(rtx_fp16 / "model.onnx")), "fp16")(x)
     got = runner(x)
     cos = (ort * got).sum(1) / np.linalg.norm(ort, axis=1) / np.linalg.norm(got, axis=1)
-    assert got.shape == (3, 1000) and cos.min() > 0.999
+    assert got.shape == (3, CLASSES) and cos.min() > 0.999
     with pytest.raises(UserError, match="outside the engine's profile"):
-        runner(np.zeros((5, 3, 224, 224), np.float32))
+        runner(np.zeros((5, *IMAGE), np.float32))
 
 
 @pytest.mark.slow
@@ -290,11 +298,11 @@ def test_cli_tensorrt_int8_without_tensorrt(tmp_path, capsys):
     text = Path(recipe_for("tensorrt", "int8").path).read_text()
     recipe.write_text(text.replace("images: 32", "images: 8").replace("merge_agreement: true", "merge_agreement: false"))
     out = tmp_path / "trt"
-    code, stdout, err = _cli(["--model", "vit_t16", "--r", "8", "--recipe", str(recipe), "--output", str(out)], capsys)
+    code, stdout, err = _cli(["--model", "digits_vit", "--r", "8", "--recipe", str(recipe), "--output", str(out)], capsys)
     assert code == 0, err
     m = read_manifest(out)
     q = m["tensorrt"]["precision_in_graph"]["quantization"]
-    assert q["type"] == "int8" and q["calibration_images"] == 8 and q["quantized_nodes"] == 12 * 6 + 2
+    assert q["type"] == "int8" and q["calibration_images"] == 8 and q["quantized_nodes"] == 4 * 6 + 2  # 4 blocks x 6 + patch embedding + head
     assert m["validation"]["passed"] and "token_group_agreement" not in m["validation"]
     assert "--timingCacheFile=timing.cache" in (out / "build_engine.sh").read_text()
     if m["tensorrt"]["engine_built"]:  # a machine with TensorRT and a GPU
@@ -331,7 +339,7 @@ def test_cli_refuses_before_any_work(tmp_path, capsys, args, message):
     if "--require-engine" in args and TENSORRT.module in __import__("sys").modules or _gpu():
         pytest.skip("this machine might build TensorRT engines")
     out = tmp_path / "x"
-    code, stdout, err = _cli(["--model", "vit_t16", "--output", str(out)] + args, capsys)
+    code, stdout, err = _cli(["--model", "digits_vit", "--output", str(out)] + args, capsys)
     assert code == 2 and message in err and err.count("\n") == 1
     assert not out.exists() and not any(tmp_path.iterdir())
 

@@ -30,10 +30,10 @@ def _gpu_reason():
 
 @pytest.fixture(scope="module")
 def rtx_no_engine(tmp_path_factory):
-    """A TensorRT-RTX fp16 build (vit_t16, r=8, static batch 2) written without its engine."""
+    """A TensorRT-RTX fp16 build (digits_vit, r=8, static batch 2) written without its engine."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu12/-cu13 is not installed")
     out = tmp_path_factory.mktemp("engine") / "rtx"
-    code = main(["--model", "vit_t16", "--r", "8", "--target", "tensorrt-rtx", "--precision", "fp16", "--batch", "2",
+    code = main(["--model", "digits_vit", "--r", "8", "--target", "tensorrt-rtx", "--precision", "fp16", "--batch", "2",
                  "--no-engine", "--weights", "random", "--output", str(out), "--quiet"])
     assert code == 0
     return out
@@ -137,9 +137,9 @@ def test_engine_not_covered_or_tampered(copy, capsys):
         load(copy)
 
 
-def test_engine_refuses_what_it_cannot_finish(tmp_path, traced_artifact, cpu_build, capsys):
-    onnx_build, _ = traced_artifact
-    trt_build, _ = cpu_build("tensorrt", "fp16", "onehot")
+def test_engine_refuses_what_it_cannot_finish(tmp_path, tiny_build, capsys):
+    onnx_build = tiny_build("onnx")
+    trt_build = tiny_build("tensorrt", dynamic_batch=True, target_options={"dynamic_batch": "1:2:4"})  # as tests/serve
     cases = [(tmp_path / "missing", "is not a directory"), (tmp_path, "holds no manifest.json"),
              (onnx_build, "is a --target onnx build, which has nothing to finish on the target machine")]
     reason = engine_unavailable_reason(TENSORRT)
@@ -169,6 +169,6 @@ def test_engine_validated_on_the_gpu(copy, capsys):
         warnings.simplefilter("error", UnvalidatedEngineWarning)  # a validated engine loads without the warning
         runner = load(copy)
     with runner:
-        assert runner(runner.preprocess_batch(sample_photos(2))).shape == (2, 1000)
+        assert runner(runner.preprocess_batch(sample_photos(2))).shape == (2, 10)  # digits_vit's 10 classes
     code, out, err = _engine([copy, "--validate-only"], capsys)
     assert code == 0 and read_manifest(copy)["tensorrt"]["engine"]["sha256"] == engine["sha256"]

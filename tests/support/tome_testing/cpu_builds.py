@@ -1,8 +1,9 @@
 """CPU recipe builds (onnxruntime, openvino) shared by the target and runtime tests.
 
 Each recipe is built once per session through the pipeline's own steps (:func:`tome_export.pipeline.plan_build`,
-:func:`~tome_export.pipeline.build_into`) on one cached export of a small ToMe ViT (ViT-Tiny, 6 blocks, r=8), so
-a dozen recipes cost one export; ``tests/targets`` also runs full pipeline builds through the CLI.
+:func:`~tome_export.pipeline.build_into`) on one cached export of the suite's tiny subject (``digits_vit``: 4 blocks,
+32 px, 10 classes, r=8 merging in every block), so a dozen recipes cost one export and every calibration and
+validation runs on 32 px images; ``tests/targets`` also runs full pipeline builds through the CLI.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from tome_export.recipe import parse_recipe, recipe_for
 from tome_export.schedule import resolve_schedule
 from tome_export.targets import TargetResult
 
-CPU_MODEL, CPU_R = "vit_d6", 8
+CPU_KIND, CPU_MODEL, CPU_R = "digits", "digits_vit", 8  # 65 tokens -> 57, 49, 41, 33
+TIMM_NAME = "tome_digits_vit"
 
 
 def recipe_data(target: str, precision: str, **sections: Dict[str, Any]) -> Dict[str, Any]:
@@ -40,7 +42,7 @@ def plan_with(directory: Path, target: str, precision: str, options: Dict[str, A
     """``plan_build`` of an edited copy of the built-in recipe, written to ``directory`` as a user would."""
     path = directory / f"{target}-{precision}-{abs(hash(repr(sorted(sections.items()))))}.yaml"
     path.write_text(yaml.safe_dump(recipe_data(target, precision, **sections), sort_keys=False))
-    return plan_build(BuildRequest(model="vit_t16", recipe=path, target_options=options, merge_impl=merge_impl))
+    return plan_build(BuildRequest(model=CPU_MODEL, recipe=path, target_options=options, merge_impl=merge_impl))
 
 
 def flat(result: TargetResult) -> Dict[str, Any]:
@@ -58,13 +60,13 @@ def cpu_build(onnx_cache, tmp_path_factory):
     def build(target: str, precision: str, impl: str = "gather", **sections: Dict[str, Any]):
         key = (target, precision, impl, repr(sorted(sections.items())))
         if key not in cache:
-            onnx_path, model = onnx_cache(CPU_MODEL, CPU_R, impl)
+            onnx_path, model = onnx_cache(CPU_KIND, CPU_R, impl)
             info = model_info(model)
             request, target_, plan = plan_with(root, target, precision, merge_impl=impl, **sections)
-            prepared = PreparedBuild(request, target_, plan, ModelName(CPU_MODEL, "timm", "vit_tiny_patch16_224",
-                                                                       "timm-vit"), root / "unused")
+            name = ModelName(CPU_MODEL, "timm", TIMM_NAME, "timm-vit")
+            prepared = PreparedBuild(request, target_, plan, name, root / "unused")
             prepared_model = PreparedModel(
-                model, ModelSpec(CPU_MODEL, "vit_tiny_patch16_224", "random", 0), info,
+                model, ModelSpec(CPU_MODEL, TIMM_NAME, "random", 0), info,
                 resolve_schedule(CPU_R, info.num_blocks, info.num_tokens, info.num_protected), preprocessing(model))
             workdir = root / f"{len(cache)}-{target}-{precision}"
             workdir.mkdir()

@@ -20,6 +20,7 @@ TEST_MODELS: Dict[str, Tuple[str, dict]] = {
     "avgpool_cls": ("vit_tiny_patch16_224", {"global_pool": "avg", "fc_norm": True}),
     "qknorm": ("vit_tiny_patch16_224", {"qk_norm": True, "depth": 6}),
     "vit_d6": ("vit_tiny_patch16_224", {"depth": 6}),
+    "digits": ("tome_digits_vit", {}),  # the suite's tiny build subject: 4 blocks, patch 4 at 32 px, 10 classes
 }
 
 
