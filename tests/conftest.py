@@ -10,7 +10,6 @@ pytest_plugins = [
     "tome_testing.fixtures",  # photos, cached exports, one traced build
     "tome_testing.tiny_builds",  # the default build subject (digits_vit), each artifact once per session
     "tome_testing.cpu_builds",  # CPU recipe builds on one shared export
-    "tome_testing.serve_builds",  # pipeline builds for tests/serve
     "tome_testing.digits",  # the small digits ViT, trained once
     "tome_testing.aoti_builds",  # one tiny AOTInductor CPU package and one GPU-less aoti-cuda build
     "tome_testing.ray_cluster",  # a real two-node Ray cluster on this machine
@@ -29,8 +28,8 @@ def pytest_configure(config):
 # A test that builds a whole artifact or trains a model is marked `slow` where it is written (`@pytest.mark.slow`,
 # or `pytestmark` for a module of them). Tests that take one of these shared builds are marked here, by fixture
 # name, since a fixture cannot carry a marker: each costs tens of seconds to minutes on 2 cores.
-HEAVY_FIXTURES = {"cpu_build", "traced_artifact", "artifact_variants", "vit_t16_build", "served", "rtx_fp16", "rtx_no_engine",
-                  "built_t16", "built", "onnx_artifact", "small_artifact", "tiny_run", "small_digits", "zoo",
+HEAVY_FIXTURES = {"cpu_build", "traced_artifact", "artifact_variants", "served", "rtx_fp16", "rtx_no_engine",
+                  "built", "onnx_artifact", "small_artifact", "tiny_run", "small_digits", "zoo",
                   "exported", "onnx_cache", "ray_cluster", "tiny_build"}
 
 

@@ -9,7 +9,7 @@ from tome_export.cli import main
 from tome_export.errors import UserError
 from tome_export.manifest import read_manifest
 from tome_export.pipeline import BuildRequest, build
-from tome_testing.serve_builds import trimmed_recipe
+from tome_testing.cpu_builds import trimmed_recipe
 
 pytestmark = pytest.mark.slow
 

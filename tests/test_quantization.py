@@ -19,7 +19,7 @@ from tome_export.quality.validate import validation_batches
 from tome_export.runtime.onnxruntime import OnnxRuntimeRunner
 from tome_export.targets.tensorrt.validation import graph_io
 
-CPU_MODEL, CPU_R = "vit_d6", 8  # as in cpu_builds.py: ViT-Tiny with 6 blocks, r=8
+from tome_testing.cpu_builds import CPU_KIND as CPU_MODEL, CPU_R  # digits_vit (4 blocks at 32 px), r=8: the export cpu_build uses
 
 
 def test_calibration_images_are_real_photos_seeded_and_augmented():
@@ -100,7 +100,7 @@ def test_qdq_exclusion_really_happens(export, tmp_path):
     assert q.quantized_protected_nodes(onnx.load(str(kept)), protected) == {"replaced": [], "reading_int8": []}
     touched = q.quantized_protected_nodes(onnx.load(str(plain)), protected)["reading_int8"]
     similarity = [n for n in protected if n.startswith("tome_match/") and n.split("/")[-1].startswith("node_matmul")]
-    assert len(similarity) == 6 and set(similarity) <= set(touched)
+    assert len(similarity) == 4 and set(similarity) <= set(touched)
     # symmetric int8: every activation zero point is 0 (what TensorRT needs)
     zero_points = [t for t in onnx.load(str(kept)).graph.initializer if t.name.endswith("_zero_point")]
     assert zero_points and all(not onnx.numpy_helper.to_array(t).any() for t in zero_points)
@@ -111,7 +111,7 @@ def test_decisions_read_from_the_graph_equal_pytorch(onnx_cache, impl):
     path, model = onnx_cache(CPU_MODEL, CPU_R, impl)
     batches = validation_batches(preprocessing(model), 1, False, 4)
     reference = d.torch_merge_decisions(model, batches)
-    assert list(reference) == [f"blocks.{i}" for i in range(6)]
+    assert list(reference) == [f"blocks.{i}" for i in range(4)]
     assert reference["blocks.0"].shape == (4, CPU_R, 2)
     graph = onnx.load(str(path))
     tensors = d.decision_tensors(graph)
@@ -119,7 +119,7 @@ def test_decisions_read_from_the_graph_equal_pytorch(onnx_cache, impl):
     with OnnxRuntimeRunner(graph_io(graph), graph=graph, extra_outputs=d.decision_output_names(tensors)) as runner:
         decisions = d.artifact_merge_decisions(runner.infer, tensors, batches)
     agreement = d.merge_decision_agreement(reference, decisions)
-    assert agreement["agreement"] == 1.0 and agreement["decisions"] == 6 * 4
+    assert agreement["agreement"] == 1.0 and agreement["decisions"] == 4 * 4
     assert agreement["pair_agreement"] == agreement["group_agreement"] == 1.0
 
 
