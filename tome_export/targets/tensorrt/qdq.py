@@ -109,7 +109,7 @@ def int8_qdq_to_fp8(model: onnx.ModelProto) -> onnx.ModelProto:
         folded.append(node)
     for node in folded:
         g.node.remove(node)
-    used = {i for n in g.node for i in n.input}
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}  # an output folded to a constant stays
     for t in list(g.initializer):
         if t.name not in used:
             g.initializer.remove(t)
