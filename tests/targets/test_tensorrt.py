@@ -1,8 +1,9 @@
 """TensorRT targets: precision-in-graph conversion, Q/DQ, CPU validation, TensorRT-RTX engine builds, the CLI.
 
 Engine builds use TensorRT-RTX, which compiles on the CPU; tests that run an engine need an NVIDIA GPU and skip
-without one. Graph-level tests use a 2-block ViT-Tiny (at 224 px: with 65 tokens, digits_vit's r=0 source output is
-folded into a constant, which the fp8 Q/DQ step drops); the builds use the suite's tiny digits_vit.
+without one. Graph-level tests use a 2-block ViT-Tiny at 224 px; the builds use the suite's tiny digits_vit. (With
+65 tokens, digits_vit's r=0 source output is folded into a constant: ``tests/targets/test_qdq_fp8.py`` checks
+that the fp8 Q/DQ step keeps such an output.)
 """
 
 import os
