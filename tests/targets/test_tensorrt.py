@@ -2,7 +2,7 @@
 
 Engine builds use TensorRT-RTX, which compiles on the CPU; tests that run an engine need an NVIDIA GPU and skip
 without one. Graph-level tests use a 2-block ViT-Tiny at 224 px; the builds use the suite's tiny digits_vit. (With
-65 tokens, digits_vit's r=0 source output is folded into a constant: ``tests/targets/test_qdq_fp8.py`` checks
+65 tokens, digits_vit's r=0 source output is folded into a constant: ``tests/targets/test_constant_outputs.py`` checks
 that the fp8 Q/DQ step keeps such an output.)
 """
 
