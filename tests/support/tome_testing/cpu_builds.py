@@ -20,8 +20,10 @@ from tome_export.recipe import parse_recipe, recipe_for
 from tome_export.schedule import resolve_schedule
 from tome_export.targets import TargetResult
 
-CPU_KIND, CPU_MODEL, CPU_R = "digits", "digits_vit", 8  # 65 tokens -> 57, 49, 41, 33
-TIMM_NAME = "tome_digits_vit"
+from .tiny_builds import TINY_MODEL as CPU_MODEL, TINY_R as CPU_R  # digits_vit, r=8: 65 tokens -> 57, 49, 41, 33
+from tome_export.models.digits_vit import MODEL_NAME as TIMM_NAME
+
+CPU_KIND = "digits"  # its TEST_MODELS entry (for onnx_cache)
 
 
 def recipe_data(target: str, precision: str, **sections: Dict[str, Any]) -> Dict[str, Any]:

@@ -31,7 +31,8 @@ from tome_export.onnx_files import save_onnx
 _PLAIN = (bool, int, float, str, bytes, type(None))
 _SKIPPED = {"_parameters", "_buffers", "_modules", "training"}
 _memo: Dict[str, bytes] = {}
-_state = {"enabled": os.environ.get("TOME_TEST_EXPORT_MEMO", "1") != "0", "hits": 0, "misses": 0}
+_ON_FOR_THIS_RUN = os.environ.get("TOME_TEST_EXPORT_MEMO", "1") != "0"
+_state = {"enabled": _ON_FOR_THIS_RUN, "hits": 0, "misses": 0}
 
 
 def _describe(value: Any) -> Optional[str]:
@@ -43,7 +44,9 @@ def _describe(value: Any) -> Optional[str]:
         return f"tensor({data.dtype},{tuple(data.shape)},{hashlib.sha256(_bytes(data)).hexdigest()})"
     if isinstance(value, (tuple, list, frozenset, set)):
         parts = [_describe(v) for v in value]
-        return None if None in parts else f"{type(value).__name__}({sorted(parts) if isinstance(value, (set, frozenset)) else parts})"
+        if None in parts:
+            return None
+        return f"{type(value).__name__}({sorted(parts) if isinstance(value, (set, frozenset)) else parts})"
     if isinstance(value, dict):
         parts = [(_describe(k), _describe(v)) for k, v in value.items()]
         return None if any(None in p for p in parts) else f"dict({parts})"
@@ -59,7 +62,8 @@ def model_key(model: torch.nn.Module) -> Optional[str]:
     for name, module in model.named_modules():
         digest.update(f"|{name}:{type(module).__module__}.{type(module).__qualname__}".encode())
         for attr, value in sorted(vars(module).items()):
-            if attr in _SKIPPED or (attr.startswith("_") and isinstance(value, dict) and not value):  # empty hook tables
+            empty_hooks = attr.startswith("_") and isinstance(value, dict) and not value
+            if attr in _SKIPPED or empty_hooks:
                 continue
             text = _describe(value)
             if text is None:
@@ -107,7 +111,7 @@ _install()
 
 
 def pytest_runtest_setup(item) -> None:
-    _state["enabled"] = (os.environ.get("TOME_TEST_EXPORT_MEMO", "1") != "0"
+    _state["enabled"] = (_ON_FOR_THIS_RUN
                          and "monkeypatch" not in getattr(item, "fixturenames", ())
                          and item.get_closest_marker("real_export") is None)
 

@@ -9,6 +9,7 @@ import torch
 from timm.layers import LayerScale
 
 from tome_export import create_model, patch
+from tome_export.models import digits_vit
 
 # name -> (timm name, extra kwargs). Small models only: the suite must stay fast on 2 cores.
 TEST_MODELS: Dict[str, Tuple[str, dict]] = {
@@ -20,7 +21,7 @@ TEST_MODELS: Dict[str, Tuple[str, dict]] = {
     "avgpool_cls": ("vit_tiny_patch16_224", {"global_pool": "avg", "fc_norm": True}),
     "qknorm": ("vit_tiny_patch16_224", {"qk_norm": True, "depth": 6}),
     "vit_d6": ("vit_tiny_patch16_224", {"depth": 6}),
-    "digits": ("tome_digits_vit", {}),  # the suite's tiny build subject: 4 blocks, patch 4 at 32 px, 10 classes
+    "digits": (digits_vit.MODEL_NAME, {}),  # the suite's tiny build subject: 4 blocks, patch 4 at 32 px, 10 classes
 }
 
 

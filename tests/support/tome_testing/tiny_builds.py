@@ -3,25 +3,20 @@ built once per session through the pipeline, as the CLI builds it.
 
 A build test that is not about a model's size takes its artifact from here: an export of this model costs a few
 seconds on 2 cores where ViT-Tiny (12 blocks, 224 px) costs most of a minute, and validation runs on 32 px photos.
-A test that changes an artifact copies it first (:func:`copied`).
+A test that changes an artifact copies it first (``shutil.copytree``).
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import pytest
 
+from tome_export.models import digits_vit
 from tome_export.pipeline import BuildRequest, build
 
-TINY_MODEL, TINY_R = "digits_vit", 8  # 65 tokens -> 57, 49, 41, 33
-
-
-def copied(artifact: Path, directory: Path) -> Path:
-    """A copy of a shared artifact that a test may change."""
-    return Path(shutil.copytree(artifact, directory / artifact.name, symlinks=True))
+TINY_MODEL, TINY_R = digits_vit.ALIAS, 8  # 65 tokens -> 57, 49, 41, 33
 
 
 @pytest.fixture(scope="session")
